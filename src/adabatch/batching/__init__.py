@@ -1,0 +1,56 @@
+"""Adaptive batch sizes, usable in any training loop.
+
+- :mod:`~adabatch.batching.stats`: :class:`GradientStats`, what a test needs.
+- :mod:`~adabatch.batching.estimators`: how the statistics are measured
+  (:class:`PerSampleStats`, :class:`MicroBatchStats`).
+- :mod:`~adabatch.batching.tests`: pure functions GradientStats -> required batch size, and
+  the classes that carry their hyperparameters.
+- :mod:`~adabatch.batching.controller`: :class:`BatchSizeController` and the fixed schedules.
+- :mod:`~adabatch.batching.sampler`: a resumable sampler that yields batches of the current
+  size.
+
+Names are imported lazily (PEP 562), so ``import adabatch`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "STAT_NAMES": "stats",
+    "GradientStats": "stats",
+    "PerSampleStats": "estimators",
+    "MicroBatchStats": "estimators",
+    "norm_test": "tests",
+    "inner_product_test": "tests",
+    "augmented_inner_product_test": "tests",
+    "orthogonality_test": "tests",
+    "coordinate_norm_test": "tests",
+    "BatchTest": "tests",
+    "NormTest": "tests",
+    "InnerProductTest": "tests",
+    "AugmentedInnerProductTest": "tests",
+    "OrthogonalityTest": "tests",
+    "CoordinateNormTest": "tests",
+    "BatchSizeController": "controller",
+    "ConstantSchedule": "controller",
+    "LinearSchedule": "controller",
+    "StagewiseSchedule": "controller",
+    "AdaptiveBatchSampler": "sampler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adabatch.batching' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"adabatch.batching.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

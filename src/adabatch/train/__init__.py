@@ -1,0 +1,1 @@
+"""The reference training program: data, models, the loop, checkpoints, logging, CLI."""
