@@ -1,0 +1,395 @@
+"""Models for the training program.
+
+``create_model(name, input_shape, num_classes, norm="group", **options)`` builds one of
+(``list_models()``):
+
+* ``logistic``: flatten, then one ``Linear(prod(input_shape), num_classes)`` (multinomial logistic
+  regression; least squares when ``num_classes == 1``).
+* ``mlp``: flatten, then ``Linear``+ReLU for each width in ``hidden`` (default ``(128,)``), then a
+  ``Linear`` to ``num_classes``.
+* ``cnn``: the AdAdaGrad paper's MNIST CNN, as in the authors' code (``MNISTModule`` in
+  ``modules.py`` of github.com/timlautk/AdAdaGrad): Conv2d(C→16, 5x5, stride 1, padding 2), ReLU,
+  MaxPool 2x2, Conv2d(16→32, 5x5, stride 1, padding 2), ReLU, MaxPool 2x2, flatten,
+  Linear(32·⌊⌊H/2⌋/2⌋·⌊⌊W/2⌋/2⌋ → num_classes). On 28x28 MNIST that is Linear(1568 → 10) and
+  28,938 parameters. Option ``padding`` (default 2, the authors' code); ``padding=0`` gives the
+  valid-convolution variant whose flattened size on 28x28 is 32·4·4 = 512 (Linear(512 → 10),
+  18,378 parameters).
+* ``cifar-cnn``: the AdAdaGrad authors' CIFAR-10 CNN (``CIFAR10Module`` in the same file), the
+  classic three-block CIFAR network: three [Conv2d 3x3 padding 1, ReLU, MaxPool 2x2] blocks with
+  16, 32, 64 channels, then Linear(64·(H/8)·(W/8) → 500), ReLU, Linear(500 → num_classes);
+  541,094 parameters on CIFAR-10.
+* ``resnet18``: ResNet-18 (He et al. 2016; the torchvision layout of BasicBlocks [2, 2, 2, 2]
+  with 64, 128, 256, 512 channels) with the CIFAR stem the AdAdaGrad authors use: a 3x3 stride-1
+  convolution and no max-pool. 11,173,962 parameters in 62 tensors for 10 classes.
+  ``norm="group"`` (default) uses GroupNorm with 32 groups (or the largest divisor of the channel
+  count below 32), which normalises each sample on its own, so the loss stays a mean of
+  per-sample losses and per-sample gradient statistics are valid. ``norm="batch"`` uses
+  BatchNorm2d with running statistics (the authors' code uses
+  ``track_running_stats=False``); use the micro-batch estimator with it, as BatchNorm mixes the
+  samples of a batch;
+  ``norm="none"`` has no normalisation layers.
+* ``cnn1d``: the 1D CNN of the MNIST-1D benchmarks (``ConvBase`` in ``notebooks/models.py`` of
+  github.com/greydanus/mnist1d): Conv1d(C→25, k5, stride 2, padding 1), Conv1d(25→25, k3, stride
+  2, padding 1), Conv1d(25→25, k3, stride 2, padding 1), ReLU after each, flatten, Linear to
+  ``num_classes``; input (L,) or (C, L); option ``channels`` (default 25). 5,210 parameters on
+  MNIST-1D (L = 40).
+
+``norm`` only changes ``resnet18``; the other models have no normalisation layers and accept any
+valid ``norm`` value unchanged (``model_info(name)["norm"]`` says whether a model uses it).
+Inputs must have the per-sample ``input_shape`` given at construction; models run in float32 and
+are initialised from torch's global generator (seed it for reproducible weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NORMS", "create_model", "has_batchnorm", "list_models", "model_info"]
+
+NORMS = ("group", "batch", "none")
+
+
+def _flat_size(input_shape: tuple[int, ...]) -> int:
+    return math.prod(input_shape)
+
+
+def _as_shape(name: str, input_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"input_shape must be a tuple of positive ints, got {input_shape!r}"
+        ) from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
+    return shape
+
+
+def _image_shape(name: str, input_shape: tuple[int, ...], min_size: int) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"model {name!r} takes images of shape (channels, height, width), got {input_shape}"
+        )
+    c, h, w = input_shape
+    if h < min_size or w < min_size:
+        raise ValueError(
+            f"model {name!r} needs images of at least {min_size}x{min_size} pixels, "
+            f"got {input_shape}"
+        )
+    return c, h, w
+
+
+def _logistic(input_shape: tuple[int, ...], num_classes: int, norm: str) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat_size(input_shape), num_classes))
+
+
+def _mlp(
+    input_shape: tuple[int, ...], num_classes: int, norm: str, hidden: int | Sequence[int] = (128,)
+) -> nn.Module:
+    widths = [hidden] if isinstance(hidden, int) else list(hidden)
+    if not widths or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in widths):
+        raise ValueError(
+            f"hidden must be a positive int or a non-empty list of them, got {hidden!r}"
+        )
+    layers: list[nn.Module] = [nn.Flatten()]
+    prev = _flat_size(input_shape)
+    for h in widths:
+        layers += [nn.Linear(prev, h), nn.ReLU()]
+        prev = h
+    layers.append(nn.Linear(prev, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _cnn(input_shape: tuple[int, ...], num_classes: int, norm: str, padding: int = 2) -> nn.Module:
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 2:
+        raise ValueError(f"padding must be 0, 1 or 2, got {padding!r}")
+    shrink = 4 - 2 * padding  # a 5x5 convolution shrinks each side by 4 - 2*padding
+
+    def out(n: int) -> int:
+        return ((n - shrink) // 2 - shrink) // 2
+
+    c, h, w = _image_shape("cnn", input_shape, 1)
+    smallest = next(n for n in range(1, 64) if out(n) >= 1)
+    if h < smallest or w < smallest:
+        raise ValueError(
+            f"model 'cnn' with padding={padding} needs images of at least "
+            f"{smallest}x{smallest} pixels, got {input_shape}"
+        )
+    ho, wo = out(h), out(w)
+    return nn.Sequential(
+        nn.Conv2d(c, 16, kernel_size=5, stride=1, padding=padding),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, kernel_size=5, stride=1, padding=padding),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * ho * wo, num_classes),
+    )
+
+
+def _cifar_cnn(input_shape: tuple[int, ...], num_classes: int, norm: str) -> nn.Module:
+    c, h, w = _image_shape("cifar-cnn", input_shape, 8)
+    layers: list[nn.Module] = []
+    prev = c
+    for width in (16, 32, 64):
+        layers += [nn.Conv2d(prev, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        prev = width
+    flat = 64 * (h // 8) * (w // 8)
+    layers += [nn.Flatten(), nn.Linear(flat, 500), nn.ReLU(), nn.Linear(500, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _groups(channels: int, max_groups: int = 32) -> int:
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
+def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    if norm == "group":
+        return lambda ch: nn.GroupNorm(_groups(ch), ch)
+    if norm == "batch":
+        return nn.BatchNorm2d
+    return lambda ch: nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (a 1x1 projection when the shape changes)."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        norm: Callable[[int], nn.Module],
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=bias)
+        self.bn1 = norm(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=bias)
+        self.bn2 = norm(out_ch)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=bias), norm(out_ch)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem (3x3 stride-1 convolution, no max-pool)."""
+
+    def __init__(self, in_channels: int, num_classes: int, norm: str = "group") -> None:
+        super().__init__()
+        make_norm = _norm_layer(norm)
+        bias = norm == "none"
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=bias)
+        self.bn1 = make_norm(64)
+        self.relu = nn.ReLU()
+        stages = []
+        prev = 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(
+                nn.Sequential(
+                    BasicBlock(prev, width, stride, make_norm, bias),
+                    BasicBlock(width, width, 1, make_norm, bias),
+                )
+            )
+            prev = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _resnet18(input_shape: tuple[int, ...], num_classes: int, norm: str) -> nn.Module:
+    c, _, _ = _image_shape("resnet18", input_shape, 1)
+    return ResNet18(c, num_classes, norm)
+
+
+class CNN1D(nn.Module):
+    """Three strided 1D convolutions and a linear classifier (MNIST-1D's ConvBase layout)."""
+
+    def __init__(self, in_channels: int, length: int, num_classes: int, channels: int = 25):
+        super().__init__()
+        self.in_channels = in_channels
+        self.conv1 = nn.Conv1d(in_channels, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        n = (length + 2 - 5) // 2 + 1
+        n = (n + 2 - 3) // 2 + 1
+        n = (n + 2 - 3) // 2 + 1
+        self.linear = nn.Linear(channels * n, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], self.in_channels, x.shape[-1])
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))
+        h = torch.relu(self.conv3(h))
+        return self.linear(h.flatten(1))
+
+
+def _cnn1d(
+    input_shape: tuple[int, ...], num_classes: int, norm: str, channels: int = 25
+) -> nn.Module:
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    if len(input_shape) == 1:
+        c, length = 1, input_shape[0]
+    elif len(input_shape) == 2:
+        c, length = input_shape
+    else:
+        raise ValueError(
+            f"model 'cnn1d' takes sequences of shape (length,) or (channels, length), "
+            f"got {input_shape}"
+        )
+    if length < 3:
+        raise ValueError(f"model 'cnn1d' needs sequences of length >= 3, got {input_shape}")
+    return CNN1D(c, length, num_classes, channels)
+
+
+_MODELS: dict[str, tuple[Callable[..., nn.Module], set[str], dict[str, Any]]] = {
+    "logistic": (
+        _logistic,
+        set(),
+        {
+            "description": "flatten + one Linear layer (logistic / least-squares regression)",
+            "input": "any",
+            "norm": False,
+        },
+    ),
+    "mlp": (
+        _mlp,
+        {"hidden"},
+        {
+            "description": "flatten + ReLU MLP (option hidden, default (128,))",
+            "input": "any",
+            "norm": False,
+        },
+    ),
+    "cnn": (
+        _cnn,
+        {"padding"},
+        {
+            "description": "the AdAdaGrad paper's MNIST CNN: conv 5x5 16, pool, conv 5x5 32, pool, "
+            "linear",
+            "input": "image",
+            "norm": False,
+        },
+    ),
+    "cifar-cnn": (
+        _cifar_cnn,
+        set(),
+        {
+            "description": "the AdAdaGrad authors' CIFAR-10 CNN: 3 conv/pool blocks (16, 32, 64), "
+            "linear 500, linear",
+            "input": "image",
+            "norm": False,
+        },
+    ),
+    "resnet18": (
+        _resnet18,
+        set(),
+        {
+            "description": "ResNet-18 with CIFAR stem (3x3 conv, no max-pool); GroupNorm by "
+            "default, BatchNorm with norm='batch'",
+            "input": "image",
+            "norm": True,
+        },
+    ),
+    "cnn1d": (
+        _cnn1d,
+        {"channels"},
+        {
+            "description": "MNIST-1D ConvBase: 3 strided Conv1d layers + linear",
+            "input": "sequence",
+            "norm": False,
+        },
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_MODELS)
+
+
+def _resolve(name: str) -> str:
+    key = name.lower().replace("_", "-")
+    if key not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(list_models())}")
+    return key
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Facts about a model: ``name``, ``description``, ``input`` ("any", "image", "sequence"),
+    ``norm`` (whether the ``norm`` argument changes it), ``batchnorm`` (whether the default
+    configuration has BatchNorm layers; always False here, so per-sample statistics are valid
+    by default), ``batchnorm_with`` (the ``norm`` value giving BatchNorm, or None) and
+    ``options`` (the extra keyword options it takes)."""
+    key = _resolve(name)
+    _, options, info = _MODELS[key]
+    return {
+        "name": key,
+        **info,
+        "batchnorm": False,
+        "batchnorm_with": "batch" if info["norm"] else None,
+        "options": sorted(options),
+    }
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` contains a BatchNorm layer (which makes per-sample statistics invalid)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def create_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    norm: str = "group",
+    **options: Any,
+) -> nn.Module:
+    """Build model ``name`` for per-sample inputs of ``input_shape`` and ``num_classes`` outputs.
+
+    Raises ``ValueError`` for an unknown name, norm or option, or an input shape the model
+    cannot take.
+    """
+    key = _resolve(name)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    factory, allowed, _ = _MODELS[key]
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        allowed_txt = ", ".join(sorted(allowed)) if allowed else "none"
+        raise ValueError(
+            f"unknown option(s) for model {key!r}: {', '.join(unknown)} (allowed: {allowed_txt})"
+        )
+    shape = _as_shape(key, input_shape)
+    return factory(shape, num_classes, norm, **options)
