@@ -1,0 +1,298 @@
+"""The ``adabatch`` command: ``train``, ``plot`` and ``compare``.
+
+``adabatch train`` with no arguments runs the embedded default (AdAdaGradNorm: AdaGrad-Norm +
+the norm test on scikit-learn's digits with a small MLP). Every flag has the same key in a
+TOML/YAML file given with ``--config``; flags override the file. Invalid values exit with
+code 2 and one line on stderr; an interrupted run (SIGINT/SIGTERM) writes a checkpoint and
+exits with 128 + the signal number; ``--resume RUN`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed: Any = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+_S = argparse.SUPPRESS
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from adabatch.train.config import (
+        BATCH_SCHEDULES,
+        BATCH_TESTS,
+        COORD_REDUCES,
+        ESTIMATORS,
+        LR_SCALINGS,
+        LR_SCHEDULES,
+        PRECISIONS,
+        PRESETS,
+        TrainConfig,
+    )
+
+    d = TrainConfig()
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", metavar="FILE", default=_S,
+                   help="TOML or YAML file with the same keys as the flags (flags win)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=_S,
+                   help="adadagrad = adagrad + coord test; adadagradnorm = adagradnorm + "
+                        "norm test")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default=_S, help=f"dataset name (default {d.dataset})")
+    g.add_argument("--data-dir", metavar="DIR", default=_S,
+                   help="directory with the files of mnist, fashion-mnist, cifar10, cifar100")
+    g.add_argument("--data-option", dest="data_options", type=_key_value, action="append",
+                   metavar="KEY=VALUE", default=_S,
+                   help="dataset option, e.g. kind=least-squares for synthetic (repeatable)")
+    g.add_argument("--model", default=_S, help=f"model name (default {d.model})")
+    g.add_argument("--norm", default=_S, help="normalisation layers: group (default) or batch")
+    g.add_argument("--model-option", dest="model_options", type=_key_value, action="append",
+                   metavar="KEY=VALUE", default=_S, help="model option (repeatable)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default=_S,
+                   help=f"name from the optimizer registry (default {d.optimizer})")
+    g.add_argument("--lr", type=float, default=_S,
+                   help=f"learning rate (default {d.lr} for {d.optimizer}, else the "
+                        "registry's default)")
+    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"), default=_S)
+    g.add_argument("--eps", type=float, default=_S)
+    g.add_argument("--weight-decay", type=float, default=_S)
+    g.add_argument("--b0", type=float, default=_S, help="initial accumulator of AdaGrad(-Norm)")
+    g.add_argument("--momentum", type=float, default=_S)
+    g.add_argument("--opt-option", dest="optimizer_options", type=_key_value, action="append",
+                   metavar="KEY=VALUE", default=_S,
+                   help="any other optimizer hyperparameter (repeatable)")
+    g = p.add_argument_group("batch size")
+    g.add_argument("--batch-test", choices=BATCH_TESTS, default=_S,
+                   help=f"adaptive batch test (default {d.batch_test}); none = fixed schedule")
+    g.add_argument("--eta", type=float, default=_S,
+                   help=f"norm / coordinate test (default {d.eta})")
+    g.add_argument("--theta", type=float, default=_S,
+                   help=f"inner-product test (default {d.theta})")
+    g.add_argument("--nu", type=float, default=_S,
+                   help=f"orthogonality part of aip (default {d.nu})")
+    g.add_argument("--coord-reduce", choices=COORD_REDUCES, default=_S,
+                   help="coordinate test reduction: max (the paper), or beyond the paper: "
+                        "mean, quantile (with --coord-q)")
+    g.add_argument("--coord-q", type=float, default=_S)
+    g.add_argument("--batch-schedule", choices=BATCH_SCHEDULES, default=_S,
+                   help="fixed baseline schedule (with --batch-test none)")
+    g.add_argument("--ramp-increment", type=int, default=_S,
+                   help="linear schedule: + this many samples every --test-interval steps")
+    g.add_argument("--stage-samples", type=int, default=_S,
+                   help="stagewise schedule: samples per stage (default: equal shares)")
+    g.add_argument("--stage-factor", type=float, default=_S,
+                   help=f"stagewise schedule: batch growth per stage (default {d.stage_factor})")
+    g.add_argument("--initial-batch", type=int, default=_S,
+                   help=f"default {d.initial_batch}")
+    g.add_argument("--max-batch", type=int, default=_S, help=f"default {d.max_batch}")
+    g.add_argument("--micro-batch", type=int, default=_S,
+                   help="largest batch of one forward/backward; larger batches accumulate")
+    g.add_argument("--test-interval", type=int, default=_S,
+                   help="run the batch test every N steps (default 1)")
+    g.add_argument("--estimator", choices=ESTIMATORS, default=_S,
+                   help=f"how statistics are measured (default {d.estimator})")
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=_S,
+                   help="scale the lr with the batch size growth (default none)")
+    g = p.add_argument_group("budget (one of)")
+    g.add_argument("--epochs", type=float, default=_S,
+                   help=f"default {TrainConfig.DEFAULT_EPOCHS:g} when no budget is given")
+    g.add_argument("--samples", type=int, default=_S)
+    g.add_argument("--steps", type=int, default=_S)
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=_S)
+    g.add_argument("--warmup-samples", type=int, default=_S)
+    g.add_argument("--min-lr-ratio", type=float, default=_S,
+                   help="cosine: final lr / base lr (default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=int, default=_S,
+                   help="evaluate every N steps (0: only at the end)")
+    g.add_argument("--eval-batch", type=int, default=_S)
+    g.add_argument("--checkpoint-every", type=int, default=_S,
+                   help=f"checkpoint every N steps (0: only at the end; default "
+                        f"{d.checkpoint_every})")
+    g.add_argument("--keep-checkpoints", type=int, default=_S,
+                   help=f"keep the last K checkpoints (default {d.keep_checkpoints})")
+    g.add_argument("--seed", type=int, default=_S)
+    g.add_argument("--out", metavar="DIR", default=_S,
+                   help="run directory (default runs/<time>-<dataset>-<optimizer>-<test>)")
+    g.add_argument("--resume", metavar="RUN", default=_S,
+                   help="continue the run in RUN from its newest checkpoint")
+    g.add_argument("--device", default=_S, help="auto (cuda when available), cpu, cuda[:N]")
+    g.add_argument("--threads", type=int, default=_S, help="torch intra-op threads")
+    g.add_argument("--precision", choices=PRECISIONS, default=_S,
+                   help="32 or bf16 (torch.autocast)")
+    g.add_argument("--quiet", action="store_const", const=True, default=_S)
+    g.add_argument("--tensorboard", action="store_const", const=True, default=_S,
+                   help="also log to RUN/tensorboard (needs tensorboard)")
+    g.add_argument("--no-plots", dest="plots", action="store_const", const=False, default=_S,
+                   help="do not write RUN/plots at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="adabatch",
+                     description="Adaptive optimizers and adaptive batch sizes for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    train = sub.add_parser("train", help="train a model (no arguments: the embedded default)",
+                           description="Train with an adaptive batch size. With no arguments: "
+                                       "AdAdaGradNorm on digits with an MLP.")
+    _add_train_flags(train)
+    plot = sub.add_parser("plot", help="PNG figures overlaying runs")
+    plot.add_argument("runs", nargs="+", metavar="RUN")
+    plot.add_argument("--out", metavar="DIR", default="plots")
+    compare = sub.add_parser("compare", help="a markdown table of the runs' summaries")
+    compare.add_argument("runs", nargs="+", metavar="RUN")
+    return parser
+
+
+def _err(message: str, code: int = 2) -> int:
+    print(f"adabatch: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _train_config(flags: dict[str, Any]) -> Any:
+    from adabatch.train.config import ConfigError, TrainConfig, apply_layer, build_config
+
+    for key in ("data_options", "model_options", "optimizer_options"):
+        if key in flags:
+            flags[key] = dict(flags[key])
+    file = flags.pop("config", None)
+    resume = flags.get("resume")
+    if resume is None:
+        return build_config(flags, file)
+    saved = Path(resume) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {resume}: not a run directory (no config.json)")
+    try:
+        cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{saved}: invalid JSON: {e}") from None
+    if file is not None:
+        from adabatch.train.config import load_config_file
+
+        apply_layer(cfg, load_config_file(file), source=str(file))
+    apply_layer(cfg, flags, source="flags")
+    return cfg
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from adabatch.train.checkpoint import CheckpointError
+    from adabatch.train.config import ConfigError
+    from adabatch.train.loop import train
+
+    flags = {k: v for k, v in vars(ns).items() if k != "command"}
+    try:
+        cfg = _train_config(flags)
+        result = train(cfg)
+    except (ConfigError, CheckpointError) as e:
+        return _err(str(e))
+    except FloatingPointError as e:
+        return _err(str(e), 1)
+    except KeyboardInterrupt:
+        return _err("interrupted", 130)
+    if result.interrupted is not None:
+        return 128 + result.interrupted
+    s = result.summary
+    run_dir = result.run_dir
+    plots: list[Path] = []
+    plot_note = ""
+    if cfg.plots:
+        try:
+            from adabatch.train.plot import plot_runs
+
+            plots = list(plot_runs([run_dir], run_dir / "plots"))
+        except ModuleNotFoundError as e:
+            plot_note = f"plots skipped ({e.name} is not installed)"
+        except Exception as e:  # a figure must never lose a finished run
+            plot_note = f"plots skipped ({type(e).__name__}: {' '.join(str(e).split())})"
+    if not cfg.quiet:
+        acc = s["test_accuracy"]
+        acc_text = f"test accuracy {acc:.4f}, " if acc is not None else ""
+        print(f"done: {acc_text}test loss {s['test_loss']:.4f}; {s['steps']} steps, "
+              f"{s['samples']} samples ({s['epochs']:.2f} epochs); batch size "
+              f"{s['initial_batch_size']} -> {s['final_batch_size']}; "
+              f"{s['wall_time_s']:.1f} s")
+        print(f"outputs: {run_dir}/ (config.json, metrics.jsonl, summary.json, final.pt, "
+              "checkpoints/)")
+        if plots:
+            print(f"plots: {run_dir / 'plots'}/ ({', '.join(p.name for p in plots)})")
+        elif plot_note:
+            print(plot_note)
+    return 0
+
+
+def _check_runs(runs: list[str]) -> str | None:
+    for r in runs:
+        if not (Path(r) / "metrics.jsonl").is_file() and not (Path(r) / "summary.json").is_file():
+            return f"{r} is not a run directory (no metrics.jsonl or summary.json)"
+    return None
+
+
+def _cmd_plot(ns: argparse.Namespace) -> int:
+    problem = _check_runs(ns.runs)
+    if problem:
+        return _err(problem)
+    try:
+        from adabatch.train.plot import plot_runs
+    except ModuleNotFoundError as e:
+        return _err(f"plotting needs {e.name} (pip install 'adabatch[plot]')")
+    try:
+        paths = plot_runs([Path(r) for r in ns.runs], Path(ns.out))
+    except (ValueError, OSError) as e:
+        return _err(str(e))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    problem = _check_runs(ns.runs)
+    if problem:
+        return _err(problem)
+    from adabatch.train.plot import compare_table
+
+    try:
+        print(compare_table([Path(r) for r in ns.runs]))
+    except (ValueError, OSError) as e:
+        return _err(str(e))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``adabatch`` command; return its exit code."""
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return int(e.code or 0)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    return {"train": _cmd_train, "plot": _cmd_plot, "compare": _cmd_compare}[ns.command](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is one ``torch.save`` file ``checkpoints/step_XXXXXXXX.pt`` in the run directory
+holding a dict:
+
+``format_version``, ``adabatch_version``, ``config`` (the run's TrainConfig as a dict),
+``step``, ``samples``, ``elapsed`` (seconds of training so far), ``model``, ``optimizer``,
+``controller``, ``sampler`` (state dicts), ``rng`` (torch CPU, CUDA, numpy and Python global
+RNG states and the augmentation generator's state), ``metrics_offset`` (the byte length of
+``metrics.jsonl`` at the checkpoint, so a resumed run cuts away rows written after it) and
+``extra`` (a free dict).
+
+Only plain containers, numbers, strings and tensors are stored, so the file loads with
+``torch.load(weights_only=True)``.
+
+Atomic write: the file is written to a temporary file in the same directory, flushed and
+fsynced, renamed over the final name with :func:`os.replace` and the directory is fsynced, so a
+crash at any moment leaves either the previous set of checkpoints or the new one, never a
+truncated file under a checkpoint name. Older checkpoints beyond the last ``keep`` are removed
+after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "capture_rng",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+    "write_atomic",
+]
+
+#: Bumped whenever the layout of the checkpoint dict changes incompatibly.
+FORMAT_VERSION = 1
+
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or incompatible checkpoint."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported (e.g. Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint files, oldest first (by step)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any], *, keep: int = 3) -> Path:
+    """Write ``state`` (must hold ``step``) as the run's newest checkpoint; keep the last
+    ``keep`` checkpoints. ``format_version`` is added."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    state = {"format_version": FORMAT_VERSION, **state}
+    path = Path(run_dir) / "checkpoints" / f"step_{int(state['step']):08d}.pt"
+    write_atomic(state, path)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            pass
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file (or a run directory's newest) and check its format version."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint in {path / 'checkpoints'}")
+        path = latest
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path} is not an adabatch checkpoint (no format_version)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {state['format_version']}; this adabatch "
+            f"reads version {FORMAT_VERSION}"
+        )
+    return state
+
+
+def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python) and ``generator``'s, as plain data."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state() if generator is not None else None,
+    }
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore what :func:`capture_rng` captured."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+         n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
