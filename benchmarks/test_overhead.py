@@ -1,0 +1,247 @@
+"""Cost of measuring gradient statistics every step, relative to a plain training step.
+
+Run (prints a markdown table; about 5 minutes on 2 cores)::
+
+    python benchmarks/test_overhead.py                 # full: b = 32, 128, 512, 2 threads
+    python benchmarks/test_overhead.py --quick         # fewer rounds, b = 32, 128
+
+Models: the AdAdaGrad authors' MNIST CNN (timlautk/AdAdaGrad, modules.py: conv 1→16 k5 pad 2,
+ReLU, max-pool 2, conv 16→32 k5 pad 2, ReLU, max-pool 2, linear 32·7·7→10; the issue's
+"linear 512→10" is the same network without padding) and an MLP 784→256→256→10, on random
+MNIST-shaped data, SGD, float32, 2 intra-op threads.
+
+Competitors (one training step each: zero_grad, forward, backward, statistics, SGD step):
+
+- ``plain``: no statistics.
+- ``norm`` / ``ip`` / ``aip`` / ``coord``: :class:`PerSampleStats` with the needs of the norm,
+  inner-product, augmented inner-product and coordinate-wise tests.
+- ``plain×4`` / ``micro``: the same batch as 4 accumulated micro-batches, without and with
+  :class:`MicroBatchStats` (norm-test needs); ``micro`` is reported relative to ``plain×4``.
+- ``vmap``: the AdAdaGrad authors' way: a plain step plus per-sample gradients by
+  ``torch.func.vmap(grad(loss))`` over the model's detached parameters, then V and G.
+- BackPACK (BatchL2Grad + SumGradSquared) is not run: ``pip install --dry-run
+  backpack-for-pytorch`` wants to replace torch 2.13.0 by torch 2.14.1 with CUDA wheels.
+
+Timing: every round runs every configuration once (shuffled order), each for ``--reps`` steps
+after a warm-up; the best round per configuration is kept; ratios are to ``plain`` at the same
+model and batch size.
+
+Peak memory: torch's CPU tensors come from malloc, which tracemalloc does not see, so each
+configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks are
+mmapped and returned on free, so the resident set follows the live tensors); the figure is
+the peak resident set (VmHWM of /proc/self/status; ``ru_maxrss`` would carry the
+parent's peak across exec) during model/data/estimator creation and 3 steps, minus the
+resident set right after ``import torch``: the memory the training itself needs (parameters,
+data, activations, gradients, estimator buffers and temporaries). Ratios are to ``plain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adabatch.batching.estimators import MicroBatchStats, PerSampleStats
+
+NEEDS = {
+    "norm": {"grad_sq_norm", "variance_trace"},
+    "ip": {"grad_sq_norm", "ip_variance"},
+    "aip": {"grad_sq_norm", "ip_variance", "orth_variance"},
+    "coord": {"coord_variance", "mean_grad"},
+}
+KINDS = ["plain", "norm", "ip", "aip", "coord", "plain×4", "micro", "vmap"]
+MICRO = 4
+
+
+def make_model(name: str) -> nn.Module:
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5, 1, 2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        )
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256),
+                         nn.ReLU(), nn.Linear(256, 10))
+
+
+def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[], object]:
+    """A closure running one training step of the configuration; returns its statistics."""
+    torch.manual_seed(seed)
+    model = make_model(model_name)
+    x = torch.randn(b, 1, 28, 28)
+    y = torch.randint(0, 10, (b,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    if kind in NEEDS:
+        est = PerSampleStats(model, needs=NEEDS[kind])
+
+        def step():
+            opt.zero_grad()
+            with est.measure():
+                F.cross_entropy(model(x), y).backward()
+            s = est.stats()
+            opt.step()
+            return s
+        return step
+
+    if kind in ("plain×4", "micro"):
+        mest = MicroBatchStats(model, needs=NEEDS["norm"]) if kind == "micro" else None
+        xs, ys = x.chunk(MICRO), y.chunk(MICRO)
+
+        def step():
+            opt.zero_grad()
+            for xk, yk in zip(xs, ys):
+                (F.cross_entropy(model(xk), yk) * (len(xk) / b)).backward()
+                if mest is not None:
+                    mest.accumulate(len(xk))
+            s = mest.stats() if mest is not None else None
+            opt.step()
+            return s
+        return step
+
+    if kind == "vmap":
+        from torch.func import functional_call, grad, vmap
+
+        def sample_loss(params, xi, yi):
+            return F.cross_entropy(functional_call(model, params, (xi.unsqueeze(0),)),
+                                   yi.unsqueeze(0))
+
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            grads = per_sample(params, x, y)
+            V = sum(float(g.var(0, correction=1).sum()) for g in grads.values())
+            G = sum(float(g.mean(0).square().sum()) for g in grads.values())
+            opt.step()
+            return V, G
+        return step
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def time_all(models, sizes, rounds: int, reps: int, seed: int = 0) -> dict:
+    configs = [(m, b, k) for m in models for b in sizes for k in KINDS]
+    steps = {c: make_step(*c) for c in configs}
+    for c in configs:  # warm-up
+        steps[c]()
+        steps[c]()
+    best = dict.fromkeys(configs, float("inf"))
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        order = configs[:]
+        rng.shuffle(order)
+        for c in order:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                steps[c]()
+            best[c] = min(best[c], (time.perf_counter() - t0) / reps)
+    return best
+
+
+def _status_kb(field: str) -> int:
+    """A field of /proc/self/status in KB (VmRSS: resident now, VmHWM: peak resident)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def mem_one(model: str, b: int, kind: str) -> int:
+    """Peak resident set (KB) of creating the configuration and running 3 steps."""
+    torch.set_num_threads(2)
+    base = _status_kb("VmRSS")
+    step = make_step(model, b, kind)
+    for _ in range(3):
+        step()
+    return _status_kb("VmHWM") - base
+
+
+def mem_all(models, sizes) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = {}
+    for m in models:
+        for b in sizes:
+            for k in KINDS:
+                r = subprocess.run([sys.executable, __file__, "--mem-one", m, str(b), k],
+                                   env=env, capture_output=True, text=True, check=True)
+                out[(m, b, k)] = int(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def table(times: dict, mems: dict | None, models, sizes) -> str:
+    lines = ["| model | b | " + " | ".join(KINDS) + " |",
+             "|---|---|" + "---|" * len(KINDS)]
+    for m in models:
+        for b in sizes:
+            plain, plain4 = times[(m, b, "plain")], times[(m, b, "plain×4")]
+            cells = []
+            for k in KINDS:
+                t = times[(m, b, k)]
+                ref = plain4 if k == "micro" else plain
+                cell = f"{t * 1e3:.2f} ms" if k == "plain" else f"{t / ref:.2f}×"
+                if mems is not None:
+                    mref = mems[(m, b, "plain×4" if k == "micro" else "plain")]
+                    mem = mems[(m, b, k)]
+                    cell += (f" / {mem / 1024:.1f} MB" if k == "plain"
+                             else f" / {mem / max(mref, 1):.2f}×")
+                cells.append(cell)
+            lines.append(f"| {m} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def test_overhead_smoke():
+    """Every configuration runs and yields finite statistics (no timing asserted)."""
+    torch.manual_seed(0)
+    for model in ("cnn", "mlp"):
+        for kind in KINDS:
+            out = make_step(model, 8, kind)()
+            if kind in NEEDS or kind == "micro":
+                assert out.is_finite() and out.batch_size == 8
+            elif kind == "vmap":
+                assert all(v > 0 for v in out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-mem", action="store_true")
+    ap.add_argument("--mem-one", nargs=3, metavar=("MODEL", "B", "KIND"))
+    args = ap.parse_args()
+    if args.mem_one:
+        m, b, k = args.mem_one
+        print(mem_one(m, int(b), k))
+        return
+    torch.set_num_threads(args.threads)
+    models = ["cnn", "mlp"]
+    sizes = [32, 128] if args.quick else [32, 128, 512]
+    rounds = args.rounds or (5 if args.quick else 20)
+    times = time_all(models, sizes, rounds, args.reps)
+    print(table(times, None, models, sizes), flush=True)
+    mems = None if args.no_mem else mem_all(models, sizes)
+    print(f"torch {torch.__version__}, {args.threads} threads, best of {rounds} rounds × "
+          f"{args.reps} steps; cells: time ratio / peak-memory ratio to plain "
+          f"(micro: to plain×4)")
+    print(table(times, mems, models, sizes))
+
+
+if __name__ == "__main__":
+    main()

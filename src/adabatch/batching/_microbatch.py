@@ -1,0 +1,232 @@
+"""Gradient statistics from the micro-batch gradients of gradient accumulation.
+
+A step's batch of N samples is split into M micro-batches of n_k samples (Σ n_k = N), each
+a backward pass under the loss-scaling contract ``loss_k = mean_loss_k * n_k / N`` (so p.grad
+ends as the mean gradient ḡ). After each micro-batch's backward, :meth:`MicroBatchStats.
+accumulate` reads the increment Δ_k of p.grad since the previous call:
+Δ_k = (n_k/N)·ĝ_k, with ĝ_k the micro-batch's mean gradient. Running sums:
+
+    P = Σ_k n_k ‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k,      C_j = N² Σ_k Δ_kj²/n_k.
+
+The micro-batch means of n_k i.i.d. samples have covariance Σ/n_k, and
+
+    E[Σ_k n_k ‖ĝ_k − ḡ‖²] = E[P − N·G] = (M − 1)·tr Σ,
+
+so the weighted estimators (unbiased also for unequal micro-batch sizes) are, on one sample's
+scale as :class:`~adabatch.batching.stats.GradientStats` requires,
+
+    V = (P − N·G)/(M − 1),                v_j = (C_j − N·ḡ_j²)/(M − 1),
+    W = (Σ_k n_k ip_k² − 2G Σ_k n_k ip_k + N·G²)/(M − 1),   ip_k = ⟨ĝ_k, ḡ⟩,
+    O = (Σ_k n_k ‖ĝ_k‖² − Σ_k n_k ip_k²/G)/(M − 1),
+
+the per-sample formulas with micro-batches as weighted samples (with n_k = 1 they are the
+exact per-sample statistics). With M < 2 the variances are NaN: a test then cannot decide
+(returns None) and the controller keeps the batch size.
+
+Memory: one snapshot of p.grad (to form increments), plus one model-sized buffer for
+``coord_variance``. ip_k needs the *final* ḡ, known only after the last micro-batch, so when
+``ip_variance`` or ``orth_variance`` is requested the M increments are stored (M × model
+memory; document-level choice: on data-parallel ranks without accumulation that is one copy).
+
+Distributed: each process accumulates its *local* micro-batches (every backward under DDP's
+``no_sync``, so p.grad is the local gradient, or before the gradient all-reduce), then the
+gradients are averaged across processes, then :meth:`~MicroBatchStats.stats` reads the
+global ḡ from p.grad and sums the partial sums ``[N, M, P, Σ n_k ip_k, Σ n_k ip_k²]`` with one
+call of ``reduce`` (plus one on C_j for ``coord_variance``). Every (rank, micro-batch) pair
+counts as one micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from adabatch.batching.stats import STAT_NAMES, GradientStats, check_needs
+
+Reduce = Callable[[Tensor], Tensor | None]
+
+
+class MicroBatchStats:
+    """Statistics from M ≥ 2 micro-batch gradients accumulated into one step.
+
+    Usage::
+
+        est = MicroBatchStats(model, needs=test.needs)
+        optimizer.zero_grad()
+        for x, y in micro_batches:                 # n_k samples each, N in all
+            (loss_fn(model(x), y) * len(x) / N).backward()
+            est.accumulate(len(x))
+        stats = est.stats()                        # then optimizer.step()
+
+    p.grad must be None or zero when the step starts (``optimizer.zero_grad()``).
+
+    Args:
+        params_or_model: an nn.Module (its parameters with ``requires_grad``) or an iterable
+            of parameters.
+        needs: the statistics to compute (names from :data:`STAT_NAMES`).
+        reduce: optional ``reduce(flat) -> flat`` summing a float64 tensor across processes,
+            called once per :meth:`stats` (twice with ``coord_variance``).
+
+    Attributes:
+        params: the parameters, aligned with ``mean_grad`` and ``coord_variance``.
+    """
+
+    def __init__(self, params_or_model: nn.Module | Iterable[Tensor],
+                 needs: Iterable[str] = STAT_NAMES, *, reduce: Reduce | None = None) -> None:
+        if isinstance(params_or_model, nn.Module):
+            params = [p for p in params_or_model.parameters() if p.requires_grad]
+        else:
+            params = list(params_or_model)
+            for p in params:
+                if not isinstance(p, Tensor):
+                    raise TypeError(
+                        f"MicroBatchStats needs a module or tensors, got {type(p).__name__}"
+                    )
+        if not params:
+            raise ValueError("MicroBatchStats got no parameters that require gradients")
+        seen: set[int] = set()
+        self.params: list[Tensor] = []
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                self.params.append(p)
+        self.needs = check_needs(frozenset(needs))
+        if reduce is not None and not callable(reduce):
+            raise TypeError("reduce must be a callable(flat_tensor) -> flat_tensor")
+        self.reduce = reduce
+        self._need_coord = "coord_variance" in self.needs
+        self._need_ip = bool(self.needs & {"ip_variance", "orth_variance"})
+        self._need_var = bool(self.needs - {"grad_sq_norm", "mean_grad"})
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new step: forget the micro-batches accumulated so far."""
+        self._fresh = True  # the snapshot buffers are kept across steps, not zeroed
+        self._n = 0
+        self._m = 0
+        self._sq = torch.zeros((), dtype=torch.float64)
+        if getattr(self, "_coord", None) is not None:
+            torch._foreach_zero_(self._coord)
+        else:
+            self._coord: list[Tensor] | None = None
+        self._incs: list[tuple[int, list[Tensor]]] = []
+
+    @property
+    def num_micro_batches(self) -> int:
+        """M, the micro-batches accumulated since the last reset."""
+        return self._m
+
+    def _grad(self, p: Tensor) -> Tensor:
+        g = p.grad
+        if g is None:
+            return torch.zeros_like(p)
+        return g.to_dense() if g.is_sparse else g.detach()
+
+    @torch.no_grad()
+    def accumulate(self, batch_size: int) -> None:
+        """Record the micro-batch of ``batch_size`` samples whose backward just ran.
+
+        Cost: a few passes over the gradients (foreach kernels), no model-sized
+        temporaries: the snapshot of the previous p.grad is turned into the increment in
+        place, measured, and overwritten with the new p.grad.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self._n += batch_size
+        self._m += 1
+        if not self._need_var:
+            return
+        grads = [self._grad(p) for p in self.params]
+        if self._fresh:
+            if not hasattr(self, "_prev"):
+                self._prev = [torch.empty_like(g) for g in grads]
+            incs = grads  # the increment of the first micro-batch is p.grad itself
+        else:
+            torch._foreach_sub_(self._prev, grads)  # prev − g = −increment
+            incs = self._prev
+        self._sq += _sum_sq(incs) / batch_size
+        if self._need_coord:
+            if self._coord is None:
+                self._coord = [torch.zeros_like(g) for g in grads]
+            torch._foreach_addcmul_(self._coord, incs, incs, value=1.0 / batch_size)
+        if self._need_ip:
+            kept = [t.clone() for t in incs]
+            if not self._fresh:
+                torch._foreach_neg_(kept)
+            self._incs.append((batch_size, kept))
+        torch._foreach_copy_(self._prev, grads)
+        self._fresh = False
+
+    @torch.no_grad()
+    def stats(self) -> GradientStats:
+        """The statistics of the accumulated step (reads the final ḡ from p.grad); resets."""
+        if self._m == 0:
+            raise RuntimeError(
+                "MicroBatchStats.stats(): nothing accumulated; call accumulate(n) after each "
+                "micro-batch's backward"
+            )
+        try:
+            return self._stats()
+        finally:
+            self.reset()
+
+    def _stats(self) -> GradientStats:
+        gbar = [self._grad(p) for p in self.params]
+        G = float(_sum_sq(gbar))
+        n_loc = self._n
+        q1 = torch.zeros((), dtype=torch.float64)
+        q2 = torch.zeros((), dtype=torch.float64)
+        for n_k, incs in self._incs:
+            dot = sum((torch.dot(d.reshape(-1).double(), g.reshape(-1).double())
+                       for d, g in zip(incs, gbar)), torch.zeros((), dtype=torch.float64))
+            ip = dot * n_loc / n_k
+            q1 += n_k * ip
+            q2 += n_k * ip * ip
+        flat = torch.stack([torch.tensor(float(n_loc), dtype=torch.float64),
+                            torch.tensor(float(self._m), dtype=torch.float64),
+                            self._sq * n_loc**2, q1, q2])
+        coords = None
+        if self._need_coord:
+            assert self._coord is not None
+            coords = [c * n_loc**2 for c in self._coord]
+        if self.reduce is not None:
+            flat = _call_reduce(self.reduce, flat)
+            if coords is not None:
+                cat = _call_reduce(self.reduce,
+                                   torch.cat([c.reshape(-1).double() for c in coords]))
+                coords = [t.view_as(c).to(c.dtype)
+                          for t, c in zip(cat.split([c.numel() for c in coords]), coords)]
+        N, M, P, s1, s2 = (float(v) for v in flat)
+        stats = GradientStats(batch_size=round(N), grad_sq_norm=G)
+        ok = M >= 2
+        denom = M - 1.0
+        nan = math.nan
+        if "variance_trace" in self.needs:
+            stats.variance_trace = max((P - N * G) / denom, 0.0) if ok else nan
+        if "ip_variance" in self.needs:
+            stats.ip_variance = max((s2 - 2.0 * G * s1 + N * G * G) / denom, 0.0) if ok else nan
+        if "orth_variance" in self.needs:
+            stats.orth_variance = max((P - s2 / G) / denom, 0.0) if ok and G > 0 else nan
+        if coords is not None:
+            if ok:
+                stats.coord_variance = [((c - N * g.to(c.dtype).square()) / denom).clamp_min_(0)
+                                        for c, g in zip(coords, gbar)]
+            else:
+                stats.coord_variance = [torch.full_like(c, nan) for c in coords]
+        if "mean_grad" in self.needs:
+            stats.mean_grad = gbar
+        return stats
+
+
+def _sum_sq(tensors: list[Tensor]) -> Tensor:
+    """Σ ‖t‖² (float64) without model-sized temporaries."""
+    norms = torch._foreach_norm(tensors, 2)
+    return torch.stack(norms).double().square().sum()
+
+
+def _call_reduce(reduce: Reduce, flat: Tensor) -> Tensor:
+    out = reduce(flat)
+    return flat if out is None else out

@@ -1,0 +1,892 @@
+"""Exact per-sample gradient statistics from one ordinary backward pass.
+
+:class:`PerSampleStats` measures the statistics of :mod:`adabatch.batching.stats` over the
+samples of a step's batch without materialising b × model-size memory. It hooks the layers
+that own parameters, keeps their inputs a and output gradients δ (the gradient of the loss
+with respect to the layer output), and computes per layer:
+
+- Linear (inputs [b, in] or sequences [b, T..., in]): the per-sample weight gradient is
+  g_i = Σ_t δ_it a_itᵀ. Without a sequence axis it is an outer product, so
+  ‖g_i‖² = ‖a_i‖²‖δ_i‖² and Σ_i g_i² = (δ²)ᵀ(a²) elementwise. With a sequence axis the
+  cheaper of materialising g_i (chunked over samples) and the "ghost" product
+  ‖g_i‖² = Σ_{t,s} (a_it·a_is)(δ_it·δ_is) is used (cost L·in·out against L²·(in+out)).
+- Conv1d/2d/3d (any stride, padding and padding mode, dilation, groups): the same with the
+  unfolded input (im2col) as a and the output positions as the sequence axis.
+- Embedding: g_i adds δ_it to row idx_it; the rows a sample touches are summed sparsely
+  (torch.unique over (sample, row) keys), never a b × vocab × dim tensor.
+- LayerNorm / GroupNorm / RMSNorm (affine): g_i = Σ δ_i ⊙ x̂_i over the positions that share
+  a parameter, with x̂ recomputed from the saved input; always materialised (small).
+- Any other module with its own trainable parameters (a custom module with a raw
+  nn.Parameter, MultiheadAttention, ...): per-sample vector-Jacobian products with
+  ``torch.func.vmap(grad(...))`` of that module alone, chunked over samples. The module must
+  treat dimension 0 of its tensor inputs and outputs as the batch and be deterministic
+  (no dropout inside it).
+
+Inner products with the mean gradient ḡ need ḡ, which is only known after the last backward
+(after DDP's all-reduce, after every accumulation micro-batch), so they are computed in
+:meth:`PerSampleStats.stats`: for each layer either from the stored per-sample gradient (when
+that is smaller than the layer's input and output gradient) or as "the layer's forward with ḡ
+as its weight": ⟨g_i, ḡ_W⟩ = Σ δ_i ⊙ f(a_i; ḡ_W), for a layer f linear in its weight.
+
+Scaling contract. The losses of one step's backward passes must add up to the mean of the
+per-sample losses over all N samples of the step (on this process): one pass with a
+mean-reduced loss, or micro-batches k of n_k samples with ``loss_k = mean_loss_k * n_k / N``.
+Then p.grad is ḡ and every captured contribution is g_i / N, whatever the micro-batch sizes.
+
+Shared (tied) parameters: a parameter used by several module calls in one pass (an
+embedding tied to the output layer, a module called twice) has per-sample gradient equal to the
+sum of the uses, so its norms and per-coordinate sums are computed from that sum, materialised
+chunk by chunk over samples after the backward pass (memory: chunk × parameter size). Its inner
+products are linear in g_i and are taken use by use.
+
+Limits (documented, not silent where detectable): a parameter used outside a module call
+(``F.linear(x, self.emb.weight)``) cannot be attributed to samples; if it is used only so, the
+estimator raises in :meth:`~PerSampleStats.stats`. Modules must take batch-first inputs
+(checked: every hooked call of a pass must see the same batch size). Layers that mix samples
+(BatchNorm in training mode) raise a :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from adabatch.batching.stats import STAT_NAMES, GradientStats, check_needs
+
+#: Default bound on the number of elements of one temporary tensor (per chunk of samples).
+DEFAULT_BUDGET = 2**20
+
+Reduce = Callable[[Tensor], Tensor | None]
+
+_NORM_STATS = frozenset({"variance_trace", "orth_variance"})
+_IP_STATS = frozenset({"ip_variance", "orth_variance"})
+
+
+class _Record:
+    """One call of a hooked module during one measured pass."""
+
+    __slots__ = ("deltas", "done", "handler", "inputs", "kwargs", "module", "n", "names",
+                 "pending")
+
+    def __init__(self, module: nn.Module, handler: _Handler, inputs: tuple, kwargs: dict,
+                 n: int, n_outputs: int) -> None:
+        self.module = module
+        self.handler = handler
+        self.inputs = inputs
+        self.kwargs = kwargs
+        self.n = n
+        self.names = handler.names
+        self.deltas: list[Tensor | None] = [None] * n_outputs
+        self.pending = n_outputs
+        self.done = False
+
+
+def _chunks(n: int, per_sample: int, budget: int, chunk_size: int | None) -> Iterator[
+        tuple[int, int]]:
+    step = chunk_size if chunk_size is not None else max(1, budget // max(1, per_sample))
+    for lo in range(0, n, step):
+        yield lo, min(n, lo + step)
+
+
+class _Handler:
+    """Per-sample gradient arithmetic for one module type (base: generic chunked path)."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]) -> None:
+        self.module = module
+        self.names = names
+
+    def param(self, name: str) -> Tensor:
+        return getattr(self.module, name)
+
+    # --- to override -------------------------------------------------------------------
+    def grads(self, rec: _Record, names: tuple[str, ...], lo: int, hi: int) -> dict[str, Tensor]:
+        """Per-sample contributions [hi-lo, *shape] of samples lo:hi for each name."""
+        raise NotImplementedError
+
+    def sample_numel(self, rec: _Record, names: tuple[str, ...]) -> int:
+        """Elements per sample of the temporaries of :meth:`grads` (for chunking)."""
+        return sum(self.param(nm).numel() for nm in names)
+
+    def kept_numel(self, rec: _Record) -> int:
+        """Elements per sample that keeping the record for a later inner product costs."""
+        total = 0
+        for t in tree_flatten((rec.inputs, rec.deltas))[0]:
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == rec.n:
+                total += t[0].numel()
+        return total
+
+    def ip(self, rec: _Record, name: str, gbar: Tensor, est: PerSampleStats) -> Tensor:
+        """⟨contribution_i, ḡ⟩ for every sample i: a tensor [n]."""
+        out = []
+        for lo, hi in _chunks(rec.n, self.sample_numel(rec, (name,)), est.budget,
+                              est.chunk_size):
+            g = self.grads(rec, (name,), lo, hi)[name]
+            out.append(g.reshape(hi - lo, -1) @ gbar.reshape(-1).to(g.dtype))
+        return torch.cat(out)
+
+    # --- generic driver ------------------------------------------------------------------
+    def process(self, rec: _Record, names: tuple[str, ...], est: PerSampleStats,
+                need_norm: bool, need_coord: bool,
+                store: set[str]) -> dict[str, tuple[Tensor | None, Tensor | None,
+                                                    Tensor | None]]:
+        """Norm sum, coordinate sums and (for names in ``store``) materialised [n, numel]."""
+        acc: dict[str, list[Any]] = {nm: [None, None, []] for nm in names}
+        for lo, hi in _chunks(rec.n, self.sample_numel(rec, names), est.budget,
+                              est.chunk_size):
+            grads = self.grads(rec, names, lo, hi)
+            for nm in names:
+                g = grads[nm]
+                _accumulate(acc[nm], g, need_norm, need_coord, nm in store)
+        return {nm: _finish(a) for nm, a in acc.items()}
+
+
+def _accumulate(a: list[Any], g: Tensor, need_norm: bool, need_coord: bool, keep: bool) -> None:
+    if need_coord:
+        sq = g.square()
+        c = sq.sum(0)
+        a[1] = c if a[1] is None else a[1].add_(c)
+        if need_norm:
+            s = sq.sum(dtype=torch.float64)
+            a[0] = s if a[0] is None else a[0] + s
+    elif need_norm:
+        flat = g.reshape(-1)
+        s = torch.dot(flat, flat).double()
+        a[0] = s if a[0] is None else a[0] + s
+    if keep:
+        a[2].append(g.reshape(g.shape[0], -1))
+
+
+def _finish(a: list[Any]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    return a[0], a[1], (torch.cat(a[2]) if a[2] else None)
+
+
+def _ghost_sq_norm(U: Tensor, D: Tensor) -> Tensor:
+    """Σ_i ‖D_i U_iᵀ‖² from U [B, I, L] and D [B, O, L] via L × L Gram matrices."""
+    gu = torch.bmm(U.transpose(1, 2), U)
+    gd = torch.bmm(D.transpose(1, 2), D)
+    return (gu * gd).sum(dtype=torch.float64)
+
+
+class _LinearHandler(_Handler):
+    """nn.Linear over [b, in] or [b, T..., in]."""
+
+    def _AD(self, rec: _Record, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        a, d = rec.inputs[0], rec.deltas[0]
+        assert d is not None
+        return (a[lo:hi].reshape(hi - lo, -1, a.shape[-1]),
+                d[lo:hi].reshape(hi - lo, -1, d.shape[-1]))
+
+    def grads(self, rec: _Record, names: tuple[str, ...], lo: int, hi: int) -> dict[str, Tensor]:
+        A, D = self._AD(rec, lo, hi)
+        out = {}
+        if "weight" in names:
+            out["weight"] = torch.bmm(D.transpose(1, 2), A)
+        if "bias" in names:
+            out["bias"] = D.sum(1)
+        return out
+
+    def _length(self, rec: _Record) -> int:
+        a = rec.inputs[0]
+        return a[0].numel() // a.shape[-1]
+
+    def sample_numel(self, rec: _Record, names: tuple[str, ...]) -> int:
+        a, d = rec.inputs[0], rec.deltas[0]
+        total = d[0].numel() if d is not None else 0
+        if "weight" in names:
+            total += a[0].numel() + self.module.weight.numel()
+        return total
+
+    def process(self, rec, names, est, need_norm, need_coord, store):  # type: ignore[override]
+        result = {}
+        rest = tuple(nm for nm in names if nm != "weight")
+        if rest == ("bias",):
+            _, D = self._AD(rec, 0, rec.n)
+            Db = D[:, 0] if D.shape[1] == 1 else D.sum(1)
+            norm = torch.dot(Db.reshape(-1), Db.reshape(-1)).double() if need_norm else None
+            coord = Db.square().sum(0) if need_coord else None
+            result["bias"] = (norm, coord, Db if "bias" in store else None)
+            rest = ()
+        if "weight" in names:
+            L = self._length(rec)
+            out_f, in_f = self.module.weight.shape
+            if L == 1 and "weight" not in store:
+                A, D = self._AD(rec, 0, rec.n)
+                A, D = A[:, 0], D[:, 0]
+                norm = coord = None
+                if need_norm:  # Σ_i ‖a_i‖²‖δ_i‖², without an n × in temporary
+                    prod = torch.linalg.vector_norm(A, dim=1) * torch.linalg.vector_norm(D, dim=1)
+                    norm = torch.dot(prod, prod).double()
+                if need_coord:
+                    coord = D.square().T @ A.square()
+                result["weight"] = (norm, coord, None)
+            elif (not need_coord and "weight" not in store
+                  and L * (in_f + out_f) < in_f * out_f):
+                norm = None
+                if need_norm:
+                    norm = torch.zeros((), dtype=torch.float64)
+                    per = L * (L + in_f + out_f)
+                    for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
+                        A, D = self._AD(rec, lo, hi)
+                        norm += _ghost_sq_norm(A.transpose(1, 2), D.transpose(1, 2))
+                result["weight"] = (norm, None, None)
+            else:
+                rest = (*rest, "weight")
+        if rest:
+            result.update(super().process(rec, rest, est, need_norm, need_coord, store))
+        return result
+
+    def ip(self, rec, name, gbar, est):  # type: ignore[override]
+        if name == "bias":
+            _, D = self._AD(rec, 0, rec.n)
+            return D.sum(1) @ gbar.to(D.dtype)
+        out = []
+        per = rec.inputs[0][0].numel() + 2 * rec.deltas[0][0].numel()  # type: ignore[index]
+        for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
+            A, D = self._AD(rec, lo, hi)
+            out.append((D * F.linear(A, gbar.to(A.dtype))).sum((1, 2)))
+        return torch.cat(out)
+
+
+class _ConvHandler(_Handler):
+    """nn.Conv1d / Conv2d / Conv3d with any stride, padding, dilation and groups."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__(module, names)
+        self.dims = module.weight.dim() - 2
+
+    def unfold(self, x: Tensor) -> Tensor:
+        """im2col: [c, C_in, *spatial] -> [c, C_in·Πk, L], ordered like the weight."""
+        m = self.module
+        pad = m._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        if self.dims == 2:
+            return F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride)
+        if self.dims == 1:
+            return F.unfold(x.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
+                            stride=(1, m.stride[0]))
+        c, C = x.shape[:2]
+        for i in range(3):
+            k, dil, s = m.kernel_size[i], m.dilation[i], m.stride[i]
+            x = x.unfold(2 + i, (k - 1) * dil + 1, s)
+        x = x[..., :: m.dilation[0], :: m.dilation[1], :: m.dilation[2]]
+        x = x.permute(0, 1, 5, 6, 7, 2, 3, 4)
+        return x.reshape(c, C * math.prod(m.kernel_size), -1)
+
+    def _UD(self, rec: _Record, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Unfolded input [c·g, I, L] and output gradient [c·g, O, L] per group."""
+        g = self.module.groups
+        c = hi - lo
+        U = self.unfold(rec.inputs[0][lo:hi])
+        D = rec.deltas[0][lo:hi].reshape(c, self.module.out_channels, -1)  # type: ignore[index]
+        return U.reshape(c * g, -1, U.shape[-1]), D.reshape(c * g, -1, D.shape[-1])
+
+    def grads(self, rec: _Record, names: tuple[str, ...], lo: int, hi: int) -> dict[str, Tensor]:
+        out = {}
+        c = hi - lo
+        if "weight" in names:
+            out["weight"] = self._weight_grads(rec.inputs[0][lo:hi], rec.deltas[0][lo:hi])
+        if "bias" in names:
+            d = rec.deltas[0][lo:hi]  # type: ignore[index]
+            out["bias"] = d.reshape(c, d.shape[1], -1).sum(-1)
+        return out
+
+    def _weight_grads(self, x: Tensor, d: Tensor) -> Tensor:
+        """Per-sample weight gradients [c, *weight.shape]: the weight gradient of one grouped
+        convolution whose groups are the samples (the backend's weight-gradient kernel; no
+        im2col copy)."""
+        m = self.module
+        c = x.shape[0]
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            pad = m._reversed_padding_repeated_twice
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, pad, mode=mode)
+            padding = [0] * self.dims
+        else:
+            padding = list(m.padding)
+        w = m.weight
+        xin = x.reshape(1, c * x.shape[1], *x.shape[2:])
+        go = d.reshape(1, c * d.shape[1], *d.shape[2:])
+        wshape = (c * w.shape[0], *w.shape[1:])
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            go, xin, w.new_empty(wshape), None, list(m.stride), padding, list(m.dilation),
+            False, [0] * self.dims, c * m.groups, [False, True, False])
+        return gw.reshape(c, *w.shape)
+
+    def _sizes(self, rec: _Record) -> tuple[int, int, int]:
+        m = self.module
+        d = rec.deltas[0] if rec.deltas[0] is not None else None
+        L = d[0, 0].numel() if d is not None else 1
+        I = m.weight[0].numel()
+        O = m.out_channels // m.groups
+        return L, I, O
+
+    def sample_numel(self, rec: _Record, names: tuple[str, ...]) -> int:
+        L, I, O = self._sizes(rec)
+        g = self.module.groups
+        total = self.module.out_channels * L
+        if "weight" in names:
+            total += g * O * I + 2 * rec.inputs[0][0].numel()
+        return total
+
+    def process(self, rec, names, est, need_norm, need_coord, store):  # type: ignore[override]
+        result = {}
+        rest = tuple(nm for nm in names if nm != "weight")
+        if "weight" in names:
+            L, I, O = self._sizes(rec)
+            if not need_coord and "weight" not in store and L * (I + O) < I * O:
+                norm = None
+                if need_norm:
+                    norm = torch.zeros((), dtype=torch.float64)
+                    g = self.module.groups
+                    per = g * (I * L + 2 * L * L) + rec.inputs[0][0].numel()
+                    for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
+                        U, D = self._UD(rec, lo, hi)
+                        norm += _ghost_sq_norm(U, D)
+                result["weight"] = (norm, None, None)
+            else:
+                rest = (*rest, "weight")
+        if rest:
+            result.update(super().process(rec, rest, est, need_norm, need_coord, store))
+        return result
+
+    def ip(self, rec, name, gbar, est):  # type: ignore[override]
+        d = rec.deltas[0]
+        assert d is not None
+        if name == "bias":
+            return d.reshape(rec.n, d.shape[1], -1).sum(-1) @ gbar.to(d.dtype)
+        out = []
+        per = rec.inputs[0][0].numel() + 2 * d[0].numel()
+        for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
+            y = self.module._conv_forward(rec.inputs[0][lo:hi], gbar.to(d.dtype), None)
+            out.append((d[lo:hi] * y).reshape(hi - lo, -1).sum(1))
+        return torch.cat(out)
+
+
+class _EmbeddingHandler(_Handler):
+    """nn.Embedding: sparse per-sample rows, never b × vocab × dim."""
+
+    def _ID(self, rec: _Record, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        m = self.module
+        idx = rec.inputs[0][lo:hi].reshape(hi - lo, -1)
+        D = rec.deltas[0][lo:hi].reshape(hi - lo, -1, m.embedding_dim)  # type: ignore[index]
+        if m.padding_idx is not None:
+            D = D * (idx != m.padding_idx).unsqueeze(-1).to(D.dtype)
+        return idx, D
+
+    def grads(self, rec: _Record, names: tuple[str, ...], lo: int, hi: int) -> dict[str, Tensor]:
+        m = self.module
+        V, dim = m.weight.shape
+        idx, D = self._ID(rec, lo, hi)
+        c = hi - lo
+        keys = (torch.arange(c, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+        out = D.new_zeros(c * V, dim).index_add_(0, keys, D.reshape(-1, dim))
+        return {"weight": out.reshape(c, V, dim)}
+
+    def sample_numel(self, rec: _Record, names: tuple[str, ...]) -> int:
+        return self.module.weight.numel()
+
+    def kept_numel(self, rec: _Record) -> int:
+        return rec.inputs[0][0].numel() * (1 + self.module.embedding_dim)
+
+    def process(self, rec, names, est, need_norm, need_coord, store):  # type: ignore[override]
+        V, dim = self.module.weight.shape
+        idx, D = self._ID(rec, 0, rec.n)
+        keys = (torch.arange(rec.n, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        S = D.new_zeros(uniq.numel(), dim).index_add_(0, inv, D.reshape(-1, dim)).square_()
+        norm = S.sum(dtype=torch.float64) if need_norm else None
+        coord = D.new_zeros(V, dim).index_add_(0, uniq % V, S) if need_coord else None
+        return {"weight": (norm, coord, None)}
+
+    def ip(self, rec, name, gbar, est):  # type: ignore[override]
+        idx, D = self._ID(rec, 0, rec.n)
+        return (D * gbar.to(D.dtype)[idx]).reshape(rec.n, -1).sum(1)
+
+
+class _NormHandler(_Handler):
+    """LayerNorm / GroupNorm / RMSNorm with affine parameters (always materialised)."""
+
+    def _xhat(self, x: Tensor) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(x, m.num_groups, None, None, m.eps)
+        if isinstance(m, nn.LayerNorm):
+            return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        return F.rms_norm(x, m.normalized_shape, None, m.eps)
+
+    def grads(self, rec: _Record, names: tuple[str, ...], lo: int, hi: int) -> dict[str, Tensor]:
+        m = self.module
+        c = hi - lo
+        x = rec.inputs[0][lo:hi]
+        d = rec.deltas[0][lo:hi]  # type: ignore[index]
+        if isinstance(m, nn.GroupNorm):
+            def fold(t: Tensor) -> Tensor:
+                return t.reshape(c, m.num_channels, -1).sum(-1)
+        else:
+            shape = tuple(m.normalized_shape)
+
+            def fold(t: Tensor) -> Tensor:
+                return t.reshape(c, -1, *shape).sum(1)
+        out = {}
+        if "weight" in names:
+            out["weight"] = fold(d * self._xhat(x))
+        if "bias" in names:
+            out["bias"] = fold(d)
+        return out
+
+    def sample_numel(self, rec: _Record, names: tuple[str, ...]) -> int:
+        return 3 * rec.inputs[0][0].numel()
+
+
+class _FuncHandler(_Handler):
+    """Any other module with its own parameters: chunked torch.func.vmap(grad(...))."""
+
+    def sample_numel(self, rec: _Record, names: tuple[str, ...]) -> int:
+        return 4 * self.kept_numel(rec) + sum(self.param(nm).numel() for nm in names)
+
+    def grads(self, rec: _Record, names: tuple[str, ...], lo: int, hi: int) -> dict[str, Tensor]:
+        from torch.func import functional_call, grad, vmap
+
+        m = self.module
+        params = {nm: self.param(nm).detach() for nm in names}
+        flat, spec = tree_flatten((rec.inputs, rec.kwargs))
+        dims = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == rec.n else None
+                for t in flat]
+        xs = [t[lo:hi] if d == 0 else t for t, d in zip(flat, dims)]
+        ds = [None if d is None else d[lo:hi] for d in rec.deltas]
+        d_dims = [None if d is None else 0 for d in ds]
+
+        def loss(p: dict[str, Tensor], xs_: list[Any], ds_: list[Tensor | None]) -> Tensor:
+            xs_ = [x.unsqueeze(0) if dm == 0 else x for x, dm in zip(xs_, dims)]
+            args, kwargs = tree_unflatten(xs_, spec)
+            outs = [o for o in tree_flatten(functional_call(m, p, args, kwargs))[0]
+                    if isinstance(o, Tensor)]
+            total = torch.zeros((), dtype=torch.float64)
+            for o, dl in zip(outs, ds_):
+                if dl is not None:
+                    total = total + (o * dl.unsqueeze(0)).sum()
+            return total
+
+        return vmap(grad(loss), in_dims=(None, dims, d_dims))(params, xs, ds)
+
+
+_SUPPORTED: tuple[tuple[type[nn.Module], type[_Handler], tuple[str, ...]], ...] = (
+    (nn.Linear, _LinearHandler, ("weight", "bias")),
+    (nn.Conv1d, _ConvHandler, ("weight", "bias")),
+    (nn.Conv2d, _ConvHandler, ("weight", "bias")),
+    (nn.Conv3d, _ConvHandler, ("weight", "bias")),
+    (nn.Embedding, _EmbeddingHandler, ("weight",)),
+    (nn.LayerNorm, _NormHandler, ("weight", "bias")),
+    (nn.GroupNorm, _NormHandler, ("weight", "bias")),
+    *(((nn.RMSNorm, _NormHandler, ("weight",)),) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _make_handler(module: nn.Module, names: tuple[str, ...]) -> _Handler:
+    for cls, handler, known in _SUPPORTED:
+        if type(module) is cls and set(names) <= set(known):
+            return handler(module, names)
+    return _FuncHandler(module, names)
+
+
+class PerSampleStats:
+    """Exact gradient statistics over the samples of a step, from ordinary backward passes.
+
+    Usage (one pass)::
+
+        est = PerSampleStats(model, needs=test.needs)
+        with est.measure():
+            loss_fn(model(x), y).backward()      # mean-reduced loss
+        stats = est.stats()                      # GradientStats over the b samples
+
+    Gradient accumulation: enter :meth:`measure` once per micro-batch, with losses scaled so
+    that their sum is the mean over all N samples of the step (``loss_k = mean_loss_k * n_k /
+    N``; then p.grad is the step's mean gradient ḡ); :meth:`stats` then covers all N samples
+    and resets the estimator for the next step. The batch size of a pass is read from
+    dimension 0 of the first hooked layer input, or given as ``measure(batch_size=n)``.
+
+    With G = ‖ḡ‖², S = Σ_i ‖g_i‖², ip_i = ⟨g_i, ḡ⟩ and C_j = Σ_i g_ij²:
+    V = (S − N·G)/(N−1), W = (Σ ip_i² − 2G Σ ip_i + N·G²)/(N−1),
+    O = (S − Σ ip_i²/G)/(N−1) (NaN when G = 0), v_j = (C_j − N·ḡ_j²)/(N−1);
+    variances are clamped at 0 against rounding. With N < 2 the variances are NaN (a test
+    then cannot decide: it returns None and the controller keeps the batch size).
+
+    Args:
+        model: the module whose trainable parameters (``requires_grad``) the statistics are
+            over (a DistributedDataParallel wrapper works: hooks sit on the inner layers).
+        needs: the statistics to compute (names from :data:`STAT_NAMES`); only the work
+            they need is done (``{"grad_sq_norm"}`` needs no per-sample work at all).
+        chunk_size: samples per chunk of the materialising paths; default: as many as keep
+            every temporary under ``budget`` elements.
+        budget: bound on the elements of one temporary (default :data:`DEFAULT_BUDGET`).
+        reduce: optional ``reduce(flat) -> flat`` summing a float64 tensor across processes
+            (an all-reduce with SUM, in place or returned). Called once per :meth:`stats`
+            on ``[N, Σ‖g_i‖², Σ ip_i, Σ ip_i²]`` and, only for ``coord_variance``, once on the
+            flattened per-coordinate sums. ḡ is read from p.grad (DDP has averaged it).
+
+    Attributes:
+        params: the parameters the statistics are over, aligned with ``mean_grad`` and
+            ``coord_variance``.
+    """
+
+    def __init__(self, model: nn.Module, needs: Iterable[str] = STAT_NAMES, *,
+                 chunk_size: int | None = None, budget: int = DEFAULT_BUDGET,
+                 reduce: Reduce | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PerSampleStats needs an nn.Module, got {type(model).__name__}")
+        self.needs = check_needs(frozenset(needs))
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be a positive integer, got {budget!r}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError("reduce must be a callable(flat_tensor) -> flat_tensor")
+        self.model = model
+        self.chunk_size = chunk_size
+        self.budget = budget
+        self.reduce = reduce
+        self._need_norm = bool(self.needs & _NORM_STATS)
+        self._need_coord = "coord_variance" in self.needs
+        self._need_ip = bool(self.needs & _IP_STATS)
+        self._per_sample = self._need_norm or self._need_coord or self._need_ip
+
+        self.params: list[Tensor] = []
+        self._index: dict[int, int] = {}
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in self._index:
+                self._index[id(p)] = len(self.params)
+                self.params.append(p)
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._owners: dict[int, int] = {}
+        self._handlers: dict[nn.Module, _Handler] = {}
+        self._module_names: dict[nn.Module, str] = {}
+        for mname, module in model.named_modules():
+            self._module_names[module] = mname or type(module).__name__
+            names = tuple(n for n, p in module.named_parameters(recurse=False)
+                          if p.requires_grad)
+            if not names:
+                continue
+            if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+                raise ValueError(
+                    f"PerSampleStats: {mname} uses scale_grad_by_freq, which mixes the samples "
+                    f"of a batch; use MicroBatchStats"
+                )
+            self._handlers[module] = _make_handler(module, names)
+            for n in names:
+                pid = id(getattr(module, n))
+                self._owners[pid] = self._owners.get(pid, 0) + 1
+        self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        self._hooks = [m.register_forward_hook(self._forward_hook, with_kwargs=True)
+                       for m in self._handlers]
+        self._active = False
+        self.reset()
+
+    # --- state ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every measured pass (start a new step)."""
+        self._n_total = 0
+        self._passes = 0
+        self._norm = torch.zeros((), dtype=torch.float64)
+        self._coord: list[Tensor | None] = [None] * len(self.params)
+        self._ip_parts: list[tuple[int, list[tuple]]] = []
+        self._seen: set[int] = set()
+
+    def remove(self) -> None:
+        """Remove the hooks from the model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _check_mixing(self) -> None:
+        for name, module in self._batchnorms:
+            if module.training:
+                raise ValueError(
+                    f"PerSampleStats: layer {name!r} ({type(module).__name__}) is in training "
+                    f"mode and mixes the samples of a batch, so per-sample gradients are not "
+                    f"defined; use MicroBatchStats, replace it with GroupNorm, or put it in "
+                    f"eval mode"
+                )
+
+    @contextlib.contextmanager
+    def measure(self, batch_size: int | None = None) -> Iterator[PerSampleStats]:
+        """Context for the forward and backward pass of one (micro-)batch."""
+        if self._active:
+            raise RuntimeError("PerSampleStats.measure() is already active")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if self._per_sample:
+            self._check_mixing()
+        self._pass_n = batch_size
+        self._records: list[_Record] = []
+        self._uses: dict[int, int] = {}
+        self._deferred: list[_Record] = []
+        self._pass_ip: list[tuple] = []
+        self._active = True
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            self._active = False
+            records, self._records = self._records, []
+            if ok:
+                self._finish_pass(records)
+
+    # --- hooks -----------------------------------------------------------------------------
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._active:
+            return
+        first = args[0] if args and isinstance(args[0], Tensor) else next(
+            (t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), None)
+        if first is None or first.dim() == 0:
+            raise ValueError(
+                f"PerSampleStats: layer {self._module_names[module]!r} got no batched tensor "
+                f"input; inputs must be batch-first"
+            )
+        n = first.shape[0]
+        if self._pass_n is None:
+            self._pass_n = n
+        elif n != self._pass_n:
+            raise ValueError(
+                f"PerSampleStats: layer {self._module_names[module]!r} saw a batch of {n} "
+                f"samples but the pass has {self._pass_n}; inputs must be batch-first "
+                f"(or give measure(batch_size=...))"
+            )
+        if not self._per_sample:
+            return
+        if isinstance(output, Tensor):
+            if not output.requires_grad:
+                return
+            outs = [output]
+        else:
+            outs = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
+            if not any(o.requires_grad for o in outs):
+                return
+        handler = self._handlers[module]
+        saved_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        kw = ({k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+              if kwargs else {})
+        rec = _Record(module, handler, saved_args, kw, n, len(outs))
+        uses = self._uses
+        for nm in handler.names:
+            pid = id(getattr(module, nm))
+            uses[pid] = uses.get(pid, 0) + 1
+        self._records.append(rec)
+        for i, o in enumerate(outs):
+            if o.requires_grad:
+                o.register_hook(self._make_grad_hook(rec, i))
+
+    def _make_grad_hook(self, rec: _Record, i: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            rec.deltas[i] = grad.detach()
+            rec.pending -= 1
+            if rec.pending == 0 and self._simple(rec):
+                with torch.no_grad():
+                    self._process(rec, rec.names, release=True)
+        return hook
+
+    def _simple(self, rec: _Record) -> bool:
+        if isinstance(rec.handler, _FuncHandler) or len(rec.deltas) != 1:
+            return False
+        return all(self._uses.get(id(rec.handler.param(nm)), 0) <= 1 for nm in rec.names)
+
+    # --- per-pass processing -----------------------------------------------------------------
+    def _store_mat(self, rec: _Record, names: tuple[str, ...]) -> set[str]:
+        if not self._need_ip:
+            return set()
+        kept = rec.handler.kept_numel(rec)
+        return {nm for nm in names if rec.handler.param(nm).numel() <= kept}
+
+    def _add(self, pid: int, norm: Tensor | None, coord: Tensor | None) -> None:
+        idx = self._index[pid]
+        if norm is not None:
+            self._norm += norm
+        if coord is not None:
+            cur = self._coord[idx]
+            self._coord[idx] = coord if cur is None else cur.add_(coord)
+
+    def _process(self, rec: _Record, names: tuple[str, ...], release: bool) -> None:
+        """Norm and coordinate sums of single-use parameters; keep what inner products need."""
+        rec.done = True
+        store = self._store_mat(rec, names)
+        res = rec.handler.process(rec, names, self, self._need_norm, self._need_coord, store)
+        keep = False
+        for nm in names:
+            pid = id(rec.handler.param(nm))
+            self._seen.add(pid)
+            norm, coord, mat = res[nm]
+            self._add(pid, norm, coord)
+            if self._need_ip:
+                if mat is not None:
+                    self._pass_ip.append(("mat", pid, mat))
+                else:
+                    self._pass_ip.append(("rec", pid, rec, nm))
+                    keep = True
+        if release and not keep:
+            rec.inputs, rec.kwargs, rec.deltas = (), {}, []
+
+    def _finish_pass(self, records: list[_Record]) -> None:
+        with torch.no_grad():
+            multi: dict[int, list[tuple[_Record, str]]] = {}
+            for rec in records:
+                if rec.done or all(d is None for d in rec.deltas):
+                    continue  # processed in the backward hook, or no gradient reached it
+                if not isinstance(rec.handler, _FuncHandler) and rec.deltas[0] is None:
+                    continue
+                shared = tuple(nm for nm in rec.names
+                               if self._uses.get(id(rec.handler.param(nm)), 0) > 1)
+                single = tuple(nm for nm in rec.names if nm not in shared)
+                if single:
+                    self._process(rec, single, release=not shared)
+                for nm in shared:
+                    multi.setdefault(id(rec.handler.param(nm)), []).append((rec, nm))
+            for pid, uses in multi.items():
+                self._process_shared(pid, uses)
+            n = self._pass_n
+            if n is None:
+                if self._per_sample:
+                    raise RuntimeError(
+                        "PerSampleStats.measure(): no hooked layer ran a forward pass; run "
+                        "the forward inside measure() or give measure(batch_size=...)"
+                    )
+                return
+            self._n_total += n
+            self._passes += 1
+            if self._need_ip:
+                self._ip_parts.append((n, self._pass_ip))
+            self._pass_ip = []
+
+    def _process_shared(self, pid: int, uses: list[tuple[_Record, str]]) -> None:
+        """A parameter used several times: per-sample gradient = sum of the uses."""
+        p = self.params[self._index[pid]]
+        self._seen.add(pid)
+        n = uses[0][0].n
+        per = p.numel() * 2 + max(r.handler.sample_numel(r, (nm,)) for r, nm in uses)
+        norm = torch.zeros((), dtype=torch.float64)
+        coord = None
+        for lo, hi in _chunks(n, per, self.budget, self.chunk_size):
+            total = None
+            for rec, nm in uses:
+                g = rec.handler.grads(rec, (nm,), lo, hi)[nm]
+                total = g if total is None else total + g
+            assert total is not None
+            acc: list[Any] = [None, coord, []]
+            _accumulate(acc, total, self._need_norm, self._need_coord, False)
+            if acc[0] is not None:
+                norm += acc[0]
+            coord = acc[1]
+        self._add(pid, norm if self._need_norm else None, coord)
+        if self._need_ip:
+            for rec, nm in uses:
+                self._pass_ip.append(("rec", pid, rec, nm))
+
+    # --- the statistics ------------------------------------------------------------------------
+    def _mean_grads(self) -> list[Tensor]:
+        out = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                out.append(torch.zeros_like(p))
+            else:
+                out.append(g.to_dense() if g.is_sparse else g.detach())
+        return out
+
+    def stats(self) -> GradientStats:
+        """The statistics over every sample measured since the last reset; then reset."""
+        if self._active:
+            raise RuntimeError("PerSampleStats.stats() called inside measure()")
+        if self._passes == 0:
+            raise RuntimeError(
+                "PerSampleStats.stats(): nothing measured; run the forward and backward pass "
+                "inside est.measure()"
+            )
+        try:
+            return self._stats()
+        finally:
+            self.reset()
+
+    def _stats(self) -> GradientStats:
+        gbar = self._mean_grads()
+        if self._per_sample:
+            for p, g in zip(self.params, gbar):
+                if id(p) not in self._seen and p.grad is not None and bool(g.any()):
+                    raise ValueError(
+                        f"PerSampleStats: parameter {self._names.get(id(p), '?')!r} has a "
+                        f"gradient that no hooked layer call produced (used outside a module "
+                        f"call?); per-sample statistics cannot be attributed to samples"
+                    )
+        G = _sq_norm(gbar)
+        n_loc = self._n_total
+        s_ip = torch.zeros((), dtype=torch.float64)
+        s_ip2 = torch.zeros((), dtype=torch.float64)
+        if self._need_ip:
+            flat_g = {id(p): g for p, g in zip(self.params, gbar)}
+            for n, parts in self._ip_parts:
+                ip = torch.zeros(n, dtype=torch.float64)
+                for part in parts:
+                    if part[0] == "mat":
+                        _, pid, mat = part
+                        ip += (mat @ flat_g[pid].reshape(-1).to(mat.dtype)).double()
+                    else:
+                        _, pid, rec, nm = part
+                        ip += rec.handler.ip(rec, nm, flat_g[pid], self).double()
+                ip *= n_loc
+                s_ip += ip.sum()
+                s_ip2 += ip.square().sum()
+        flat = torch.stack([torch.tensor(float(n_loc), dtype=torch.float64),
+                            self._norm * n_loc**2, s_ip, s_ip2])
+        coords = None
+        if self._need_coord:
+            coords = [(c if c is not None else torch.zeros_like(p)) * n_loc**2
+                      for c, p in zip(self._coord, self.params)]
+        if self.reduce is not None:
+            flat = _call_reduce(self.reduce, flat)
+            if coords is not None:
+                cat = _call_reduce(self.reduce, torch.cat([c.reshape(-1).double()
+                                                           for c in coords]))
+                coords = [t.view_as(c).to(c.dtype)
+                          for t, c in zip(cat.split([c.numel() for c in coords]), coords)]
+        N, S, sip, sip2 = (float(v) for v in flat)
+        stats = GradientStats(batch_size=round(N), grad_sq_norm=G)
+        denom = N - 1.0
+        nan = math.nan
+        if "variance_trace" in self.needs:
+            stats.variance_trace = max((S - N * G) / denom, 0.0) if N >= 2 else nan
+        if "ip_variance" in self.needs:
+            stats.ip_variance = (max((sip2 - 2.0 * G * sip + N * G * G) / denom, 0.0)
+                                 if N >= 2 else nan)
+        if "orth_variance" in self.needs:
+            stats.orth_variance = (max((S - sip2 / G) / denom, 0.0)
+                                   if N >= 2 and G > 0 else nan)
+        if coords is not None:
+            if N >= 2:
+                stats.coord_variance = [((c - N * g.to(c.dtype).square()) / denom).clamp_min_(0)
+                                        for c, g in zip(coords, gbar)]
+            else:
+                stats.coord_variance = [torch.full_like(c, nan) for c in coords]
+        if "mean_grad" in self.needs:
+            stats.mean_grad = gbar
+        return stats
+
+
+def _sq_norm(tensors: list[Tensor]) -> float:
+    """Σ ‖t‖² over a list of tensors, without model-sized temporaries."""
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm(tensors, 2)
+    return float(torch.stack(norms).double().square().sum())
+
+
+def _call_reduce(reduce: Reduce, flat: Tensor) -> Tensor:
+    out = reduce(flat)
+    return flat if out is None else out

@@ -1,0 +1,446 @@
+"""PerSampleStats against a naive loop (one backward per sample), in float64."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from adabatch.batching.estimators import PerSampleStats
+from adabatch.batching.stats import STAT_NAMES
+
+DT = torch.float64
+ALL = STAT_NAMES
+NEEDS = [
+    ALL,
+    frozenset({"variance_trace"}),  # norm test: ghost / outer-product paths
+    frozenset({"ip_variance", "orth_variance", "grad_sq_norm"}),
+    frozenset({"coord_variance", "mean_grad"}),
+]
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y)
+
+
+def flat_grads(params):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+
+
+def naive(model, batches, params, loss_fn=ce):
+    """Per-sample gradients by one backward per sample; statistics by definition."""
+    gs = []
+    for x, y in batches:
+        for i in range(len(x)):
+            model.zero_grad()
+            loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
+            gs.append(flat_grads(params))
+    g = torch.stack(gs)
+    b = len(g)
+    m = g.mean(0)
+    G = m @ m
+    ip = g @ m
+    return {
+        "grad_sq_norm": G,
+        "variance_trace": ((g - m) ** 2).sum() / (b - 1),
+        "ip_variance": ((ip - G) ** 2).sum() / (b - 1),
+        "orth_variance": ((g - (ip / G)[:, None] * m) ** 2).sum() / (b - 1),
+        "coord_variance": ((g - m) ** 2).sum(0) / (b - 1),
+        "mean_grad": m,
+        "b": b,
+    }
+
+
+def measured(model, batches, loss_fn=ce, **kw):
+    est = PerSampleStats(model, **kw)
+    model.zero_grad()
+    n_total = sum(len(x) for x, _ in batches)
+    for x, y in batches:
+        with est.measure():
+            (loss_fn(model(x), y) * (len(x) / n_total)).backward()
+    return est, est.stats()
+
+
+def check(model, batches, needs=ALL, loss_fn=ce, rtol=1e-6, **kw):
+    est, s = measured(model, batches, loss_fn, needs=needs, **kw)
+    ref = naive(model, batches, est.params, loss_fn)
+    assert s.batch_size == ref["b"]
+    assert s.grad_sq_norm == pytest.approx(float(ref["grad_sq_norm"]), rel=rtol)
+    for name in ("variance_trace", "ip_variance", "orth_variance"):
+        value = getattr(s, name)
+        if name in needs:
+            assert value == pytest.approx(float(ref[name]), rel=rtol), name
+        else:
+            assert value is None, name
+    for name in ("coord_variance", "mean_grad"):
+        value = getattr(s, name)
+        if name in needs:
+            assert len(value) == len(est.params)
+            assert all(v.shape == p.shape for v, p in zip(value, est.params))
+            flat = torch.cat([v.reshape(-1) for v in value])
+            scale = ref[name].abs().max()
+            assert (flat - ref[name]).abs().max() <= rtol * scale, name
+        else:
+            assert value is None
+    return est, s
+
+
+def batch(b, shape, classes, seed=0, ints=None):
+    gen = torch.Generator().manual_seed(seed)
+    if ints is not None:
+        x = torch.randint(0, ints, (b, *shape), generator=gen)
+    else:
+        x = torch.randn(b, *shape, generator=gen, dtype=DT)
+    return x, torch.randint(0, classes, (b,), generator=gen)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 3)).to(DT)
+
+
+class CNN(nn.Module):
+    """Conv2d with stride / padding / dilation / groups / reflect padding, then Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")
+        self.c3 = nn.Conv1d(6, 5, 3, stride=2, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(5 * 13, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.gn(self.c1(x)))
+        h = torch.tanh(self.c2(h)).flatten(2)  # [b, 6, 25]
+        return self.fc(torch.relu(self.c3(h)).flatten(1))
+
+
+class SeqModel(nn.Module):
+    """Embedding (with padding_idx) + LayerNorm + Linear over [b, T, d]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.emb = nn.Embedding(11, 8, padding_idx=0)
+        self.ln = nn.LayerNorm(8)
+        self.lin = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, t):
+        return self.head(F.gelu(self.lin(self.ln(self.emb(t)))).mean(1))
+
+
+class Tied(nn.Module):
+    """Input embedding tied to the output layer; the head also reuses a Linear twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = nn.Embedding(10, 6)
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t):
+        h = torch.tanh(self.lin(self.emb(t)))
+        h = torch.tanh(self.lin(h))  # the same module called twice
+        return self.head(h).mean(1)
+
+
+class RawParam(nn.Module):
+    """No dedicated rule: raw parameters and a child Linear (torch.func fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, dtype=DT))
+        self.inner = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.inner(x) * torch.sigmoid(self.w) + x * x * self.w
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_mlp(needs):
+    check(mlp(), [batch(7, (6,), 3)], needs)
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_cnn_strides_padding_groups_groupnorm(needs):
+    check(CNN().to(DT), [batch(7, (2, 9, 9), 3, seed=1)], needs)
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_embedding_layernorm_sequence(needs):
+    check(SeqModel().to(DT), [batch(7, (5,), 4, seed=2, ints=11)], needs)
+
+
+def count_ghost(monkeypatch):
+    """Count the calls of the ghost-product kernel."""
+    from adabatch.batching import _persample
+
+    calls = [0]
+    real = _persample._ghost_sq_norm
+
+    def counting(U, D):
+        calls[0] += 1
+        return real(U, D)
+
+    monkeypatch.setattr(_persample, "_ghost_sq_norm", counting)
+    return calls
+
+
+def test_sequence_linear_ghost_path_matches_materialised(monkeypatch):
+    # T = 3 < in*out/(in+out) = 4: the norm-only run takes the ghost product
+    model = SeqModel().to(DT)
+    x, y = batch(9, (3,), 4, seed=4, ints=11)
+    calls = count_ghost(monkeypatch)
+    _, a = check(model, [(x, y)], frozenset({"variance_trace"}))
+    assert calls[0] == 1
+    _, b = measured(model, [(x, y)], needs=ALL)
+    assert a.variance_trace == pytest.approx(b.variance_trace, rel=1e-10)
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_tied_weights_and_reused_module(needs):
+    check(Tied().to(DT), [batch(7, (4,), 10, seed=3, ints=10)], needs)
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_fallback_torch_func(needs):
+    torch.manual_seed(5)
+    model = nn.Sequential(RawParam(), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    check(model, [batch(7, (6,), 3, seed=5)], needs)
+
+
+def test_gradient_accumulation_unequal_micro_batches():
+    x, y = batch(10, (2, 9, 9), 3, seed=6)
+    parts = [(x[:3], y[:3]), (x[3:8], y[3:8]), (x[8:], y[8:])]
+    _, s = check(CNN().to(DT), parts)
+    assert s.batch_size == 10
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_conv_with_large_weight_small_activations(needs, monkeypatch):
+    # weight (216) larger than input + output gradient (12 + 32): inner products come from
+    # the conv forward with ḡ as weight, norms from the ghost product
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(32, 3)).to(DT)
+    calls = count_ghost(monkeypatch)
+    check(model, [batch(7, (3, 2, 2), 3, seed=11)], needs)
+    uses_ghost = "coord_variance" not in needs and bool(needs & {"variance_trace", "orth_variance"})
+    assert (calls[0] > 0) == uses_ghost
+
+
+def test_chunking_gives_the_same_statistics():
+    model = CNN().to(DT)
+    data = [batch(7, (2, 9, 9), 3, seed=7)]
+    check(model, data, chunk_size=2)
+    check(model, data, budget=50)
+
+
+def test_frozen_layer_excluded():
+    model = mlp()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    est, _ = check(model, [batch(7, (6,), 3)])
+    assert len(est.params) == 4
+    assert all(p is not model[0].weight for p in est.params)
+
+
+def test_unused_parameter_gives_zero():
+    model = SeqModel().to(DT)
+    extra = nn.Linear(3, 3).to(DT)  # registered but never called
+    model.extra = extra
+    est, s = check(model, [batch(5, (4,), 4, ints=11)])
+    i = next(i for i, p in enumerate(est.params) if p is extra.weight)
+    assert torch.count_nonzero(s.mean_grad[i]) == 0
+    assert torch.count_nonzero(s.coord_variance[i]) == 0
+
+
+def test_conv3d_and_1d_padding_modes():
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=(1, 1, 0), dilation=(1, 1, 2),
+                  groups=2),
+        nn.Tanh(), nn.Flatten(2),
+        nn.Conv1d(4, 3, 3, padding="same", padding_mode="circular"), nn.Flatten(),
+        nn.LazyLinear(3),
+    ).to(DT)
+    x, y = batch(5, (2, 3, 5, 6), 3, seed=8)
+    model(x)  # materialise the lazy layer
+    check(model, [(x, y)])
+
+
+def test_batchnorm_in_training_mode_raises():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    est = PerSampleStats(model)
+    with pytest.raises(ValueError, match=r"layer '1' \(BatchNorm2d\) is in training mode.*"
+                                         r"MicroBatchStats.*GroupNorm"):
+        with est.measure():
+            pass
+    model.eval()  # running statistics: per-sample statistics are defined again
+    with est.measure():
+        F.cross_entropy(model(torch.randn(4, 1, 4, 4)), torch.tensor([0, 1, 0, 1])).backward()
+    assert est.stats().batch_size == 4
+
+
+def test_parameter_used_outside_a_module_call_raises():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.w = nn.Linear(4, 2)  # its weight is only used through F.linear
+
+        def forward(self, x):
+            return F.linear(self.lin(x), self.w.weight)
+
+    model = Functional()
+    est = PerSampleStats(model)
+    with est.measure():
+        F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 1])).backward()
+    with pytest.raises(ValueError, match=r"parameter 'w\.weight' has a gradient that no hooked"):
+        est.stats()
+
+
+def test_batch_first_check():
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(5, 4)
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):  # positions without a batch dimension
+            return self.lin(x + self.pos(torch.arange(x.shape[1]))).mean(1)
+
+    model = Broadcast()
+    est = PerSampleStats(model)
+    msg = r"layer 'lin' saw a batch of 3 samples but the pass has 5"
+    with pytest.raises(ValueError, match=msg):
+        with est.measure():
+            model(torch.randn(3, 5, 4))
+
+
+def test_validation_messages():
+    with pytest.raises(ValueError, match="unknown statistics"):
+        PerSampleStats(mlp(), needs={"variance"})
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        PerSampleStats(mlp(), chunk_size=0)
+    with pytest.raises(TypeError, match=r"needs an nn\.Module"):
+        PerSampleStats([torch.zeros(2)])
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        PerSampleStats(nn.Embedding(4, 2, scale_grad_by_freq=True))
+    est = PerSampleStats(mlp())
+    with pytest.raises(RuntimeError, match="nothing measured"):
+        est.stats()
+
+
+def test_single_sample_gives_nan_variances_and_resets():
+    model = mlp()
+    est = PerSampleStats(model)
+    x, y = batch(1, (6,), 3)
+    with est.measure():
+        ce(model(x), y).backward()
+    s = est.stats()
+    assert s.batch_size == 1 and s.grad_sq_norm > 0
+    assert s.variance_trace != s.variance_trace  # NaN: a test cannot decide
+    assert not s.is_finite()
+    with pytest.raises(RuntimeError, match="nothing measured"):
+        est.stats()  # stats() reset the estimator
+
+
+def test_grad_sq_norm_only_needs_no_per_sample_work():
+    model = mlp()
+    est = PerSampleStats(model, needs={"grad_sq_norm"})
+    x, y = batch(7, (6,), 3)
+    with est.measure():
+        ce(model(x), y).backward()
+    s = est.stats()
+    assert s.grad_sq_norm == pytest.approx(float(flat_grads(est.params).square().sum()))
+    assert s.variance_trace is None and s.batch_size == 7
+
+
+def test_reduce_across_two_simulated_ranks():
+    """Two 'ranks' (threads) with a fake SUM all-reduce equal one process on the whole batch."""
+    x, y = batch(8, (2, 9, 9), 3, seed=9)
+    ref_model = CNN().to(DT)
+    ref = naive(ref_model, [(x, y)], list(ref_model.parameters()))
+    models = [CNN().to(DT) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    slots: dict[tuple[int, int], torch.Tensor] = {}
+    calls = [0, 0]
+
+    def make_reduce(rank):
+        def reduce(flat):
+            key = calls[rank]
+            calls[rank] += 1
+            slots[(rank, key)] = flat.clone()
+            barrier.wait()
+            flat.copy_(slots[(0, key)] + slots[(1, key)])
+            barrier.wait()
+            return flat
+        return reduce
+
+    ests = [PerSampleStats(m, reduce=make_reduce(r)) for r, m in enumerate(models)]
+    for r, (m, est) in enumerate(zip(models, ests)):
+        with est.measure():
+            ce(m(x[4 * r:4 * r + 4]), y[4 * r:4 * r + 4]).backward()
+    for ps in zip(*(m.parameters() for m in models)):  # what DDP's all-reduce does
+        mean = (ps[0].grad + ps[1].grad) / 2
+        for p in ps:
+            p.grad = mean.clone()
+    out = [None, None]
+
+    def run(r):
+        out[r] = ests[r].stats()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [2, 2]  # one small reduction + one for coord_variance
+    for s in out:
+        assert s.batch_size == 8
+        for name in ("variance_trace", "ip_variance", "orth_variance"):
+            assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-6)
+        flat = torch.cat([v.reshape(-1) for v in s.coord_variance])
+        assert torch.allclose(flat, ref["coord_variance"], rtol=1e-6, atol=1e-12)
+
+
+def test_float32_model_close_to_float64():
+    model = CNN()
+    x, y = batch(16, (2, 9, 9), 3, seed=10)
+    _, s32 = measured(model, [(x.float(), y)])
+    _, s64 = measured(model.to(DT), [(x, y)])
+    for name in ("variance_trace", "ip_variance", "orth_variance"):
+        assert getattr(s32, name) == pytest.approx(getattr(s64, name), rel=1e-3)
+
+
+@settings(max_examples=6, deadline=None)
+@given(b=st.integers(2, 6), c_in=st.integers(1, 3), c_out=st.integers(1, 4),
+       k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 2),
+       dil=st.integers(1, 2), length=st.integers(5, 8), seq=st.integers(1, 4),
+       hidden=st.integers(1, 5))
+def test_property_random_shapes(b, c_in, c_out, k, stride, pad, dil, length, seq, hidden):
+    torch.manual_seed(b * 100 + length)
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, dilation=dil)
+    x, y = batch(b, (c_in, length, length), 2, seed=b + length)
+    with torch.no_grad():
+        n_out = conv(x.float()).shape[-1]
+    if n_out < 1:
+        return
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(2), nn.Linear(n_out * n_out, hidden),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(c_out * hidden, 2)).to(DT)
+    check(model, [(x, y)])
+    check(model, [(x, y)], frozenset({"variance_trace"}))
+    del seq
