@@ -111,6 +111,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=_S, help=f"default {d.max_batch}")
     g.add_argument("--micro-batch", type=int, default=_S,
                    help="largest batch of one forward/backward; larger batches accumulate")
+    g.add_argument("--batch-granularity", type=int, default=_S,
+                   help="batch sizes are multiples of it (default micro-batch x processes)")
     g.add_argument("--test-interval", type=int, default=_S,
                    help="run the batch test every N steps (default 1)")
     g.add_argument("--estimator", choices=ESTIMATORS, default=_S,
@@ -150,6 +152,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="also log to RUN/tensorboard (needs tensorboard)")
     g.add_argument("--no-plots", dest="plots", action="store_const", const=False, default=_S,
                    help="do not write RUN/plots at the end")
+    g = p.add_argument_group("processes (data parallel on this machine; see also torchrun)")
+    g.add_argument("--nproc", type=int, default=_S, metavar="N",
+                   help="run N processes with torchrun (python -m torch.distributed.run "
+                        "--standalone --nproc-per-node N -m adabatch train ...)")
+    g.add_argument("--max-restarts", type=int, default=_S, metavar="K",
+                   help="with --nproc: restart the group up to K times after a failure; it "
+                        "resumes from the newest checkpoint in --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,12 +207,53 @@ def _train_config(flags: dict[str, Any]) -> Any:
     return cfg
 
 
-def _cmd_train(ns: argparse.Namespace) -> int:
+_LAUNCH_FLAGS = ("--nproc", "--max-restarts")
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        if tok in _LAUNCH_FLAGS:
+            skip = True
+            continue
+        if tok.split("=", 1)[0] in _LAUNCH_FLAGS:
+            continue
+        out.append(tok)
+    return out
+
+
+def _cmd_train(ns: argparse.Namespace, argv: list[str] | None = None) -> int:
     from adabatch.train.checkpoint import CheckpointError
     from adabatch.train.config import ConfigError
-    from adabatch.train.loop import train
+    from adabatch.train.loop import preflight, train
 
     flags = {k: v for k, v in vars(ns).items() if k != "command"}
+    nproc = flags.pop("nproc", None)
+    max_restarts = flags.pop("max_restarts", None)
+    if nproc is not None and nproc < 1:
+        return _err(f"--nproc must be >= 1, got {nproc}")
+    if max_restarts is not None and max_restarts < 0:
+        return _err(f"--max-restarts must be >= 0, got {max_restarts}")
+    if max_restarts is not None and nproc is None:
+        return _err("--max-restarts goes with --nproc (under torchrun, give it to torchrun)")
+    if max_restarts and "out" not in flags and "resume" not in flags:
+        return _err("--max-restarts needs --out DIR: the restarted processes resume from it")
+    if nproc is not None and nproc > 1:
+        from adabatch.train.distributed import env_world_size, launch
+
+        if env_world_size() > 1:
+            return _err("--nproc launches torchrun; under torchrun leave it out")
+        try:
+            preflight(_train_config(flags), nproc)  # fail here, once, not in every process
+        except (ConfigError, CheckpointError) as e:
+            return _err(str(e))
+        args = _strip_launch_flags(list(sys.argv[1:] if argv is None else argv))
+        if args and args[0] == "train":
+            args = args[1:]
+        return launch(args, nproc, max_restarts=max_restarts or 0)
     try:
         cfg = _train_config(flags)
         result = train(cfg)
@@ -215,6 +265,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         return _err("interrupted", 130)
     if result.interrupted is not None:
         return 128 + result.interrupted
+    if result.rank != 0:
+        return 0
     s = result.summary
     run_dir = result.run_dir
     plots: list[Path] = []
@@ -291,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
-    return {"train": _cmd_train, "plot": _cmd_plot, "compare": _cmd_compare}[ns.command](ns)
+    if ns.command == "train":
+        return _cmd_train(ns, argv)
+    return {"plot": _cmd_plot, "compare": _cmd_compare}[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ holding a dict:
 ``controller``, ``sampler`` (state dicts), ``rng`` (torch CPU, CUDA, numpy and Python global
 RNG states and the augmentation generator's state), ``metrics_offset`` (the byte length of
 ``metrics.jsonl`` at the checkpoint, so a resumed run cuts away rows written after it) and
-``extra`` (a free dict).
+``extra`` (a free dict; the trainer keeps ``world_size`` there, the number of processes that
+wrote it) and, for runs of several processes, ``rng_ranks`` (every rank's RNG states, in rank
+order; ``rng`` is rank 0's). Only rank 0 writes checkpoints; every rank reads them.
 
 Only plain containers, numbers, strings and tensors are stored, so the file loads with
 ``torch.load(weights_only=True)``.

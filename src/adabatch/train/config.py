@@ -80,7 +80,9 @@ class TrainConfig:
     ``micro_batch`` means no accumulation (each step's whole batch in one forward/backward,
     any batch size) except with the micro-batch estimator, where it becomes
     ``initial_batch // 2`` (two micro-batches in the first step); a missing budget becomes
-    :attr:`DEFAULT_EPOCHS` epochs.
+    :attr:`DEFAULT_EPOCHS` epochs. ``batch_granularity`` None: batch sizes are multiples of
+    micro-batch × number of processes (set it to keep the same batch-size decisions across
+    runs with different numbers of processes).
     """
 
     preset: str | None = None
@@ -114,6 +116,7 @@ class TrainConfig:
     initial_batch: int = 16
     max_batch: int = 512
     micro_batch: int | None = None
+    batch_granularity: int | None = None
     test_interval: int = 1
     estimator: str = "per-sample"
     lr_scaling: str = "none"
@@ -197,7 +200,8 @@ _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _DICT_KEYS = {"data_options", "model_options", "optimizer_options"}
 _BOOL_KEYS = {"quiet", "tensorboard", "plots"}
 _INT_KEYS = {
-    "initial_batch", "max_batch", "micro_batch", "test_interval", "samples", "steps",
+    "initial_batch", "max_batch", "micro_batch", "batch_granularity", "test_interval",
+    "samples", "steps",
     "warmup_samples", "eval_every", "eval_batch", "checkpoint_every", "keep_checkpoints",
     "log_every", "seed", "threads", "ramp_increment", "stage_samples",
 }
@@ -392,7 +396,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("initial_batch", "max_batch", "test_interval", "eval_batch",
                 "keep_checkpoints"):
         positive(key)
-    for key in ("micro_batch", "threads", "samples", "steps", "epochs"):
+    for key in ("micro_batch", "batch_granularity", "threads", "samples", "steps", "epochs"):
         positive(key, allow_none=True)
     for key in ("eval_every", "checkpoint_every", "warmup_samples", "log_every"):
         positive(key, allow_zero=True)
@@ -415,6 +419,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(
                 f"{_flag(key)} ({getattr(cfg, key)}) must be a multiple of --micro-batch ({m})"
             )
+    if cfg.batch_granularity is not None:
+        if cfg.batch_granularity % m:
+            raise ConfigError(f"--batch-granularity ({cfg.batch_granularity}) must be a "
+                              f"multiple of --micro-batch ({m})")
+        for key in ("initial_batch", "max_batch"):
+            if getattr(cfg, key) % cfg.batch_granularity:
+                raise ConfigError(f"{_flag(key)} ({getattr(cfg, key)}) must be a multiple of "
+                                  f"--batch-granularity ({cfg.batch_granularity})")
     if cfg.batch_test != "none" and cfg.estimator == "micro-batch" and cfg.initial_batch < 2 * m:
         raise ConfigError(
             f"--estimator micro-batch needs at least 2 micro-batches per step: --initial-batch "
