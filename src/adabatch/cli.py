@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="DIR", default="plots")
     compare = sub.add_parser("compare", help="a markdown table of the runs' summaries")
     compare.add_argument("runs", nargs="+", metavar="RUN")
+    # listed for --help; its arguments are parsed by adabatch.reproduce.main
+    sub.add_parser("reproduce", help="reproduce the papers' claims (adabatch reproduce --help)",
+                   add_help=False)
     return parser
 
 
@@ -335,6 +338,11 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``adabatch`` command; return its exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["reproduce"]:
+        from adabatch.reproduce import main as reproduce_main
+
+        return reproduce_main(args[1:])
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)

@@ -13,7 +13,7 @@ Two comparisons, each at the same sample budget for every variant of a setup:
 
 Every run is one :func:`adabatch.train.loop.train` call (the same code as ``adabatch train``),
 with the trainer's defaults for everything not set here (estimator: exact per-sample
-statistics; η = 1.25, θ = 0.9, ν = 5 for the tests). Results: final test accuracy (mean ± std
+statistics; η = 0.5, θ = 0.9, ν = 5 for the tests). Results: final test accuracy (mean ± std
 over seeds), optimizer steps, samples, final batch size, wall time; figures of test accuracy
 and batch size against samples (seed 0).
 """
@@ -219,7 +219,7 @@ def run(out: Path, *, scale: str = "full", comparison: str = "batches") -> Secti
     md = [
         f"Same sample budget for every variant of a setup ({budget}); seeds "
         f"{list(size['seeds'])} (accuracy: mean ± std; other columns: median). Trainer "
-        f"defaults otherwise (exact per-sample statistics, η = 1.25, θ = 0.9, ν = 5; "
+        f"defaults otherwise (exact per-sample statistics, η = 0.5, θ = 0.9, ν = 5; "
         f"learning rates: the registry's defaults, AdaGrad as listed in "
         f"`adabatch/reproduce/batches.py`).\n",
         markdown_table(header, rows),
