@@ -112,6 +112,7 @@ class AdaptiveBatchSampler:
         self.shuffle = bool(shuffle)
         self.samples_consumed = 0
         self._perms: dict[int, Tensor] = {}
+        self._gen = torch.Generator()  # reseeded for every epoch
 
     # -- the stream -------------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class AdaptiveBatchSampler:
         perm = self._perms.get(epoch)
         if perm is None:
             if self.shuffle:
-                gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+                gen = self._gen.manual_seed(epoch_seed(self.seed, epoch))
                 perm = torch.randperm(self.num_samples, generator=gen)
             else:
                 perm = torch.arange(self.num_samples)
@@ -141,6 +142,12 @@ class AdaptiveBatchSampler:
 
     def stream(self, start: int, count: int) -> Tensor:
         """Indices ``[start, start + count)`` of the global stream (crossing epochs)."""
+        epoch, offset = divmod(start, self.num_samples)
+        if offset + count <= self.num_samples:  # within one epoch: one slice (the usual case)
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = self.permutation(epoch)
+            return perm[offset: offset + count].clone()
         parts: list[Tensor] = []
         pos, end = start, start + count
         while pos < end:
@@ -148,13 +155,12 @@ class AdaptiveBatchSampler:
             n = min(end - pos, self.num_samples - offset)
             parts.append(self.permutation(epoch)[offset: offset + n])
             pos += n
-        if not parts:
-            return torch.empty(0, dtype=torch.long)
-        return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+        return torch.cat(parts)
 
     def _check_batch(self, batch_size: int) -> int:
-        if (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0
-                or batch_size % self.round_size != 0):
+        bad = type(batch_size) is not int and (  # plain ints skip the isinstance checks
+            isinstance(batch_size, bool) or not isinstance(batch_size, int))
+        if bad or batch_size <= 0 or batch_size % self.round_size != 0:
             raise ValueError(
                 f"batch_size ({batch_size!r}) must be a positive multiple of world_size * "
                 f"micro_batch ({self.world_size} * {self.micro_batch} = {self.round_size})"
@@ -175,9 +181,10 @@ class AdaptiveBatchSampler:
         """
         rounds = self._check_batch(batch_size) // self.round_size
         block = self.stream(self.samples_consumed, batch_size)
-        mine = block.view(rounds, self.world_size, self.micro_batch)[:, self.rank]
+        if self.world_size > 1:  # this rank's columns, gathered into one new block
+            block = block.view(rounds, self.world_size, self.micro_batch)[:, self.rank].clone()
         self.samples_consumed += batch_size
-        return [row.clone() for row in mine]
+        return list(block.view(rounds, self.micro_batch).unbind(0))
 
     def advance(self, batch_size: int) -> None:
         """Record a step of ``batch_size`` samples taken through the iterable form."""

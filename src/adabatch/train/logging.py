@@ -41,6 +41,11 @@ def _value(v: Any) -> str:
     return json.dumps(_clean(v))
 
 
+def _float(v: float) -> str:
+    """A float as JSON (inf/NaN as strings, see :func:`_clean`)."""
+    return repr(v) if math.isfinite(v) else f'"{_clean(v)}"'
+
+
 class MetricsWriter:
     """Append rows to ``metrics.jsonl`` (and TensorBoard scalars when a writer is given)."""
 
@@ -69,6 +74,23 @@ class MetricsWriter:
                 ) and not isinstance(value, bool):
                     self._tb.add_scalar(("eval/" if row.get("eval") else "train/") + key,
                                         value, step)
+
+    def write_step(self, step: int, samples: int, batch_size: int, loss: float, lr: float,
+                   time: float, test: dict[str, Any] | None = None) -> None:
+        """The per-step row: the same line as :meth:`write` with the keys ``step, samples,
+        batch_size, loss, lr, statistic, required, passed, time`` (the test's verdict from
+        ``test``, None when the step ran no test), formatted by hand (it runs every step)."""
+        if self._tb is not None or test is not None:
+            test = test or {}
+            self.write({"step": step, "samples": samples, "batch_size": batch_size,
+                        "loss": loss, "lr": lr, "statistic": test.get("statistic"),
+                        "required": test.get("required"), "passed": test.get("passed"),
+                        "time": time})
+            return
+        self._file.write(
+            f'{{"step": {step:d}, "samples": {samples:d}, "batch_size": {batch_size:d}, '
+            f'"loss": {_float(loss)}, "lr": {_float(lr)}, "statistic": null, '
+            f'"required": null, "passed": null, "time": {_float(time)}}}\n')
 
     def flush(self) -> int:
         """Flush to the OS and return the file's byte length."""

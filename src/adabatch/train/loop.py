@@ -501,6 +501,13 @@ def _run(run: Run, writer: MetricsWriter, progress: Progress, stop: _StopFlag) -
     per_sample = cfg.estimator == "per-sample"
     move = device.type != "cpu"  # the sampler's indices live on the CPU
     params = [p for p in model.parameters() if p.requires_grad]
+    x_train, y_train, augment = data.x_train, data.y_train, data.augment
+    by_steps = run.budget_kind == "steps"
+    nothing = contextlib.nullcontext()
+    # zero_grad(set_to_none=True) is `p.grad = None` for every parameter of the optimizer;
+    # done here directly (torch's adds a profiler range), unless the optimizer overrides it
+    plain_zero_grad = type(opt).zero_grad is torch.optim.Optimizer.zero_grad
+    opt_params = [p for group in opt.param_groups for p in group["params"]]
     t0 = time.perf_counter() - run.elapsed
     model.train()
     while not _done(run):
@@ -512,7 +519,11 @@ def _run(run: Run, writer: MetricsWriter, progress: Progress, stop: _StopFlag) -
         if not fixed_lr:
             for group, base in zip(opt.param_groups, run.base_lrs):
                 group["lr"] = base * lr_mult * policy.lr_factor
-        opt.zero_grad(set_to_none=True)
+        if plain_zero_grad:
+            for p in opt_params:
+                p.grad = None
+        else:
+            opt.zero_grad(set_to_none=True)
         loss_sum = None
         batches = _micro_batches(sampler, B, whole=whole)
         # micro-batch statistics need each rank's local gradients: sync once, by hand
@@ -521,12 +532,12 @@ def _run(run: Run, writer: MetricsWriter, progress: Progress, stop: _StopFlag) -
         for k, idx in enumerate(batches):
             if move:
                 idx = idx.to(device, non_blocking=True)
-            x, y = data.x_train[idx], data.y_train[idx]
-            if data.augment is not None:
-                x = data.augment(x, run.augment_gen)
+            x, y = x_train.index_select(0, idx), y_train.index_select(0, idx)  # = x_train[idx]
+            if augment is not None:
+                x = augment(x, run.augment_gen)
             no_sync = d.enabled and (k < last or manual_sync)
-            with forward.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore
-                with est.measure() if measure and per_sample else contextlib.nullcontext():
+            with forward.no_sync() if no_sync else nothing:  # type: ignore
+                with est.measure() if measure and per_sample else nothing:
                     with autocast:
                         loss = loss_fn(forward(x), y)
                     if len(idx) != B_local:
@@ -560,14 +571,11 @@ def _run(run: Run, writer: MetricsWriter, progress: Progress, stop: _StopFlag) -
         run.step += 1
         run.samples += B
         run.elapsed = time.perf_counter() - t0
-        test = policy.history[-1] if policy.history and \
-            policy.history[-1]["step"] == run.step - 1 else {}
-        writer.write({"step": run.step, "samples": run.samples, "batch_size": B,
-                      "loss": loss_value, "lr": lr,
-                      "statistic": test.get("statistic"), "required": test.get("required"),
-                      "passed": test.get("passed"), "time": run.elapsed})
+        history = policy.history
+        test = history[-1] if history and history[-1]["step"] == run.step - 1 else None
+        writer.write_step(run.step, run.samples, B, loss_value, lr, run.elapsed, test)
         if not cfg.quiet:
-            progress.update(run.step if run.budget_kind == "steps" else run.samples,
+            progress.update(run.step if by_steps else run.samples,
                             {"step": run.step, "B": B, "loss": f"{loss_value:.4f}"})
         if cfg.eval_every and run.step % cfg.eval_every == 0 and not _done(run):
             _eval(run, writer, progress)
@@ -637,6 +645,9 @@ class _NullWriter:
     """The metrics writer of ranks other than 0: they write nothing."""
 
     def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def write_step(self, *args: Any) -> None:
         pass
 
     def flush(self) -> int:
