@@ -4,6 +4,8 @@ Run (prints a markdown table; about 5 minutes on 2 cores)::
 
     python benchmarks/test_overhead.py                 # full: b = 32, 128, 512, 2 threads
     python benchmarks/test_overhead.py --quick         # fewer rounds, b = 32, 128
+    python benchmarks/test_overhead.py --rounds 12 --reps 1 --no-mem --sizes 128 \
+        --kinds norm,coord,norm+fused,micro --baseline /path/to/old/copies   # A/B subset
 
 Models: the AdAdaGrad authors' MNIST CNN (timlautk/AdAdaGrad, modules.py: conv 1→16 k5 pad 2,
 ReLU, max-pool 2, conv 16→32 k5 pad 2, ReLU, max-pool 2, linear 32·7·7→10; the issue's
@@ -17,6 +19,12 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   inner-product, augmented inner-product and coordinate-wise tests.
 - ``plain×4`` / ``micro``: the same batch as 4 accumulated micro-batches, without and with
   :class:`MicroBatchStats` (norm-test needs); ``micro`` is reported relative to ``plain×4``.
+- ``micro-hooks``: :class:`MicroBatchStats` with ``track="hooks"`` (increments measured in
+  gradient hooks, no snapshot of p.grad), relative to ``plain×4``.
+- ``norm+fused`` ... ``coord+fused`` (only with ``--kinds``): :class:`PerSampleStats` with
+  ``fuse_conv_grad=True`` (the conv weight gradient is the sum of the per-sample ones).
+- ``<kind>@base`` (only with ``--baseline DIR``): the same kind with the estimators loaded
+  from copies of ``_persample.py`` / ``_microbatch.py`` in DIR (an interleaved before/after).
 - ``vmap``: the AdAdaGrad authors' way: a plain step plus per-sample gradients by
   ``torch.func.vmap(grad(loss))`` over the model's detached parameters, then V and G.
 - BackPACK (BatchL2Grad + SumGradSquared) is not run: ``pip install --dry-run
@@ -57,8 +65,14 @@ NEEDS = {
     "aip": {"grad_sq_norm", "ip_variance", "orth_variance"},
     "coord": {"coord_variance", "mean_grad"},
 }
-KINDS = ["plain", "norm", "ip", "aip", "coord", "plain×4", "micro", "vmap"]
+KINDS = ["plain", "norm", "ip", "aip", "coord", "plain×4", "micro", "micro-hooks", "vmap"]
 MICRO = 4
+#: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from copies of
+#: ``_persample.py`` / ``_microbatch.py`` in DIR and adds the kinds ``<kind>@base``.
+#: Selectable with ``--kinds`` only: the per-sample kinds with ``fuse_conv_grad=True``.
+EXTRA_KINDS = [k + "+fused" for k in ("norm", "ip", "aip", "coord")]
+BASE: dict[str, type] = {}
+BASE_DIR: list[str] = []
 
 
 def make_model(name: str) -> nn.Module:
@@ -80,8 +94,13 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
     y = torch.randint(0, 10, (b,))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
+    kind, _, variant = kind.partition("@")
+    ps_cls = BASE["PerSampleStats"] if variant == "base" else PerSampleStats
+    mb_cls = BASE["MicroBatchStats"] if variant == "base" else MicroBatchStats
+    kind, _, fused = kind.partition("+")
     if kind in NEEDS:
-        est = PerSampleStats(model, needs=NEEDS[kind])
+        est = (ps_cls(model, needs=NEEDS[kind], fuse_conv_grad=True) if fused
+               else ps_cls(model, needs=NEEDS[kind]))
 
         def step():
             opt.zero_grad()
@@ -92,8 +111,10 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
             return s
         return step
 
-    if kind in ("plain×4", "micro"):
-        mest = MicroBatchStats(model, needs=NEEDS["norm"]) if kind == "micro" else None
+    if kind in ("plain×4", "micro", "micro-hooks"):
+        mest = (mb_cls(model, needs=NEEDS["norm"]) if kind == "micro"
+                else MicroBatchStats(model, needs=NEEDS["norm"], track="hooks")
+                if kind == "micro-hooks" else None)
         xs, ys = x.chunk(MICRO), y.chunk(MICRO)
 
         def step():
@@ -134,8 +155,8 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
     return step
 
 
-def time_all(models, sizes, rounds: int, reps: int, seed: int = 0) -> dict:
-    configs = [(m, b, k) for m in models for b in sizes for k in KINDS]
+def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None) -> dict:
+    configs = [(m, b, k) for m in models for b in sizes for k in (kinds or KINDS)]
     steps = {c: make_step(*c) for c in configs}
     for c in configs:  # warm-up
         steps[c]()
@@ -172,31 +193,33 @@ def mem_one(model: str, b: int, kind: str) -> int:
     return _status_kb("VmHWM") - base
 
 
-def mem_all(models, sizes) -> dict:
+def mem_all(models, sizes, kinds=None) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = {}
     for m in models:
         for b in sizes:
-            for k in KINDS:
-                r = subprocess.run([sys.executable, __file__, "--mem-one", m, str(b), k],
+            for k in (kinds or KINDS):
+                extra = ["--baseline", BASE_DIR[0]] if BASE_DIR else []
+                r = subprocess.run([sys.executable, __file__, "--mem-one", m, str(b), k, *extra],
                                    env=env, capture_output=True, text=True, check=True)
                 out[(m, b, k)] = int(r.stdout.strip().splitlines()[-1])
     return out
 
 
-def table(times: dict, mems: dict | None, models, sizes) -> str:
-    lines = ["| model | b | " + " | ".join(KINDS) + " |",
-             "|---|---|" + "---|" * len(KINDS)]
+def table(times: dict, mems: dict | None, models, sizes, kinds=None) -> str:
+    kinds = kinds or KINDS
+    lines = ["| model | b | " + " | ".join(kinds) + " |",
+             "|---|---|" + "---|" * len(kinds)]
     for m in models:
         for b in sizes:
             plain, plain4 = times[(m, b, "plain")], times[(m, b, "plain×4")]
             cells = []
-            for k in KINDS:
+            for k in kinds:
                 t = times[(m, b, k)]
-                ref = plain4 if k == "micro" else plain
+                ref = plain4 if k.startswith("micro") else plain
                 cell = f"{t * 1e3:.2f} ms" if k == "plain" else f"{t / ref:.2f}×"
                 if mems is not None:
-                    mref = mems[(m, b, "plain×4" if k == "micro" else "plain")]
+                    mref = mems[(m, b, "plain×4" if k.startswith("micro") else "plain")]
                     mem = mems[(m, b, k)]
                     cell += (f" / {mem / 1024:.1f} MB" if k == "plain"
                              else f" / {mem / max(mref, 1):.2f}×")
@@ -209,9 +232,9 @@ def test_overhead_smoke():
     """Every configuration runs and yields finite statistics (no timing asserted)."""
     torch.manual_seed(0)
     for model in ("cnn", "mlp"):
-        for kind in KINDS:
+        for kind in KINDS + EXTRA_KINDS:
             out = make_step(model, 8, kind)()
-            if kind in NEEDS or kind == "micro":
+            if kind in NEEDS or kind.startswith("micro"):
                 assert out.is_finite() and out.batch_size == 8
             elif kind == "vmap":
                 assert all(v > 0 for v in out)
@@ -225,22 +248,52 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mem", action="store_true")
     ap.add_argument("--mem-one", nargs=3, metavar=("MODEL", "B", "KIND"))
+    ap.add_argument("--models", default="cnn,mlp", help="comma-separated: cnn, mlp")
+    ap.add_argument("--sizes", default=None, help="comma-separated batch sizes")
+    ap.add_argument("--kinds", default=None,
+                    help="comma-separated subset of " + ",".join(KINDS) + " (plain and "
+                    "plain×4 are always added: the ratios need them)")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time <kind>@base for the PerSampleStats/MicroBatchStats kinds, "
+                    "with the estimators loaded from _persample.py/_microbatch.py in DIR")
     args = ap.parse_args()
+    if args.baseline:
+        _load_baseline(args.baseline)
     if args.mem_one:
         m, b, k = args.mem_one
         print(mem_one(m, int(b), k))
         return
     torch.set_num_threads(args.threads)
-    models = ["cnn", "mlp"]
-    sizes = [32, 128] if args.quick else [32, 128, 512]
+    models = args.models.split(",")
+    sizes = ([int(v) for v in args.sizes.split(",")] if args.sizes
+             else [32, 128] if args.quick else [32, 128, 512])
+    kinds = [k for k in KINDS + EXTRA_KINDS
+             if (k in KINDS if args.kinds is None else k in args.kinds.split(","))
+             or k in ("plain", "plain×4")]
+    if args.baseline:
+        kinds += [k + "@base" for k in kinds if k in NEEDS or k == "micro"]
     rounds = args.rounds or (5 if args.quick else 20)
-    times = time_all(models, sizes, rounds, args.reps)
-    print(table(times, None, models, sizes), flush=True)
-    mems = None if args.no_mem else mem_all(models, sizes)
+    times = time_all(models, sizes, rounds, args.reps, kinds=kinds)
+    print(table(times, None, models, sizes, kinds), flush=True)
+    mems = None if args.no_mem else mem_all(models, sizes, kinds)
     print(f"torch {torch.__version__}, {args.threads} threads, best of {rounds} rounds × "
           f"{args.reps} steps; cells: time ratio / peak-memory ratio to plain "
           f"(micro: to plain×4)")
-    print(table(times, mems, models, sizes))
+    print(table(times, mems, models, sizes, kinds))
+
+
+def _load_baseline(path: str) -> None:
+    """Load the baseline estimators (copies of the two modules) into :data:`BASE`."""
+    import importlib.util
+
+    BASE_DIR[:] = [path]
+    for cls, fname in (("PerSampleStats", "_persample.py"), ("MicroBatchStats",
+                                                            "_microbatch.py")):
+        spec = importlib.util.spec_from_file_location(f"_base_{cls}", os.path.join(path, fname))
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        BASE[cls] = getattr(mod, cls)
 
 
 if __name__ == "__main__":

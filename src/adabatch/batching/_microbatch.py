@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,13 +70,25 @@ class MicroBatchStats:
         needs: the statistics to compute (names from :data:`STAT_NAMES`).
         reduce: optional ``reduce(flat) -> flat`` summing a float64 tensor across processes,
             called once per :meth:`stats` (twice with ``coord_variance``).
+        track: how the increment Δ_k of each micro-batch is read.
+            ``"grad"`` (default): from p.grad at :meth:`accumulate` (p.grad minus a snapshot
+            of the previous p.grad: three passes over the gradients per micro-batch; works
+            however p.grad was produced). ``"hooks"``: a gradient hook on every parameter
+            sees Δ_k as autograd hands it to p.grad and measures it there (one pass, no
+            snapshot; cheaper when the step is short). Contract of ``"hooks"``: every
+            backward pass through the parameters while the estimator is :attr:`enabled` is
+            one micro-batch and must be followed by :meth:`accumulate` (a second backward
+            before it raises); gradients written to p.grad by hand are not seen. Set
+            ``est.enabled = False`` on steps without statistics (hooks then do nothing),
+            and call :meth:`remove` to take the hooks off.
 
     Attributes:
         params: the parameters, aligned with ``mean_grad`` and ``coord_variance``.
     """
 
     def __init__(self, params_or_model: nn.Module | Iterable[Tensor],
-                 needs: Iterable[str] = STAT_NAMES, *, reduce: Reduce | None = None) -> None:
+                 needs: Iterable[str] = STAT_NAMES, *, reduce: Reduce | None = None,
+                 track: str = "grad") -> None:
         if isinstance(params_or_model, nn.Module):
             params = [p for p in params_or_model.parameters() if p.requires_grad]
         else:
@@ -100,19 +113,109 @@ class MicroBatchStats:
         self._need_coord = "coord_variance" in self.needs
         self._need_ip = bool(self.needs & {"ip_variance", "orth_variance"})
         self._need_var = bool(self.needs - {"grad_sq_norm", "mean_grad"})
+        if track not in ("grad", "hooks"):
+            raise ValueError(f"track must be 'grad' or 'hooks', got {track!r}")
+        self.track = track
+        self.enabled = True
+        self._handles: list[Any] = []
+        self._pend_norms: list[Tensor | None] = [None] * len(self.params)
+        self._pend_fired = [False] * len(self.params)
+        self._pend_any = False
+        self._pend_sq: list[Tensor] | None = None
+        self._pend_inc: list[Tensor | None] = [None] * len(self.params)
+        if track == "hooks":
+            for i, p in enumerate(self.params):
+                if not p.requires_grad:
+                    raise ValueError("MicroBatchStats(track='hooks') needs parameters that "
+                                     "require gradients")
+                self._handles.append(p.register_hook(self._make_hook(i)))
         self.reset()
+
+    def remove(self) -> None:
+        """Remove the gradient hooks of ``track="hooks"`` (no-op for ``"grad"``)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _make_hook(self, i: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if not self.enabled:
+                return
+            if self._pend_fired[i]:
+                raise RuntimeError(
+                    "MicroBatchStats(track='hooks'): a second backward pass reached a "
+                    "parameter before accumulate(); call accumulate(n) after every backward "
+                    "pass (or set enabled = False)"
+                )
+            self._pend_fired[i] = True
+            self._pend_any = True
+            if not self._need_var:
+                return
+            with torch.no_grad():
+                g = grad.to_dense() if grad.is_sparse else grad.detach()
+                self._pend_norms[i] = torch.linalg.vector_norm(g)
+                if self._need_coord:
+                    if self._pend_sq is None:
+                        self._pend_sq = [torch.zeros_like(q) for q in self.params]
+                    self._pend_sq[i].addcmul_(g, g)
+                if self._need_ip:
+                    self._pend_inc[i] = g.clone()
+        return hook
 
     def reset(self) -> None:
         """Start a new step: forget the micro-batches accumulated so far."""
         self._fresh = True  # the snapshot buffers are kept across steps, not zeroed
         self._n = 0
         self._m = 0
-        self._sq = torch.zeros((), dtype=torch.float64)
+        self._sq_parts: list[tuple[int, list[Tensor]]] = []
+        if not hasattr(self, "_prev"):
+            self._prev: list[Tensor] | None = None
         if getattr(self, "_coord", None) is not None:
             torch._foreach_zero_(self._coord)
         else:
             self._coord: list[Tensor] | None = None
         self._incs: list[tuple[int, list[Tensor]]] = []
+        if hasattr(self, "_pend_fired"):
+            self._clear_pending()
+
+    def _clear_pending(self) -> None:
+        n = len(self.params)
+        self._pend_norms = [None] * n
+        self._pend_fired = [False] * n
+        self._pend_any = False
+        self._pend_inc = [None] * n
+        if self._pend_sq is not None:
+            torch._foreach_zero_(self._pend_sq)
+
+    @torch.no_grad()
+    def _accumulate_hooked(self, batch_size: int) -> None:
+        if not self._pend_any:
+            raise RuntimeError(
+                "MicroBatchStats(track='hooks').accumulate(): no backward pass reached the "
+                "parameters since the last accumulate() (gradients set by hand are not seen "
+                "by track='hooks'; use track='grad')"
+            )
+        if self._need_var:
+            zero = None
+            norms = []
+            for t in self._pend_norms:
+                if t is None:
+                    if zero is None:
+                        zero = torch.zeros((), dtype=self.params[0].dtype,
+                                           device=self.params[0].device)
+                    t = zero
+                norms.append(t)
+            self._sq_parts.append((batch_size, norms))
+            if self._need_coord:
+                assert self._pend_sq is not None
+                if self._coord is None:
+                    self._coord = [torch.zeros_like(p) for p in self.params]
+                torch._foreach_add_(self._coord, self._pend_sq, alpha=1.0 / batch_size)
+            if self._need_ip:
+                self._incs.append((batch_size, [
+                    t if t is not None else torch.zeros_like(p)
+                    for t, p in zip(self._pend_inc, self.params)]))
+        self._clear_pending()
 
     @property
     def num_micro_batches(self) -> int:
@@ -135,27 +238,32 @@ class MicroBatchStats:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if self.track == "hooks":
+            self._accumulate_hooked(batch_size)
+            self._n += batch_size
+            self._m += 1
+            return
         self._n += batch_size
         self._m += 1
         if not self._need_var:
             return
         grads = [self._grad(p) for p in self.params]
         if self._fresh:
-            if not hasattr(self, "_prev"):
+            if self._prev is None:
                 self._prev = [torch.empty_like(g) for g in grads]
             incs = grads  # the increment of the first micro-batch is p.grad itself
         else:
             torch._foreach_sub_(self._prev, grads)  # prev − g = −increment
             incs = self._prev
-        self._sq += _sum_sq(incs) / batch_size
+        # ‖Δ_k‖ per tensor; squared, weighted and summed once, in stats()
+        self._sq_parts.append((batch_size, torch._foreach_norm(incs, 2)))
         if self._need_coord:
             if self._coord is None:
                 self._coord = [torch.zeros_like(g) for g in grads]
             torch._foreach_addcmul_(self._coord, incs, incs, value=1.0 / batch_size)
         if self._need_ip:
-            kept = [t.clone() for t in incs]
-            if not self._fresh:
-                torch._foreach_neg_(kept)
+            kept = ([t.clone() for t in incs] if self._fresh
+                    else list(torch._foreach_neg(incs)))
             self._incs.append((batch_size, kept))
         torch._foreach_copy_(self._prev, grads)
         self._fresh = False
@@ -173,9 +281,18 @@ class MicroBatchStats:
         finally:
             self.reset()
 
+    def _sum_sq_parts(self) -> Tensor:
+        """Σ_k ‖Δ_k‖²/n_k in float64 from the per-tensor norms kept by accumulate()."""
+        if not self._sq_parts:
+            return torch.zeros((), dtype=torch.float64)
+        norms = torch.stack([torch.stack(ns) for _, ns in self._sq_parts]).double()
+        w = torch.tensor([1.0 / n for n, _ in self._sq_parts], dtype=torch.float64,
+                         device=norms.device)
+        return (norms.square().sum(1) * w).sum()
+
     def _stats(self) -> GradientStats:
         gbar = [self._grad(p) for p in self.params]
-        G = float(_sum_sq(gbar))
+        G_t = _sum_sq(gbar)
         n_loc = self._n
         q1 = torch.zeros((), dtype=torch.float64)
         q2 = torch.zeros((), dtype=torch.float64)
@@ -187,7 +304,7 @@ class MicroBatchStats:
             q2 += n_k * ip * ip
         flat = torch.stack([torch.tensor(float(n_loc), dtype=torch.float64),
                             torch.tensor(float(self._m), dtype=torch.float64),
-                            self._sq * n_loc**2, q1, q2])
+                            self._sum_sq_parts() * n_loc**2, q1, q2])
         coords = None
         if self._need_coord:
             assert self._coord is not None
@@ -199,7 +316,8 @@ class MicroBatchStats:
                                    torch.cat([c.reshape(-1).double() for c in coords]))
                 coords = [t.view_as(c).to(c.dtype)
                           for t, c in zip(cat.split([c.numel() for c in coords]), coords)]
-        N, M, P, s1, s2 = (float(v) for v in flat)
+        # one device-to-host transfer (G is from the global ḡ: not reduced)
+        N, M, P, s1, s2, G = torch.cat([flat.reshape(-1), G_t.reshape(1)]).tolist()
         stats = GradientStats(batch_size=round(N), grad_sq_norm=G)
         ok = M >= 2
         denom = M - 1.0

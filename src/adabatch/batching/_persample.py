@@ -49,6 +49,7 @@ estimator raises in :meth:`~PerSampleStats.stats`. Modules must take batch-first
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -73,8 +74,8 @@ _IP_STATS = frozenset({"ip_variance", "orth_variance"})
 class _Record:
     """One call of a hooked module during one measured pass."""
 
-    __slots__ = ("deltas", "done", "handler", "inputs", "kwargs", "module", "n", "names",
-                 "pending")
+    __slots__ = ("deltas", "done", "fuse", "handler", "inputs", "kwargs", "module", "n",
+                 "names", "pending", "wsum")
 
     def __init__(self, module: nn.Module, handler: _Handler, inputs: tuple, kwargs: dict,
                  n: int, n_outputs: int) -> None:
@@ -87,6 +88,8 @@ class _Record:
         self.deltas: list[Tensor | None] = [None] * n_outputs
         self.pending = n_outputs
         self.done = False
+        self.fuse = False  # the call ran through _FusedConv: the batch weight gradient is
+        self.wsum: Tensor | None = None  # Σ_i of the per-sample weight gradients, if computed
 
 
 def _chunks(n: int, per_sample: int, budget: int, chunk_size: int | None) -> Iterator[
@@ -137,14 +140,26 @@ class _Handler:
                 need_norm: bool, need_coord: bool,
                 store: set[str]) -> dict[str, tuple[Tensor | None, Tensor | None,
                                                     Tensor | None]]:
-        """Norm sum, coordinate sums and (for names in ``store``) materialised [n, numel]."""
+        """Norm sum, coordinate sums and (for names in ``store``) materialised [n, numel].
+
+        With ``rec.fuse`` the per-sample weight gradients are also summed into ``rec.wsum``,
+        which then serves as the batch weight gradient (:class:`_FusedConv`)."""
+        fuse = rec.fuse and "weight" in names and (need_norm or need_coord or "weight" in store)
+        if not (need_norm or need_coord or store or fuse):
+            return {nm: (None, None, None) for nm in names}  # nothing to measure here
         acc: dict[str, list[Any]] = {nm: [None, None, []] for nm in names}
+        wsum = None
         for lo, hi in _chunks(rec.n, self.sample_numel(rec, names), est.budget,
                               est.chunk_size):
             grads = self.grads(rec, names, lo, hi)
             for nm in names:
                 g = grads[nm]
                 _accumulate(acc[nm], g, need_norm, need_coord, nm in store)
+            if fuse:
+                part = grads["weight"].sum(0)
+                wsum = part if wsum is None else wsum.add_(part)
+        if fuse:
+            rec.wsum = wsum
         return {nm: _finish(a) for nm, a in acc.items()}
 
 
@@ -205,7 +220,28 @@ class _LinearHandler(_Handler):
         return total
 
     def process(self, rec, names, est, need_norm, need_coord, store):  # type: ignore[override]
-        result = {}
+        result: dict[str, tuple[Tensor | None, Tensor | None, Tensor | None]] = {}
+        a = rec.inputs[0]
+        if (a.dim() == 2 and not need_coord and "weight" in names and "weight" not in store
+                and set(names) <= {"weight", "bias"}):
+            # Fast path (no sequence axis, norms only): Σ_i ‖δ_i‖²(‖a_i‖² + [bias]) in one
+            # dot product for weight and bias together, without n × in temporaries.
+            D = rec.deltas[0]
+            assert D is not None
+            norm = None
+            if need_norm:
+                # inputs and output gradients may differ in dtype under autocast: reduce
+                # both in their common type, at least float32
+                dt = torch.promote_types(torch.promote_types(a.dtype, D.dtype), torch.float32)
+                na = torch.linalg.vector_norm(a, dim=1, dtype=dt).square_()
+                if "bias" in names:
+                    na.add_(1.0)
+                nd = torch.linalg.vector_norm(D, dim=1, dtype=dt)
+                norm = torch.dot(na, nd.square_())
+            result["weight"] = (norm, None, None)
+            if "bias" in names:
+                result["bias"] = (None, None, D if "bias" in store else None)
+            return result
         rest = tuple(nm for nm in names if nm != "weight")
         if rest == ("bias",):
             _, D = self._AD(rec, 0, rec.n)
@@ -372,6 +408,51 @@ class _ConvHandler(_Handler):
         return torch.cat(out)
 
 
+class _FusedConv(torch.autograd.Function):
+    """A convolution whose backward takes the weight gradient from the per-sample weight
+    gradients that the estimator has already summed (``rec.wsum``, set by the output's
+    gradient hook, which runs before this backward), instead of a second weight-gradient
+    convolution. Without ``rec.wsum`` (a tied weight, the ghost-norm path, no statistics
+    needed) it computes the weight gradient as usual. Input and bias gradients: the
+    backend's convolution_backward, as an ordinary conv's backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, module: nn.Module,
+                box: list[Any]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.module = module
+        ctx.box = box
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return module._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, go: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        m = ctx.module
+        rec = ctx.box[0]
+        wsum = rec.wsum if rec is not None else None
+        if rec is not None:
+            rec.wsum = None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = [need_x, need_w and wsum is None, need_b and ctx.bias_sizes is not None]
+        gi = gw = gb = None
+        if any(mask):
+            dims = w.dim() - 2
+            gi, gw, gb = torch.ops.aten.convolution_backward(
+                go, x, w, ctx.bias_sizes, list(m.stride), list(m.padding), list(m.dilation),
+                False, [0] * dims, m.groups, mask)
+        if need_w and wsum is not None:
+            gw = wsum.to(w.dtype)
+        return (gi if need_x else None, gw if need_w else None, gb if mask[2] else None,
+                None, None)
+
+
+def _fusable(module: nn.Module, handler: _Handler) -> bool:
+    return (isinstance(handler, _ConvHandler) and "weight" in handler.names
+            and not isinstance(module.padding, str) and module.padding_mode == "zeros"
+            and "forward" not in module.__dict__)
+
+
 class _EmbeddingHandler(_Handler):
     """nn.Embedding: sparse per-sample rows, never b × vocab × dim."""
 
@@ -533,6 +614,14 @@ class PerSampleStats:
             (an all-reduce with SUM, in place or returned). Called once per :meth:`stats`
             on ``[N, Σ‖g_i‖², Σ ip_i, Σ ip_i²]`` and, only for ``coord_variance``, once on the
             flattened per-coordinate sums. ḡ is read from p.grad (DDP has averaged it).
+        fuse_conv_grad: opt-in (default False). Inside :meth:`measure`, Conv1d/2d/3d layers
+            (zero padding, not tied) run through an autograd Function whose backward takes
+            the batch weight gradient as the sum of the per-sample weight gradients the
+            estimator materialises anyway, so the backend's own weight-gradient convolution
+            is skipped. p.grad still arrives through autograd (accumulation, tied weights
+            and DDP's gradient hooks work as usual) and equals a plain backward's up to
+            floating-point summation order (not bitwise). The module's ``forward`` is
+            replaced by an instance attribute for the duration of :meth:`measure`.
 
     Attributes:
         params: the parameters the statistics are over, aligned with ``mean_grad`` and
@@ -541,7 +630,7 @@ class PerSampleStats:
 
     def __init__(self, model: nn.Module, needs: Iterable[str] = STAT_NAMES, *,
                  chunk_size: int | None = None, budget: int = DEFAULT_BUDGET,
-                 reduce: Reduce | None = None) -> None:
+                 reduce: Reduce | None = None, fuse_conv_grad: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleStats needs an nn.Module, got {type(model).__name__}")
         self.needs = check_needs(frozenset(needs))
@@ -555,6 +644,8 @@ class PerSampleStats:
         self.chunk_size = chunk_size
         self.budget = budget
         self.reduce = reduce
+        self.fuse_conv_grad = bool(fuse_conv_grad)
+        self._boxes: dict[nn.Module, list[Any]] = {}
         self._need_norm = bool(self.needs & _NORM_STATS)
         self._need_coord = "coord_variance" in self.needs
         self._need_ip = bool(self.needs & _IP_STATS)
@@ -596,7 +687,7 @@ class PerSampleStats:
         """Forget every measured pass (start a new step)."""
         self._n_total = 0
         self._passes = 0
-        self._norm = torch.zeros((), dtype=torch.float64)
+        self._norm_parts: list[Tensor] = []  # Σ‖g_i‖² by layer, summed in float64 at stats()
         self._coord: list[Tensor | None] = [None] * len(self.params)
         self._ip_parts: list[tuple[int, list[tuple]]] = []
         self._seen: set[int] = set()
@@ -632,17 +723,34 @@ class PerSampleStats:
         self._deferred: list[_Record] = []
         self._pass_ip: list[tuple] = []
         self._active = True
+        patched = []
+        if self.fuse_conv_grad and self._per_sample:
+            for module, handler in self._handlers.items():
+                if _fusable(module, handler):
+                    module.forward = functools.partial(self._fused_forward, module)
+                    patched.append(module)
         ok = False
         try:
             yield self
             ok = True
         finally:
+            for module in patched:
+                module.__dict__.pop("forward", None)
+            self._boxes.clear()
             self._active = False
             records, self._records = self._records, []
             if ok:
                 self._finish_pass(records)
 
     # --- hooks -----------------------------------------------------------------------------
+    def _fused_forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        w, b = module.weight, module.bias
+        if not (torch.is_grad_enabled() and w.requires_grad):
+            return module._conv_forward(x, w, b)
+        box: list[Any] = [None]
+        self._boxes[module] = box  # the forward hook (runs next) puts the call's record in
+        return _FusedConv.apply(x, w, b, module, box)
+
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._active:
             return
@@ -682,6 +790,10 @@ class PerSampleStats:
             pid = id(getattr(module, nm))
             uses[pid] = uses.get(pid, 0) + 1
         self._records.append(rec)
+        box = self._boxes.pop(module, None)
+        if box is not None:
+            box[0] = rec
+            rec.fuse = True
         for i, o in enumerate(outs):
             if o.requires_grad:
                 o.register_hook(self._make_grad_hook(rec, i))
@@ -710,7 +822,7 @@ class PerSampleStats:
     def _add(self, pid: int, norm: Tensor | None, coord: Tensor | None) -> None:
         idx = self._index[pid]
         if norm is not None:
-            self._norm += norm
+            self._norm_parts.append(norm)
         if coord is not None:
             cur = self._coord[idx]
             self._coord[idx] = coord if cur is None else cur.add_(coord)
@@ -825,7 +937,7 @@ class PerSampleStats:
                         f"gradient that no hooked layer call produced (used outside a module "
                         f"call?); per-sample statistics cannot be attributed to samples"
                     )
-        G = _sq_norm(gbar)
+        G_t = _sq_norm(gbar)
         n_loc = self._n_total
         s_ip = torch.zeros((), dtype=torch.float64)
         s_ip2 = torch.zeros((), dtype=torch.float64)
@@ -844,7 +956,7 @@ class PerSampleStats:
                 s_ip += ip.sum()
                 s_ip2 += ip.square().sum()
         flat = torch.stack([torch.tensor(float(n_loc), dtype=torch.float64),
-                            self._norm * n_loc**2, s_ip, s_ip2])
+                            _sum_parts(self._norm_parts) * n_loc**2, s_ip, s_ip2])
         coords = None
         if self._need_coord:
             coords = [(c if c is not None else torch.zeros_like(p)) * n_loc**2
@@ -856,7 +968,8 @@ class PerSampleStats:
                                                            for c in coords]))
                 coords = [t.view_as(c).to(c.dtype)
                           for t, c in zip(cat.split([c.numel() for c in coords]), coords)]
-        N, S, sip, sip2 = (float(v) for v in flat)
+        # one device-to-host transfer for every scalar (G is from the global ḡ: not reduced)
+        N, S, sip, sip2, G = torch.cat([flat.reshape(-1), G_t.reshape(1)]).tolist()
         stats = GradientStats(batch_size=round(N), grad_sq_norm=G)
         denom = N - 1.0
         nan = math.nan
@@ -879,12 +992,25 @@ class PerSampleStats:
         return stats
 
 
-def _sq_norm(tensors: list[Tensor]) -> float:
-    """Σ ‖t‖² over a list of tensors, without model-sized temporaries."""
+def _sq_norm(tensors: list[Tensor]) -> Tensor:
+    """Σ ‖t‖² over a list of tensors (a float64 scalar tensor), without model-sized
+    temporaries."""
     if not tensors:
-        return 0.0
-    norms = torch._foreach_norm(tensors, 2)
-    return float(torch.stack(norms).double().square().sum())
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(tensors, 2)).double().square().sum()
+
+
+def _sum_parts(parts: list[Tensor]) -> Tensor:
+    """Σ of scalar tensors in float64 (each part is cast exactly, then summed)."""
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    if len(parts) == 1:
+        return parts[0].double()
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in parts:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    sums = [torch.stack(ts).double().sum() for ts in by_dtype.values()]
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
 
 def _call_reduce(reduce: Reduce, flat: Tensor) -> Tensor:

@@ -1,0 +1,223 @@
+"""The fast paths of the estimators against the reference paths and a naive loop (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adabatch.batching.estimators import MicroBatchStats, PerSampleStats
+from adabatch.batching.stats import STAT_NAMES
+
+DT = torch.float64
+SCALARS = ("grad_sq_norm", "variance_trace", "ip_variance", "orth_variance")
+
+
+class Tied(nn.Module):
+    """A layer used twice in one pass (its parameters get the sum of both uses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+def make(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    elif kind == "nobias":  # weight-only layers and a frozen bias: the joint norm path
+        model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh(), nn.Linear(8, 3))
+        model[2].bias.requires_grad_(False)
+    else:
+        model = Tied()
+    return model.to(DT)
+
+
+def data(b, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 5, generator=gen, dtype=DT), torch.randint(0, 3, (b,), generator=gen)
+
+
+def per_sample_naive(model, x, y):
+    params = [p for p in model.parameters() if p.requires_grad]
+    gs = []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        gs.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    g = torch.stack(gs)
+    m = g.mean(0)
+    return m @ m, ((g - m) ** 2).sum() / (len(g) - 1)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "nobias", "tied"])
+@pytest.mark.parametrize("b", [2, 7])
+def test_linear_norm_fast_path_matches_naive_loop(kind, b):
+    model = make(kind)
+    x, y = data(b)
+    est = PerSampleStats(model, needs={"variance_trace"})
+    model.zero_grad()
+    with est.measure():
+        F.cross_entropy(model(x), y).backward()
+    s = est.stats()
+    G, V = per_sample_naive(model, x, y)
+    assert s.grad_sq_norm == pytest.approx(float(G), rel=1e-10)
+    assert s.variance_trace == pytest.approx(float(V), rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "tied"])
+def test_measure_leaves_p_grad_as_a_plain_backward(kind):
+    model = make(kind)
+    x, y = data(6)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    plain = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    est = PerSampleStats(model)
+    model.zero_grad()
+    with est.measure():
+        F.cross_entropy(model(x), y).backward()
+    est.stats()
+    after = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(after, plain))
+
+
+def run_both(model, parts, needs):
+    grad_est = MicroBatchStats(model, needs=needs)
+    hook_est = MicroBatchStats(model, needs=needs, track="hooks")
+    model.zero_grad()
+    n = sum(len(x) for x, _ in parts)
+    for x, y in parts:
+        (F.cross_entropy(model(x), y) * (len(x) / n)).backward()
+        grad_est.accumulate(len(x))
+        hook_est.accumulate(len(x))
+    return grad_est.stats(), hook_est.stats()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "nobias", "tied"])
+@pytest.mark.parametrize("needs", [STAT_NAMES, frozenset({"variance_trace"}),
+                                   frozenset({"coord_variance"})])
+def test_micro_hooks_equal_grad_tracking(kind, needs):
+    model = make(kind)
+    x, y = data(10)
+    parts = [(x[:3], y[:3]), (x[3:4], y[3:4]), (x[4:], y[4:])]
+    a, b = run_both(model, parts, needs)
+    assert a.batch_size == b.batch_size == 10
+    for name in SCALARS:
+        va, vb = getattr(a, name), getattr(b, name)
+        if name in needs or name == "grad_sq_norm":
+            assert vb == pytest.approx(va, rel=1e-12, abs=1e-300), name
+            assert va == va and va > 0, name
+        else:
+            assert va is None and vb is None
+    if "coord_variance" in needs:
+        for ca, cb in zip(a.coord_variance, b.coord_variance):
+            torch.testing.assert_close(cb, ca, rtol=1e-12, atol=1e-300)
+        assert any(bool((c > 0).any()) for c in a.coord_variance)
+
+
+def test_micro_hooks_contract_errors_and_enabled_flag():
+    model = make("mlp")
+    x, y = data(4)
+    with pytest.raises(ValueError, match="track must be 'grad' or 'hooks', got 'x'"):
+        MicroBatchStats(model, track="x")
+    est = MicroBatchStats(model, track="hooks")
+    with pytest.raises(RuntimeError, match="no backward pass reached the parameters"):
+        est.accumulate(4)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="a second backward pass reached a parameter"):
+        F.cross_entropy(model(x), y).backward()
+    est.reset()
+    est.enabled = False
+    F.cross_entropy(model(x), y).backward()  # not recorded
+    with pytest.raises(RuntimeError, match="no backward pass reached the parameters"):
+        est.accumulate(4)
+    est.enabled = True
+    est.remove()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="no backward pass reached the parameters"):
+        est.accumulate(4)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+        self.tied = tied
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        if self.tied:  # c2 used twice: its weight gradient takes the ordinary path
+            h = torch.tanh(self.c2(h))
+        return self.fc(h.flatten(1))
+
+
+def cnn_stats(model, parts, needs, fuse):
+    est = PerSampleStats(model, needs=needs, fuse_conv_grad=fuse)
+    model.zero_grad()
+    n = sum(len(x) for x, _ in parts)
+    for x, y in parts:
+        with est.measure():
+            (F.cross_entropy(model(x), y) * (len(x) / n)).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return est.stats(), grads
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("needs", [STAT_NAMES, frozenset({"variance_trace"}),
+                                   frozenset({"ip_variance"})])
+def test_fused_conv_gradient_and_statistics(tied, needs):
+    torch.manual_seed(0)
+    model = SmallCNN(tied).to(DT)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 2, 8, 8, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (7,), generator=gen)
+    parts = [(x[:4], y[:4]), (x[4:], y[4:])]  # two accumulated passes
+    ref, ref_grads = cnn_stats(model, parts, needs, fuse=False)
+    got, got_grads = cnn_stats(model, parts, needs, fuse=True)
+    model.zero_grad()
+    for xk, yk in parts:  # plain backward, no estimator
+        (F.cross_entropy(model(xk), yk) * (len(xk) / 7)).backward()
+    plain = [p.grad for p in model.parameters()]
+    for a, b, c in zip(got_grads, ref_grads, plain):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-15)
+        assert torch.equal(b, c)
+    for name in SCALARS:
+        if getattr(ref, name) is not None:
+            assert getattr(got, name) == pytest.approx(getattr(ref, name), rel=1e-10), name
+    if ref.coord_variance is not None:
+        for a, b in zip(got.coord_variance, ref.coord_variance):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-300)
+    assert "forward" not in model.c1.__dict__ and "forward" not in model.c2.__dict__
+
+
+def test_fused_conv_takes_the_weight_gradient_from_the_per_sample_sum(monkeypatch):
+    """The backend's weight-gradient kernel is asked only for tensors it still must give."""
+    torch.manual_seed(0)
+    model = SmallCNN().to(DT)
+    x = torch.randn(5, 2, 8, 8, dtype=DT)
+    y = torch.randint(0, 3, (5,))
+    masks = []
+    real = torch.ops.aten.convolution_backward
+
+    class Spy:
+        def __call__(self, *args):
+            masks.append(list(args[-1]))
+            return real(*args)
+
+    import adabatch.batching._persample as ps
+    monkeypatch.setattr(ps.torch.ops.aten, "convolution_backward", Spy())
+    est = PerSampleStats(model, needs={"variance_trace"}, fuse_conv_grad=True)
+    with est.measure():
+        F.cross_entropy(model(x), y).backward()
+    est.stats()
+    # per-sample (grouped) calls ask for the weight only; the fused backward never does
+    fused = [mk for mk in masks if mk != [False, True, False]]
+    assert fused and all(not mk[1] for mk in fused)
