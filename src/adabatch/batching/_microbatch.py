@@ -284,7 +284,7 @@ class MicroBatchStats:
     def _sum_sq_parts(self) -> Tensor:
         """Σ_k ‖Δ_k‖²/n_k in float64 from the per-tensor norms kept by accumulate()."""
         if not self._sq_parts:
-            return torch.zeros((), dtype=torch.float64)
+            return torch.zeros((), dtype=torch.float64, device=self.params[0].device)
         norms = torch.stack([torch.stack(ns) for _, ns in self._sq_parts]).double()
         w = torch.tensor([1.0 / n for n, _ in self._sq_parts], dtype=torch.float64,
                          device=norms.device)
@@ -294,16 +294,18 @@ class MicroBatchStats:
         gbar = [self._grad(p) for p in self.params]
         G_t = _sum_sq(gbar)
         n_loc = self._n
-        q1 = torch.zeros((), dtype=torch.float64)
-        q2 = torch.zeros((), dtype=torch.float64)
+        # every partial sum lives on the gradients' device (one transfer at the end)
+        f64 = {"dtype": torch.float64, "device": G_t.device}
+        q1 = torch.zeros((), **f64)
+        q2 = torch.zeros((), **f64)
         for n_k, incs in self._incs:
             dot = sum((torch.dot(d.reshape(-1).double(), g.reshape(-1).double())
-                       for d, g in zip(incs, gbar)), torch.zeros((), dtype=torch.float64))
+                       for d, g in zip(incs, gbar)), torch.zeros((), **f64))
             ip = dot * n_loc / n_k
             q1 += n_k * ip
             q2 += n_k * ip * ip
-        flat = torch.stack([torch.tensor(float(n_loc), dtype=torch.float64),
-                            torch.tensor(float(self._m), dtype=torch.float64),
+        flat = torch.stack([torch.tensor(float(n_loc), **f64),
+                            torch.tensor(float(self._m), **f64),
                             self._sum_sq_parts() * n_loc**2, q1, q2])
         coords = None
         if self._need_coord:
