@@ -38,16 +38,19 @@ counts as one micro-batch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from adabatch.batching.stats import STAT_NAMES, GradientStats, check_needs
-
-Reduce = Callable[[Tensor], Tensor | None]
+from adabatch.batching.stats import (
+    STAT_NAMES,
+    GradientStats,
+    Reduce,
+    check_needs,
+    stats_from_sums,
+)
 
 
 class MicroBatchStats:
@@ -311,34 +314,7 @@ class MicroBatchStats:
         if self._need_coord:
             assert self._coord is not None
             coords = [c * n_loc**2 for c in self._coord]
-        if self.reduce is not None:
-            flat = _call_reduce(self.reduce, flat)
-            if coords is not None:
-                cat = _call_reduce(self.reduce,
-                                   torch.cat([c.reshape(-1).double() for c in coords]))
-                coords = [t.view_as(c).to(c.dtype)
-                          for t, c in zip(cat.split([c.numel() for c in coords]), coords)]
-        # one device-to-host transfer (G is from the global ḡ: not reduced)
-        N, M, P, s1, s2, G = torch.cat([flat.reshape(-1), G_t.reshape(1)]).tolist()
-        stats = GradientStats(batch_size=round(N), grad_sq_norm=G)
-        ok = M >= 2
-        denom = M - 1.0
-        nan = math.nan
-        if "variance_trace" in self.needs:
-            stats.variance_trace = max((P - N * G) / denom, 0.0) if ok else nan
-        if "ip_variance" in self.needs:
-            stats.ip_variance = max((s2 - 2.0 * G * s1 + N * G * G) / denom, 0.0) if ok else nan
-        if "orth_variance" in self.needs:
-            stats.orth_variance = max((P - s2 / G) / denom, 0.0) if ok and G > 0 else nan
-        if coords is not None:
-            if ok:
-                stats.coord_variance = [((c - N * g.to(c.dtype).square()) / denom).clamp_min_(0)
-                                        for c, g in zip(coords, gbar)]
-            else:
-                stats.coord_variance = [torch.full_like(c, nan) for c in coords]
-        if "mean_grad" in self.needs:
-            stats.mean_grad = gbar
-        return stats
+        return stats_from_sums(self.needs, flat, G_t, coords, gbar, self.reduce)
 
 
 def _sum_sq(tensors: list[Tensor]) -> Tensor:
@@ -346,7 +322,3 @@ def _sum_sq(tensors: list[Tensor]) -> Tensor:
     norms = torch._foreach_norm(tensors, 2)
     return torch.stack(norms).double().square().sum()
 
-
-def _call_reduce(reduce: Reduce, flat: Tensor) -> Tensor:
-    out = reduce(flat)
-    return flat if out is None else out

@@ -60,12 +60,17 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from adabatch.batching.stats import STAT_NAMES, GradientStats, check_needs
+from adabatch.batching.stats import (
+    STAT_NAMES,
+    GradientStats,
+    Reduce,
+    check_needs,
+    stats_from_sums,
+)
 
 #: Default bound on the number of elements of one temporary tensor (per chunk of samples).
 DEFAULT_BUDGET = 2**20
 
-Reduce = Callable[[Tensor], Tensor | None]
 
 _NORM_STATS = frozenset({"variance_trace", "orth_variance"})
 _IP_STATS = frozenset({"ip_variance", "orth_variance"})
@@ -939,12 +944,14 @@ class PerSampleStats:
                     )
         G_t = _sq_norm(gbar)
         n_loc = self._n_total
-        s_ip = torch.zeros((), dtype=torch.float64)
-        s_ip2 = torch.zeros((), dtype=torch.float64)
+        # every partial sum lives on the gradients' device (one transfer at the end)
+        f64 = {"dtype": torch.float64, "device": G_t.device}
+        s_ip = torch.zeros((), **f64)
+        s_ip2 = torch.zeros((), **f64)
         if self._need_ip:
             flat_g = {id(p): g for p, g in zip(self.params, gbar)}
             for n, parts in self._ip_parts:
-                ip = torch.zeros(n, dtype=torch.float64)
+                ip = torch.zeros(n, **f64)
                 for part in parts:
                     if part[0] == "mat":
                         _, pid, mat = part
@@ -955,41 +962,15 @@ class PerSampleStats:
                 ip *= n_loc
                 s_ip += ip.sum()
                 s_ip2 += ip.square().sum()
-        flat = torch.stack([torch.tensor(float(n_loc), dtype=torch.float64),
-                            _sum_parts(self._norm_parts) * n_loc**2, s_ip, s_ip2])
+        n_t = torch.tensor(float(n_loc), **f64)
+        # units are samples: K = N
+        flat = torch.stack([n_t, n_t, _sum_parts(self._norm_parts).to(n_t) * n_loc**2, s_ip,
+                            s_ip2])
         coords = None
         if self._need_coord:
             coords = [(c if c is not None else torch.zeros_like(p)) * n_loc**2
                       for c, p in zip(self._coord, self.params)]
-        if self.reduce is not None:
-            flat = _call_reduce(self.reduce, flat)
-            if coords is not None:
-                cat = _call_reduce(self.reduce, torch.cat([c.reshape(-1).double()
-                                                           for c in coords]))
-                coords = [t.view_as(c).to(c.dtype)
-                          for t, c in zip(cat.split([c.numel() for c in coords]), coords)]
-        # one device-to-host transfer for every scalar (G is from the global ḡ: not reduced)
-        N, S, sip, sip2, G = torch.cat([flat.reshape(-1), G_t.reshape(1)]).tolist()
-        stats = GradientStats(batch_size=round(N), grad_sq_norm=G)
-        denom = N - 1.0
-        nan = math.nan
-        if "variance_trace" in self.needs:
-            stats.variance_trace = max((S - N * G) / denom, 0.0) if N >= 2 else nan
-        if "ip_variance" in self.needs:
-            stats.ip_variance = (max((sip2 - 2.0 * G * sip + N * G * G) / denom, 0.0)
-                                 if N >= 2 else nan)
-        if "orth_variance" in self.needs:
-            stats.orth_variance = (max((S - sip2 / G) / denom, 0.0)
-                                   if N >= 2 and G > 0 else nan)
-        if coords is not None:
-            if N >= 2:
-                stats.coord_variance = [((c - N * g.to(c.dtype).square()) / denom).clamp_min_(0)
-                                        for c, g in zip(coords, gbar)]
-            else:
-                stats.coord_variance = [torch.full_like(c, nan) for c in coords]
-        if "mean_grad" in self.needs:
-            stats.mean_grad = gbar
-        return stats
+        return stats_from_sums(self.needs, flat, G_t, coords, gbar, self.reduce)
 
 
 def _sq_norm(tensors: list[Tensor]) -> Tensor:
@@ -1012,7 +993,3 @@ def _sum_parts(parts: list[Tensor]) -> Tensor:
     sums = [torch.stack(ts).double().sum() for ts in by_dtype.values()]
     return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
-
-def _call_reduce(reduce: Reduce, flat: Tensor) -> Tensor:
-    out = reduce(flat)
-    return flat if out is None else out

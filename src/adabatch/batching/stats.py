@@ -21,10 +21,14 @@ Fields that were not requested (see :data:`STAT_NAMES` and the tests' ``needs``)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+#: An in-place SUM all-reduce across processes (it may also return the reduced tensor).
+Reduce = Callable[[Tensor], "Tensor | None"]
 
 #: Names of the statistics a test can ask for.
 STAT_NAMES: frozenset[str] = frozenset(
@@ -77,3 +81,63 @@ class GradientStats:
             if tensors is not None and not all(bool(torch.isfinite(t).all()) for t in tensors):
                 return False
         return True
+
+
+def stats_from_sums(
+    needs: frozenset[str],
+    flat: Tensor,
+    grad_sq_norm: Tensor,
+    coord_sums: list[Tensor] | None,
+    mean_grad: list[Tensor],
+    reduce: Reduce | None = None,
+) -> GradientStats:
+    """Finish an estimator's step: partial sums -> :class:`GradientStats`.
+
+    Both estimators reduce their measurements to sums over K independent units u (samples for
+    the per-sample estimator, micro-batches for the micro-batch one), each unit's gradient
+    g_u rescaled to one sample's variance and weighted by its size w_u (1 for samples):
+
+    ``flat = [N, K, S, s1, s2]`` (float64, one device) with N the samples, S = Σ_u w_u‖g_u‖²,
+    s1 = Σ_u w_u⟨g_u, ḡ⟩, s2 = Σ_u w_u⟨g_u, ḡ⟩², and ``coord_sums`` = Σ_u w_u g_u² per
+    parameter. Then, with G = ‖ḡ‖² and K - 1 in the denominators (unbiased):
+    V = (S − N·G)/(K−1), W = (s2 − 2G·s1 + N·G²)/(K−1), O = (S − s2/G)/(K−1),
+    v_j = (coord_j − N·ḡ_j²)/(K−1), each clamped at 0 against rounding.
+
+    With ``reduce`` (torch.distributed), ``flat`` is summed across processes in one small
+    reduction and ``coord_sums`` in one model-sized reduction; ḡ (and so G) is already the
+    global mean. K < 2 or a non-finite sample count gives NaN variances, which the tests read
+    as "cannot decide". The only device-to-host transfer is one ``tolist()``.
+    """
+    if reduce is not None:
+        flat = _reduced(reduce, flat)
+        if coord_sums is not None:
+            cat = _reduced(reduce, torch.cat([c.reshape(-1).double() for c in coord_sums]))
+            coord_sums = [t.view_as(c).to(c.dtype) for t, c in
+                          zip(cat.split([c.numel() for c in coord_sums]), coord_sums)]
+    N, K, S, s1, s2, G = torch.cat(
+        [flat.reshape(-1), grad_sq_norm.reshape(1).to(flat)]).tolist()
+    finite = math.isfinite(N) and math.isfinite(K)
+    stats = GradientStats(batch_size=round(N) if finite else 0, grad_sq_norm=G)
+    ok = finite and K >= 2
+    denom = K - 1.0
+    nan = math.nan
+    if "variance_trace" in needs:
+        stats.variance_trace = max((S - N * G) / denom, 0.0) if ok else nan
+    if "ip_variance" in needs:
+        stats.ip_variance = max((s2 - 2.0 * G * s1 + N * G * G) / denom, 0.0) if ok else nan
+    if "orth_variance" in needs:
+        stats.orth_variance = max((S - s2 / G) / denom, 0.0) if ok and G > 0 else nan
+    if coord_sums is not None:
+        if ok:
+            stats.coord_variance = [((c - N * g.to(c.dtype).square()) / denom).clamp_min_(0)
+                                    for c, g in zip(coord_sums, mean_grad)]
+        else:
+            stats.coord_variance = [torch.full_like(c, nan) for c in coord_sums]
+    if "mean_grad" in needs:
+        stats.mean_grad = mean_grad
+    return stats
+
+
+def _reduced(reduce: Reduce, flat: Tensor) -> Tensor:
+    out = reduce(flat)
+    return flat if out is None else out
