@@ -272,7 +272,8 @@ class _LinearHandler(_Handler):
                   and L * (in_f + out_f) < in_f * out_f):
                 norm = None
                 if need_norm:
-                    norm = torch.zeros((), dtype=torch.float64)
+                    norm = torch.zeros((), dtype=torch.float64,
+                                       device=rec.inputs[0].device)
                     per = L * (L + in_f + out_f)
                     for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
                         A, D = self._AD(rec, lo, hi)
@@ -387,7 +388,8 @@ class _ConvHandler(_Handler):
             if not need_coord and "weight" not in store and L * (I + O) < I * O:
                 norm = None
                 if need_norm:
-                    norm = torch.zeros((), dtype=torch.float64)
+                    norm = torch.zeros((), dtype=torch.float64,
+                                       device=rec.inputs[0].device)
                     g = self.module.groups
                     per = g * (I * L + 2 * L * L) + rec.inputs[0][0].numel()
                     for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
@@ -889,7 +891,7 @@ class PerSampleStats:
         self._seen.add(pid)
         n = uses[0][0].n
         per = p.numel() * 2 + max(r.handler.sample_numel(r, (nm,)) for r, nm in uses)
-        norm = torch.zeros((), dtype=torch.float64)
+        norm = torch.zeros((), dtype=torch.float64, device=p.device)
         coord = None
         for lo, hi in _chunks(n, per, self.budget, self.chunk_size):
             total = None
