@@ -195,6 +195,17 @@ def _ghost_sq_norm(U: Tensor, D: Tensor) -> Tensor:
     return (gu * gd).sum(dtype=torch.float64)
 
 
+
+def _chunked_ghost_norm(rec: _Record, est: Any, per: int,
+                        pair: Callable[[int, int], tuple[Tensor, Tensor]]) -> Tensor:
+    """Σ_i ‖g_i‖² of one weight by ghost products, over chunks of samples that keep ``per``
+    elements per sample within the estimator's memory budget; ``pair(lo, hi)`` gives the
+    (U, D) factors of samples lo..hi for :func:`_ghost_sq_norm`."""
+    norm = torch.zeros((), dtype=torch.float64, device=rec.inputs[0].device)
+    for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
+        norm += _ghost_sq_norm(*pair(lo, hi))
+    return norm
+
 class _LinearHandler(_Handler):
     """nn.Linear over [b, in] or [b, T..., in]."""
 
@@ -272,12 +283,9 @@ class _LinearHandler(_Handler):
                   and L * (in_f + out_f) < in_f * out_f):
                 norm = None
                 if need_norm:
-                    norm = torch.zeros((), dtype=torch.float64,
-                                       device=rec.inputs[0].device)
-                    per = L * (L + in_f + out_f)
-                    for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
-                        A, D = self._AD(rec, lo, hi)
-                        norm += _ghost_sq_norm(A.transpose(1, 2), D.transpose(1, 2))
+                    norm = _chunked_ghost_norm(
+                        rec, est, L * (L + in_f + out_f),
+                        lambda lo, hi: tuple(t.transpose(1, 2) for t in self._AD(rec, lo, hi)))
                 result["weight"] = (norm, None, None)
             else:
                 rest = (*rest, "weight")
@@ -388,13 +396,9 @@ class _ConvHandler(_Handler):
             if not need_coord and "weight" not in store and L * (I + O) < I * O:
                 norm = None
                 if need_norm:
-                    norm = torch.zeros((), dtype=torch.float64,
-                                       device=rec.inputs[0].device)
-                    g = self.module.groups
-                    per = g * (I * L + 2 * L * L) + rec.inputs[0][0].numel()
-                    for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
-                        U, D = self._UD(rec, lo, hi)
-                        norm += _ghost_sq_norm(U, D)
+                    per = self.module.groups * (I * L + 2 * L * L) + rec.inputs[0][0].numel()
+                    norm = _chunked_ghost_norm(rec, est, per,
+                                               lambda lo, hi: self._UD(rec, lo, hi))
                 result["weight"] = (norm, None, None)
             else:
                 rest = (*rest, "weight")
