@@ -21,8 +21,9 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   :class:`MicroBatchStats` (norm-test needs); ``micro`` is reported relative to ``plain×4``.
 - ``micro-hooks``: :class:`MicroBatchStats` with ``track="hooks"`` (increments measured in
   gradient hooks, no snapshot of p.grad), relative to ``plain×4``.
-- ``norm+fused`` ... ``coord+fused`` (only with ``--kinds``): :class:`PerSampleStats` with
-  ``fuse_conv_grad=True`` (the conv weight gradient is the sum of the per-sample ones).
+- ``norm+unfused`` ... ``coord+unfused`` (only with ``--kinds``): :class:`PerSampleStats` with
+  ``fuse_conv_grad=False`` (the backend computes the conv weight gradient itself, besides the
+  per-sample ones; the default fuses them).
 - ``<kind>@base`` (only with ``--baseline DIR``): the same kind with the estimators loaded
   from copies of ``_persample.py`` / ``_microbatch.py`` in DIR (an interleaved before/after).
 - ``vmap``: the AdAdaGrad authors' way: a plain step plus per-sample gradients by
@@ -69,8 +70,8 @@ KINDS = ["plain", "norm", "ip", "aip", "coord", "plain×4", "micro", "micro-hook
 MICRO = 4
 #: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from copies of
 #: ``_persample.py`` / ``_microbatch.py`` in DIR and adds the kinds ``<kind>@base``.
-#: Selectable with ``--kinds`` only: the per-sample kinds with ``fuse_conv_grad=True``.
-EXTRA_KINDS = [k + "+fused" for k in ("norm", "ip", "aip", "coord")]
+#: Selectable with ``--kinds`` only: the per-sample kinds with ``fuse_conv_grad=False``.
+EXTRA_KINDS = [k + "+unfused" for k in ("norm", "ip", "aip", "coord")]
 BASE: dict[str, type] = {}
 BASE_DIR: list[str] = []
 
@@ -97,9 +98,9 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
     kind, _, variant = kind.partition("@")
     ps_cls = BASE["PerSampleStats"] if variant == "base" else PerSampleStats
     mb_cls = BASE["MicroBatchStats"] if variant == "base" else MicroBatchStats
-    kind, _, fused = kind.partition("+")
+    kind, _, unfused = kind.partition("+")
     if kind in NEEDS:
-        est = (ps_cls(model, needs=NEEDS[kind], fuse_conv_grad=True) if fused
+        est = (ps_cls(model, needs=NEEDS[kind], fuse_conv_grad=False) if unfused
                else ps_cls(model, needs=NEEDS[kind]))
 
         def step():

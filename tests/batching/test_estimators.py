@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -279,6 +280,36 @@ def test_conv3d_and_1d_padding_modes():
     x, y = batch(5, (2, 3, 5, 6), 3, seed=8)
     model(x)  # materialise the lazy layer
     check(model, [(x, y)])
+
+
+@pytest.mark.parametrize("im2col", [False, True])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_conv_weight_gradient_paths_agree(im2col, fuse, monkeypatch):
+    # per-sample conv weight gradients by im2col + bmm or by one grouped convolution, with the
+    # batch weight gradient fused from them or not: the same statistics and the same p.grad
+    import adabatch.batching._persample as ps
+
+    monkeypatch.setattr(ps, "_IM2COL_MAX_CIN", 64 if im2col else 0)
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=(1, 1, 0), dilation=(1, 1, 2),
+                  groups=2),
+        nn.Tanh(), nn.Flatten(2),
+        nn.Conv1d(4, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+        nn.LazyLinear(3),
+    ).to(DT)
+    x, y = batch(5, (2, 3, 5, 6), 3, seed=12)
+    model(x)
+    plain = copy.deepcopy(model)
+    ce(plain(x), y).backward()
+    check(model, [(x, y)], fuse_conv_grad=fuse)
+    check(model, [(x, y)], frozenset({"variance_trace"}), fuse_conv_grad=fuse)
+    model.zero_grad()
+    est = PerSampleStats(model, fuse_conv_grad=fuse)
+    with est.measure():
+        ce(model(x), y).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_batchnorm_in_training_mode_raises():
