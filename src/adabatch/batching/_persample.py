@@ -65,6 +65,7 @@ from adabatch.batching.stats import (
     GradientStats,
     Reduce,
     check_needs,
+    finish_stats,
     stats_from_sums,
 )
 
@@ -322,6 +323,15 @@ class _LinearHandler(_Handler):
             A, D = self._AD(rec, lo, hi)
             out.append((D * F.linear(A, gbar.to(A.dtype))).sum((1, 2)))
         return torch.cat(out)
+
+    def ip_wb(self, rec: _Record, gw: Tensor, gb: Tensor, est: PerSampleStats) -> Tensor:
+        """⟨g_i, ḡ⟩ over weight and bias together: Σ_t δ_it · (ḡ_W a_it + ḡ_b)."""
+        out = []
+        per = rec.inputs[0][0].numel() + 2 * rec.deltas[0][0].numel()  # type: ignore[index]
+        for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
+            A, D = self._AD(rec, lo, hi)
+            out.append((D * F.linear(A, gw.to(A.dtype), gb.to(A.dtype))).sum((1, 2)))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class _ConvHandler(_Handler):
@@ -728,6 +738,8 @@ class PerSampleStats:
             if p.requires_grad and id(p) not in self._index:
                 self._index[id(p)] = len(self.params)
                 self.params.append(p)
+        if not self.params:
+            raise ValueError("PerSampleStats: the model has no parameters that require gradients")
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._owners: dict[int, int] = {}
         self._handlers: dict[nn.Module, _Handler] = {}
@@ -874,7 +886,10 @@ class PerSampleStats:
             rec.deltas[i] = grad.detach()
             rec.pending -= 1
             if rec.pending == 0 and self._simple(rec):
-                with torch.no_grad():
+                if torch.is_grad_enabled():  # backward(create_graph=True)
+                    with torch.no_grad():
+                        self._process(rec, rec.names, release=True)
+                else:
                     self._process(rec, rec.names, release=True)
         return hook
 
@@ -907,7 +922,7 @@ class PerSampleStats:
         rec.done = True
         store = self._store_mat(rec, names)
         res = rec.handler.process(rec, names, self, self._need_norm, self._need_coord, store)
-        keep = False
+        later: list[tuple[int, str]] = []
         for nm in names:
             pid = id(rec.handler.param(nm))
             self._seen.add(pid)
@@ -917,8 +932,14 @@ class PerSampleStats:
                 if mat is not None:
                     self._pass_ip.append(("mat", pid, mat))
                 else:
-                    self._pass_ip.append(("rec", pid, rec, nm))
-                    keep = True
+                    later.append((pid, nm))
+        if (len(later) == 2 and isinstance(rec.handler, _LinearHandler)
+                and later[0][1] == "weight" and later[1][1] == "bias"):
+            # weight and bias of a Linear together: one addmm per chunk
+            self._pass_ip.append(("lin", later[0][0], later[1][0], rec))
+        else:
+            self._pass_ip.extend(("rec", pid, rec, nm) for pid, nm in later)
+        keep = bool(later)
         if release and not keep:
             rec.inputs, rec.kwargs, rec.deltas = (), {}, []
 
@@ -1004,7 +1025,7 @@ class PerSampleStats:
 
     def _stats(self) -> GradientStats:
         gbar = self._mean_grads()
-        if self._per_sample:
+        if self._per_sample and len(self._seen) < len(self.params):
             for p, g in zip(self.params, gbar):
                 if id(p) not in self._seen and p.grad is not None and bool(g.any()):
                     raise ValueError(
@@ -1012,14 +1033,18 @@ class PerSampleStats:
                         f"gradient that no hooked layer call produced (used outside a module "
                         f"call?); per-sample statistics cannot be attributed to samples"
                     )
-        G_t = _sq_norm(gbar)
         n_loc = self._n_total
-        # every partial sum lives on the gradients' device (one transfer at the end)
-        f64 = {"dtype": torch.float64, "device": G_t.device}
-        s_ip = torch.zeros((), **f64)
-        s_ip2 = torch.zeros((), **f64)
+        # every partial sum is a 0-dim tensor on the gradients' device; they are stacked
+        # (promoted to float64) and read back once: [‖ḡ_p‖² per tensor, Σ‖g_i‖² parts, s1, s2]
+        vals = _sq_parts(gbar)
+        k = len(vals)
+        vals += self._norm_parts
+        n_norm = len(self._norm_parts)
         if self._need_ip:
+            f64 = {"dtype": torch.float64, "device": gbar[0].device}
             flat_g = {id(p): g for p, g in zip(self.params, gbar)}
+            s_ip = torch.zeros((), **f64)
+            s_ip2 = torch.zeros((), **f64)
             for n, parts in self._ip_parts:
                 ip = torch.zeros(n, **f64)
                 for part in parts:
@@ -1027,40 +1052,45 @@ class PerSampleStats:
                         _, pid, mats = part
                         g = flat_g[pid].reshape(-1).to(mats[0].dtype)
                         ip += torch.cat([m @ g for m in mats]).double()
+                    elif part[0] == "lin":
+                        _, pw, pb, rec = part
+                        ip += rec.handler.ip_wb(rec, flat_g[pw], flat_g[pb], self).double()
                     else:
                         _, pid, rec, nm = part
                         ip += rec.handler.ip(rec, nm, flat_g[pid], self).double()
                 ip *= n_loc
                 s_ip += ip.sum()
                 s_ip2 += ip.square().sum()
-        n_t = torch.tensor(float(n_loc), **f64)
-        # units are samples: K = N
-        flat = torch.stack([n_t, n_t, _sum_parts(self._norm_parts).to(n_t) * n_loc**2, s_ip,
-                            s_ip2])
+            vals += [s_ip, s_ip2]
         coords = None
         if self._need_coord:
-            coords = [(c if c is not None else torch.zeros_like(p)) * n_loc**2
-                      for c, p in zip(self._coord, self.params)]
-        return stats_from_sums(self.needs, flat, G_t, coords, gbar, self.reduce)
+            coords = torch._foreach_mul(
+                [c if c is not None else torch.zeros_like(p)
+                 for c, p in zip(self._coord, self.params)], float(n_loc**2))
+        stacked = torch.stack(vals).double()
+        if self.reduce is None:
+            v = stacked.tolist()
+            G = math.fsum(v[:k])
+            S = math.fsum(v[k:k + n_norm]) * n_loc**2
+            s1, s2 = (v[-2], v[-1]) if self._need_ip else (0.0, 0.0)
+            # units are samples: K = N
+            return finish_stats(self.needs, float(n_loc), float(n_loc), S, s1, s2, G, coords,
+                                gbar)
+        n_t = torch.tensor(float(n_loc), dtype=torch.float64, device=stacked.device)
+        zero = stacked.new_zeros(())
+        flat = torch.stack([n_t, n_t, stacked[k:k + n_norm].sum() * n_loc**2,
+                            stacked[-2] if self._need_ip else zero,
+                            stacked[-1] if self._need_ip else zero])
+        return stats_from_sums(self.needs, flat, stacked[:k].sum(), coords, gbar, self.reduce)
 
 
-def _sq_norm(tensors: list[Tensor]) -> Tensor:
-    """Σ ‖t‖² over a list of tensors (a float64 scalar tensor), without model-sized
-    temporaries."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(tensors, 2)).double().square().sum()
-
-
-def _sum_parts(parts: list[Tensor]) -> Tensor:
-    """Σ of scalar tensors in float64 (each part is cast exactly, then summed)."""
-    if not parts:
-        return torch.zeros((), dtype=torch.float64)
-    if len(parts) == 1:
-        return parts[0].double()
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in parts:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    sums = [torch.stack(ts).double().sum() for ts in by_dtype.values()]
-    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
-
+def _sq_parts(tensors: list[Tensor]) -> list[Tensor]:
+    """‖t‖² of each tensor as 0-dim tensors (float32 or wider), without temporaries."""
+    out = []
+    for t in tensors:
+        if t.dtype in (torch.float32, torch.float64):
+            flat = t.reshape(-1)
+            out.append(torch.dot(flat, flat))
+        else:
+            out.append(torch.linalg.vector_norm(t, dtype=torch.float32).square())
+    return out

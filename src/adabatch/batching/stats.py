@@ -116,6 +116,13 @@ def stats_from_sums(
                           zip(cat.split([c.numel() for c in coord_sums]), coord_sums)]
     N, K, S, s1, s2, G = torch.cat(
         [flat.reshape(-1), grad_sq_norm.reshape(1).to(flat)]).tolist()
+    return finish_stats(needs, N, K, S, s1, s2, G, coord_sums, mean_grad)
+
+
+def finish_stats(needs: frozenset[str], N: float, K: float, S: float, s1: float, s2: float,
+                 G: float, coord_sums: list[Tensor] | None,
+                 mean_grad: list[Tensor]) -> GradientStats:
+    """The formulas of :func:`stats_from_sums` on sums already reduced to Python floats."""
     finite = math.isfinite(N) and math.isfinite(K)
     stats = GradientStats(batch_size=round(N) if finite else 0, grad_sq_norm=G)
     ok = finite and K >= 2
@@ -128,11 +135,20 @@ def stats_from_sums(
     if "orth_variance" in needs:
         stats.orth_variance = max((S - s2 / G) / denom, 0.0) if ok and G > 0 else nan
     if coord_sums is not None:
-        if ok:
+        if not ok:
+            stats.coord_variance = [torch.full_like(c, nan) for c in coord_sums]
+        elif all(c.dtype == g.dtype and c.device == g.device
+                 for c, g in zip(coord_sums, mean_grad)):
+            # (C_j − N·ḡ_j²)/(K − 1), clamped at 0: five multi-tensor kernels
+            sq = torch._foreach_mul(mean_grad, mean_grad)
+            torch._foreach_mul_(sq, N)
+            out = torch._foreach_sub(coord_sums, sq)
+            torch._foreach_div_(out, denom)
+            torch._foreach_clamp_min_(out, 0.0)
+            stats.coord_variance = list(out)
+        else:
             stats.coord_variance = [((c - N * g.to(c.dtype).square()) / denom).clamp_min_(0)
                                     for c, g in zip(coord_sums, mean_grad)]
-        else:
-            stats.coord_variance = [torch.full_like(c, nan) for c in coord_sums]
     if "mean_grad" in needs:
         stats.mean_grad = mean_grad
     return stats
