@@ -115,8 +115,11 @@ def test_accumulation_matches_one_pass(tmp_path):
             assert ra["statistic"] == pytest.approx(rb["statistic"], rel=1e-4)
 
 
-def test_statistics_only_on_test_steps_and_eval_cadence(tmp_path):
-    cfg = _cfg(tmp_path, eta=10.0, test_interval=3, steps=7, eval_every=3)  # B stays 16
+@pytest.mark.parametrize("estimator", ["per-sample", "micro-batch"])
+def test_statistics_only_on_test_steps_and_eval_cadence(tmp_path, estimator):
+    # the micro-batch estimator's gradient hooks are off on the steps between tests
+    cfg = _cfg(tmp_path, eta=10.0, test_interval=3, steps=7, eval_every=3,  # B stays 16
+               estimator=estimator, micro_batch=4)
     steps, evals = _rows(train(cfg).run_dir)
     measured = [r["step"] for r in steps if r["required"] is not None]
     assert measured == [1, 4, 7]  # 0-based steps 0, 3, 6

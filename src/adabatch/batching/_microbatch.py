@@ -38,6 +38,7 @@ counts as one micro-batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,6 +50,8 @@ from adabatch.batching.stats import (
     GradientStats,
     Reduce,
     check_needs,
+    finish_stats,
+    sq_norm_parts,
     stats_from_sums,
 )
 
@@ -154,22 +157,33 @@ class MicroBatchStats:
             self._pend_any = True
             if not self._need_var:
                 return
-            with torch.no_grad():
-                g = grad.to_dense() if grad.is_sparse else grad.detach()
-                self._pend_norms[i] = torch.linalg.vector_norm(g)
-                if self._need_coord:
-                    if self._pend_sq is None:
-                        self._pend_sq = [torch.zeros_like(q) for q in self.params]
-                    self._pend_sq[i].addcmul_(g, g)
-                if self._need_ip:
-                    self._pend_inc[i] = g.clone()
+            if torch.is_grad_enabled():  # backward(create_graph=True)
+                with torch.no_grad():
+                    self._measure(i, grad)
+            else:
+                self._measure(i, grad)
         return hook
+
+    def _measure(self, i: int, grad: Tensor) -> None:
+        g = grad.to_dense() if grad.is_sparse else grad.detach()
+        if g.dtype in (torch.float32, torch.float64):  # ‖Δ‖² (a BLAS dot: fastest on CPU)
+            flat = g.reshape(-1)
+            self._pend_norms[i] = torch.dot(flat, flat)
+        else:
+            self._pend_norms[i] = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        if self._need_coord:
+            if self._pend_sq is None:
+                self._pend_sq = [torch.zeros_like(q) for q in self.params]
+            self._pend_sq[i].addcmul_(g, g)
+        if self._need_ip:
+            self._pend_inc[i] = g.clone()
 
     def reset(self) -> None:
         """Start a new step: forget the micro-batches accumulated so far."""
         self._fresh = True  # the snapshot buffers are kept across steps, not zeroed
         self._n = 0
         self._m = 0
+        # (n_k, per-tensor ‖Δ_k‖ (track="grad") or ‖Δ_k‖² (track="hooks"))
         self._sq_parts: list[tuple[int, list[Tensor]]] = []
         if not hasattr(self, "_prev"):
             self._prev: list[Tensor] | None = None
@@ -284,41 +298,48 @@ class MicroBatchStats:
         finally:
             self.reset()
 
-    def _sum_sq_parts(self) -> Tensor:
-        """Σ_k ‖Δ_k‖²/n_k in float64 from the per-tensor norms kept by accumulate()."""
-        if not self._sq_parts:
-            return torch.zeros((), dtype=torch.float64, device=self.params[0].device)
-        norms = torch.stack([torch.stack(ns) for _, ns in self._sq_parts]).double()
-        w = torch.tensor([1.0 / n for n, _ in self._sq_parts], dtype=torch.float64,
-                         device=norms.device)
-        return (norms.square().sum(1) * w).sum()
-
     def _stats(self) -> GradientStats:
         gbar = [self._grad(p) for p in self.params]
-        G_t = _sum_sq(gbar)
         n_loc = self._n
-        # every partial sum lives on the gradients' device (one transfer at the end)
-        f64 = {"dtype": torch.float64, "device": G_t.device}
-        q1 = torch.zeros((), **f64)
-        q2 = torch.zeros((), **f64)
-        for n_k, incs in self._incs:
-            dot = sum((torch.dot(d.reshape(-1).double(), g.reshape(-1).double())
-                       for d, g in zip(incs, gbar)), torch.zeros((), **f64))
-            ip = dot * n_loc / n_k
-            q1 += n_k * ip
-            q2 += n_k * ip * ip
-        flat = torch.stack([torch.tensor(float(n_loc), **f64),
-                            torch.tensor(float(self._m), **f64),
-                            self._sum_sq_parts() * n_loc**2, q1, q2])
+        # every partial sum is a 0-dim tensor on the gradients' device; they are stacked
+        # (promoted to float64) and read back once: [‖ḡ_p‖² per tensor, ‖Δ_k,p‖ per micro-batch
+        # and tensor, s1, s2]
+        vals = sq_norm_parts(gbar)
+        k = len(vals)
+        for _, ns in self._sq_parts:
+            vals.extend(ns)
+        if self._incs:
+            f64 = {"dtype": torch.float64, "device": gbar[0].device}
+            q1 = torch.zeros((), **f64)
+            q2 = torch.zeros((), **f64)
+            for n_k, incs in self._incs:
+                dot = sum((torch.dot(d.reshape(-1).double(), g.reshape(-1).double())
+                           for d, g in zip(incs, gbar)), torch.zeros((), **f64))
+                ip = dot * n_loc / n_k
+                q1 += n_k * ip
+                q2 += n_k * ip * ip
+            vals += [q1, q2]
         coords = None
         if self._need_coord:
             assert self._coord is not None
-            coords = [c * n_loc**2 for c in self._coord]
-        return stats_from_sums(self.needs, flat, G_t, coords, gbar, self.reduce)
-
-
-def _sum_sq(tensors: list[Tensor]) -> Tensor:
-    """Σ ‖t‖² (float64) without model-sized temporaries."""
-    norms = torch._foreach_norm(tensors, 2)
-    return torch.stack(norms).double().square().sum()
-
+            coords = torch._foreach_mul(self._coord, float(n_loc**2))
+        v = torch.stack(vals).double().tolist()
+        G = math.fsum(v[:k])
+        # P = Σ_k n_k‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k
+        P, pos = 0.0, k
+        squared = self.track == "hooks"
+        for n_k, ns in self._sq_parts:
+            part = v[pos:pos + len(ns)]
+            P += (math.fsum(part) if squared else math.fsum(x * x for x in part)) / n_k
+            pos += len(ns)
+        P *= n_loc**2
+        s1, s2 = (v[-2], v[-1]) if self._incs else (0.0, 0.0)
+        if self.reduce is None:
+            return finish_stats(self.needs, float(n_loc), float(self._m), P, s1, s2, G, coords,
+                                gbar)
+        dev = gbar[0].device
+        flat = torch.tensor([float(n_loc), float(self._m), P, s1, s2], dtype=torch.float64,
+                            device=dev)
+        return stats_from_sums(self.needs, flat, torch.tensor(G, dtype=torch.float64,
+                                                              device=dev),
+                               coords, gbar, self.reduce)

@@ -66,6 +66,7 @@ from adabatch.batching.stats import (
     Reduce,
     check_needs,
     finish_stats,
+    sq_norm_parts,
     stats_from_sums,
 )
 
@@ -1036,7 +1037,7 @@ class PerSampleStats:
         n_loc = self._n_total
         # every partial sum is a 0-dim tensor on the gradients' device; they are stacked
         # (promoted to float64) and read back once: [‖ḡ_p‖² per tensor, Σ‖g_i‖² parts, s1, s2]
-        vals = _sq_parts(gbar)
+        vals = sq_norm_parts(gbar)
         k = len(vals)
         vals += self._norm_parts
         n_norm = len(self._norm_parts)
@@ -1082,15 +1083,3 @@ class PerSampleStats:
                             stacked[-2] if self._need_ip else zero,
                             stacked[-1] if self._need_ip else zero])
         return stats_from_sums(self.needs, flat, stacked[:k].sum(), coords, gbar, self.reduce)
-
-
-def _sq_parts(tensors: list[Tensor]) -> list[Tensor]:
-    """‖t‖² of each tensor as 0-dim tensors (float32 or wider), without temporaries."""
-    out = []
-    for t in tensors:
-        if t.dtype in (torch.float32, torch.float64):
-            flat = t.reshape(-1)
-            out.append(torch.dot(flat, flat))
-        else:
-            out.append(torch.linalg.vector_norm(t, dtype=torch.float32).square())
-    return out

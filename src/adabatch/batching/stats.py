@@ -154,6 +154,19 @@ def finish_stats(needs: frozenset[str], N: float, K: float, S: float, s1: float,
     return stats
 
 
+def sq_norm_parts(tensors: list[Tensor]) -> list[Tensor]:
+    """‖t‖² of each tensor as 0-dim tensors (float32 or wider, on the tensors' devices),
+    without temporaries: one dot product per float32/float64 tensor."""
+    out = []
+    for t in tensors:
+        if t.dtype in (torch.float32, torch.float64):
+            flat = t.reshape(-1)
+            out.append(torch.dot(flat, flat))
+        else:
+            out.append(torch.linalg.vector_norm(t, dtype=torch.float32).square())
+    return out
+
+
 def _reduced(reduce: Reduce, flat: Tensor) -> Tensor:
     out = reduce(flat)
     return flat if out is None else out

@@ -264,7 +264,9 @@ def _make_estimator(cfg: TrainConfig, model: nn.Module, needs: frozenset[str],
 
     if cfg.estimator == "per-sample":
         return batching.PerSampleStats(model, needs=needs, reduce=reduce)
-    return batching.MicroBatchStats(model, needs=needs, reduce=reduce)
+    # increments read in gradient hooks: one pass over each gradient per micro-batch instead
+    # of three (benchmarks/test_overhead.py, micro vs micro-hooks); enabled on test steps only
+    return batching.MicroBatchStats(model, needs=needs, reduce=reduce, track="hooks")
 
 
 def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> Run:
@@ -514,6 +516,8 @@ def _run(run: Run, writer: MetricsWriter, progress: Progress, stop: _StopFlag) -
         B = policy.batch_size
         B_local = B // world  # this rank's share; DDP averages the ranks' gradients
         measure = est is not None and policy.wants_stats()
+        if est is not None and not per_sample:
+            est.enabled = measure  # MicroBatchStats(track="hooks") measures test steps only
         lr_mult = 1.0 if fixed_lr else lr_multiplier(cfg, run.samples, run.step,
                                                       run.budget_kind, run.budget)
         if not fixed_lr:
