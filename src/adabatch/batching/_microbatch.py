@@ -322,7 +322,7 @@ class MicroBatchStats:
         coords = None
         if self._need_coord:
             assert self._coord is not None
-            coords = torch._foreach_mul(self._coord, float(n_loc**2))
+            coords = self._coord
         v = torch.stack(vals).double().tolist()
         G = math.fsum(v[:k])
         # P = Σ_k n_k‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k
@@ -336,7 +336,9 @@ class MicroBatchStats:
         s1, s2 = (v[-2], v[-1]) if self._incs else (0.0, 0.0)
         if self.reduce is None:
             return finish_stats(self.needs, float(n_loc), float(self._m), P, s1, s2, G, coords,
-                                gbar)
+                                gbar, coord_scale=float(n_loc**2))
+        if coords is not None:  # each process scales by its own N before the sum
+            coords = torch._foreach_mul(coords, float(n_loc**2))
         dev = gbar[0].device
         flat = torch.tensor([float(n_loc), float(self._m), P, s1, s2], dtype=torch.float64,
                             device=dev)

@@ -1065,9 +1065,8 @@ class PerSampleStats:
             vals += [s_ip, s_ip2]
         coords = None
         if self._need_coord:
-            coords = torch._foreach_mul(
-                [c if c is not None else torch.zeros_like(p)
-                 for c, p in zip(self._coord, self.params)], float(n_loc**2))
+            coords = [c if c is not None else torch.zeros_like(p)
+                      for c, p in zip(self._coord, self.params)]
         stacked = torch.stack(vals).double()
         if self.reduce is None:
             v = stacked.tolist()
@@ -1076,7 +1075,9 @@ class PerSampleStats:
             s1, s2 = (v[-2], v[-1]) if self._need_ip else (0.0, 0.0)
             # units are samples: K = N
             return finish_stats(self.needs, float(n_loc), float(n_loc), S, s1, s2, G, coords,
-                                gbar)
+                                gbar, coord_scale=float(n_loc**2))
+        if coords is not None:  # each process scales by its own N before the sum
+            coords = torch._foreach_mul(coords, float(n_loc**2))
         n_t = torch.tensor(float(n_loc), dtype=torch.float64, device=stacked.device)
         zero = stacked.new_zeros(())
         flat = torch.stack([n_t, n_t, stacked[k:k + n_norm].sum() * n_loc**2,

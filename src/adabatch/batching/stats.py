@@ -121,8 +121,9 @@ def stats_from_sums(
 
 def finish_stats(needs: frozenset[str], N: float, K: float, S: float, s1: float, s2: float,
                  G: float, coord_sums: list[Tensor] | None,
-                 mean_grad: list[Tensor]) -> GradientStats:
-    """The formulas of :func:`stats_from_sums` on sums already reduced to Python floats."""
+                 mean_grad: list[Tensor], coord_scale: float = 1.0) -> GradientStats:
+    """The formulas of :func:`stats_from_sums` on sums already reduced to Python floats;
+    the coordinate sums are ``coord_scale * coord_sums`` (not modified)."""
     finite = math.isfinite(N) and math.isfinite(K)
     stats = GradientStats(batch_size=round(N) if finite else 0, grad_sq_norm=G)
     ok = finite and K >= 2
@@ -139,16 +140,15 @@ def finish_stats(needs: frozenset[str], N: float, K: float, S: float, s1: float,
             stats.coord_variance = [torch.full_like(c, nan) for c in coord_sums]
         elif all(c.dtype == g.dtype and c.device == g.device
                  for c, g in zip(coord_sums, mean_grad)):
-            # (C_j − N·ḡ_j²)/(K − 1), clamped at 0: five multi-tensor kernels
-            sq = torch._foreach_mul(mean_grad, mean_grad)
-            torch._foreach_mul_(sq, N)
-            out = torch._foreach_sub(coord_sums, sq)
-            torch._foreach_div_(out, denom)
+            # (scale·C_j − N·ḡ_j²)/(K − 1), clamped at 0: three multi-tensor passes
+            out = torch._foreach_mul(coord_sums, coord_scale / denom)
+            torch._foreach_addcmul_(out, mean_grad, mean_grad, value=-N / denom)
             torch._foreach_clamp_min_(out, 0.0)
             stats.coord_variance = list(out)
         else:
-            stats.coord_variance = [((c - N * g.to(c.dtype).square()) / denom).clamp_min_(0)
-                                    for c, g in zip(coord_sums, mean_grad)]
+            stats.coord_variance = [
+                ((c * coord_scale - N * g.to(c.dtype).square()) / denom).clamp_min_(0)
+                for c, g in zip(coord_sums, mean_grad)]
     if "mean_grad" in needs:
         stats.mean_grad = mean_grad
     return stats
