@@ -112,6 +112,8 @@ def _chunks(n: int, per_sample: int, budget: int, chunk_size: int | None,
     step = chunk_size if chunk_size is not None else max(1, budget // max(1, per_sample))
     if cap is not None and chunk_size is None:
         step = min(step, cap)
+    if chunk_size is None and n > step:  # equal chunks: no small tail chunk (fixed costs)
+        step = -(-n // -(-n // step))
     for lo in range(0, n, step):
         yield lo, min(n, lo + step)
 
@@ -908,7 +910,10 @@ class PerSampleStats:
         # backend's weight gradient): keeping them for the inner products then costs memory
         # only, which is worth up to twice the input and output gradient it frees
         limit = 2 * kept if rec.fuse else kept
-        return {nm for nm in names if rec.handler.param(nm).numel() <= limit}
+        store = {nm for nm in names if rec.handler.param(nm).numel() <= limit}
+        if isinstance(rec.handler, _LinearHandler) and "weight" in names and "weight" not in store:
+            store.discard("bias")  # taken with the weight in one addmm (ip_wb)
+        return store
 
     def _add(self, pid: int, norm: Tensor | None, coord: Tensor | None) -> None:
         idx = self._index[pid]
