@@ -26,6 +26,10 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   per-sample ones; the default fuses them).
 - ``<kind>@base`` (only with ``--baseline DIR``): the same kind with the estimators loaded
   from copies of ``_persample.py`` / ``_microbatch.py`` in DIR (an interleaved before/after).
+- ``floor``: what any hook-based per-sample estimator pays before computing anything: forward
+  hooks on the Linear/Conv layers keep each input and register a hook that keeps the output
+  gradient, and G = ‖ḡ‖² is read from the gradients (one dot product per tensor); no
+  per-sample arithmetic. The per-sample kinds can approach this row, not go below it.
 - ``vmap``: the AdAdaGrad authors' way: a plain step plus per-sample gradients by
   ``torch.func.vmap(grad(loss))`` over the model's detached parameters, then V and G.
 - BackPACK (BatchL2Grad + SumGradSquared) is not run: ``pip install --dry-run
@@ -66,7 +70,8 @@ NEEDS = {
     "aip": {"grad_sq_norm", "ip_variance", "orth_variance"},
     "coord": {"coord_variance", "mean_grad"},
 }
-KINDS = ["plain", "norm", "ip", "aip", "coord", "plain×4", "micro", "micro-hooks", "vmap"]
+KINDS = ["plain", "floor", "norm", "ip", "aip", "coord", "plain×4", "micro", "micro-hooks",
+         "vmap"]
 MICRO = 4
 #: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from copies of
 #: ``_persample.py`` / ``_microbatch.py`` in DIR and adds the kinds ``<kind>@base``.
@@ -127,6 +132,27 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
             s = mest.stats() if mest is not None else None
             opt.step()
             return s
+        return step
+
+    if kind == "floor":
+        kept: list[torch.Tensor] = []
+
+        def keep(module, args, out):
+            kept.append(args[0].detach())
+            out.register_hook(kept.append)
+
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.register_forward_hook(keep)
+
+        def step():
+            kept.clear()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
+                             for p in model.parameters()]).sum().item()
+            opt.step()
+            return G
         return step
 
     if kind == "vmap":
@@ -239,6 +265,8 @@ def test_overhead_smoke():
                 assert out.is_finite() and out.batch_size == 8
             elif kind == "vmap":
                 assert all(v > 0 for v in out)
+            elif kind == "floor":
+                assert out > 0
 
 
 def main() -> None:
