@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,3 +223,34 @@ def test_fused_conv_takes_the_weight_gradient_from_the_per_sample_sum(monkeypatc
     # per-sample (grouped) calls ask for the weight only; the fused backward never does
     fused = [mk for mk in masks if mk != [False, True, False]]
     assert fused and all(not mk[1] for mk in fused)
+
+
+def test_bfloat16_gradients_give_float32_accumulated_statistics():
+    # low-precision gradients: ‖·‖² is accumulated in float32 (no bf16 dot products), so both
+    # estimators agree with the same computation on a float32 copy of the bf16 model
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(torch.bfloat16)
+    ref = copy.deepcopy(model).float()
+    x, y = data(12)
+    parts = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    for m in (model, ref):
+        for p in m.parameters():
+            p.grad = None
+    outs = []
+    for m in (model, ref):
+        est = MicroBatchStats(m, needs={"variance_trace"}, track="hooks")
+        for xp, yp in parts:
+            xp = xp.to(next(m.parameters()).dtype)
+            (F.cross_entropy(m(xp).float(), yp) * (len(xp) / 12)).backward()
+            est.accumulate(len(xp))
+        outs.append(est.stats())
+        est.remove()
+        per = PerSampleStats(m, needs={"variance_trace"})
+        m.zero_grad()
+        with per.measure():
+            F.cross_entropy(m(x.to(next(m.parameters()).dtype)).float(), y).backward()
+        outs.append(per.stats())
+    for got, want in ((outs[0], outs[2]), (outs[1], outs[3])):
+        assert got.grad_sq_norm == pytest.approx(want.grad_sq_norm, rel=0.05)
+        assert got.variance_trace == pytest.approx(want.variance_trace, rel=0.05)
+        assert got.grad_sq_norm > 0 and got.variance_trace > 0
