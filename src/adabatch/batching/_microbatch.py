@@ -323,25 +323,34 @@ class MicroBatchStats:
         if self._need_coord:
             assert self._coord is not None
             coords = self._coord
-        v = torch.stack(vals).double().tolist()
-        G = math.fsum(v[:k])
-        # P = Σ_k n_k‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k
-        P, pos = 0.0, k
+        stacked = torch.stack(vals).double()
         squared = self.track == "hooks"
-        for n_k, ns in self._sq_parts:
-            part = v[pos:pos + len(ns)]
-            P += (math.fsum(part) if squared else math.fsum(x * x for x in part)) / n_k
-            pos += len(ns)
-        P *= n_loc**2
-        s1, s2 = (v[-2], v[-1]) if self._incs else (0.0, 0.0)
         if self.reduce is None:
-            return finish_stats(self.needs, float(n_loc), float(self._m), P, s1, s2, G, coords,
-                                gbar, coord_scale=float(n_loc**2))
+            v = stacked.tolist()
+            G = math.fsum(v[:k])
+            # P = Σ_k n_k‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k
+            P, pos = 0.0, k
+            for n_k, ns in self._sq_parts:
+                part = v[pos:pos + len(ns)]
+                P += (math.fsum(part) if squared else math.fsum(x * x for x in part)) / n_k
+                pos += len(ns)
+            s1, s2 = (v[-2], v[-1]) if self._incs else (0.0, 0.0)
+            return finish_stats(self.needs, float(n_loc), float(self._m), P * n_loc**2, s1, s2,
+                                G, coords, gbar, coord_scale=float(n_loc**2))
+        # distributed: the partial sums stay on the device until the one reduced read-back
+        dev = stacked.device
+        parts = stacked[k:k + sum(len(ns) for _, ns in self._sq_parts)]
+        if not squared:
+            parts = parts.square()
+        w = torch.tensor([1.0 / n_k for n_k, ns in self._sq_parts for _ in ns],
+                         dtype=torch.float64, device=dev)
+        zero = stacked.new_zeros(())
+        flat = torch.stack([
+            torch.tensor(float(n_loc), dtype=torch.float64, device=dev),
+            torch.tensor(float(self._m), dtype=torch.float64, device=dev),
+            (parts * w).sum() * n_loc**2,
+            stacked[-2] if self._incs else zero,
+            stacked[-1] if self._incs else zero])
         if coords is not None:  # each process scales by its own N before the sum
             coords = torch._foreach_mul(coords, float(n_loc**2))
-        dev = gbar[0].device
-        flat = torch.tensor([float(n_loc), float(self._m), P, s1, s2], dtype=torch.float64,
-                            device=dev)
-        return stats_from_sums(self.needs, flat, torch.tensor(G, dtype=torch.float64,
-                                                              device=dev),
-                               coords, gbar, self.reduce)
+        return stats_from_sums(self.needs, flat, stacked[:k].sum(), coords, gbar, self.reduce)

@@ -693,6 +693,8 @@ class PerSampleStats:
         chunk_size: samples per chunk of the materialising paths; default: as many as keep
             every temporary under ``budget`` elements.
         budget: bound on the elements of one temporary (default :data:`DEFAULT_BUDGET`).
+            Convolutions with few input channels keep one im2col workspace of at most this
+            many elements across steps (no fresh allocation per step).
         reduce: optional ``reduce(flat) -> flat`` summing a float64 tensor across processes
             (an all-reduce with SUM, in place or returned). Called once per :meth:`stats`
             on ``[N, Σ‖g_i‖², Σ ip_i, Σ ip_i²]`` and, only for ``coord_variance``, once on the
