@@ -124,6 +124,7 @@ class _Handler:
     def __init__(self, module: nn.Module, names: tuple[str, ...]) -> None:
         self.module = module
         self.names = names
+        self.pids = tuple(id(getattr(module, nm)) for nm in names)
 
     def param(self, name: str) -> Tensor:
         return getattr(self.module, name)
@@ -736,6 +737,7 @@ class PerSampleStats:
         self._need_coord = "coord_variance" in self.needs
         self._need_ip = bool(self.needs & _IP_STATS)
         self._per_sample = self._need_norm or self._need_coord or self._need_ip
+        self._norm_only = self._need_norm and not (self._need_coord or self._need_ip)
 
         self.params: list[Tensor] = []
         self._index: dict[int, int] = {}
@@ -874,17 +876,46 @@ class PerSampleStats:
               if kwargs else {})
         rec = _Record(module, handler, saved_args, kw, n, len(outs))
         uses = self._uses
-        for nm in handler.names:
-            pid = id(getattr(module, nm))
+        for pid in handler.pids:
             uses[pid] = uses.get(pid, 0) + 1
         self._records.append(rec)
-        box = self._boxes.pop(module, None)
-        if box is not None:
-            box[0] = rec
-            rec.fuse = True
+        if self._boxes:
+            box = self._boxes.pop(module, None)
+            if box is not None:
+                box[0] = rec
+                rec.fuse = True
+        if (self._norm_only and type(handler) is _LinearHandler and len(outs) == 1
+                and first.dim() == 2 and handler.names[0] == "weight"):
+            output.register_hook(self._make_linear_norm_hook(rec))
+            return
         for i, o in enumerate(outs):
             if o.requires_grad:
                 o.register_hook(self._make_grad_hook(rec, i))
+
+    def _make_linear_norm_hook(self, rec: _Record) -> Callable[[Tensor], None]:
+        """The common case made cheap: a Linear on [b, in] inputs when only norms are needed:
+        Σ_i ‖g_i‖² = Σ_i ‖a_i‖²‖δ_i‖² (+ Σ_i ‖δ_i‖² for the bias), done in the hook."""
+        def hook(grad: Tensor) -> None:
+            rec.deltas[0] = grad.detach()
+            rec.pending = 0
+            uses = self._uses
+            pids = rec.handler.pids
+            if any(uses[pid] > 1 for pid in pids):
+                return  # a shared parameter: the per-pass path sums its uses
+            a, D = rec.inputs[0], rec.deltas[0]
+            # inputs and output gradients may differ in dtype under autocast: reduce both in
+            # their common type, at least float32
+            dt = torch.promote_types(torch.promote_types(a.dtype, D.dtype), torch.float32)
+            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+                nd = torch.linalg.vector_norm(D, dim=1, dtype=dt)
+                t = torch.linalg.vector_norm(a, dim=1, dtype=dt).mul_(nd)
+                self._norm_parts.append(torch.dot(t, t))
+                if len(pids) == 2:  # the bias: Σ_i ‖δ_i‖²
+                    self._norm_parts.append(torch.dot(nd, nd))
+            self._seen.update(pids)
+            rec.done = True
+            rec.inputs, rec.deltas = (), []
+        return hook
 
     def _make_grad_hook(self, rec: _Record, i: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -901,7 +932,8 @@ class PerSampleStats:
     def _simple(self, rec: _Record) -> bool:
         if isinstance(rec.handler, _FuncHandler) or len(rec.deltas) != 1:
             return False
-        return all(self._uses.get(id(rec.handler.param(nm)), 0) <= 1 for nm in rec.names)
+        uses = self._uses
+        return all(uses[pid] <= 1 for pid in rec.handler.pids)
 
     # --- per-pass processing -----------------------------------------------------------------
     def _store_mat(self, rec: _Record, names: tuple[str, ...]) -> set[str]:
