@@ -215,6 +215,29 @@ def test_tied_weights_and_reused_module(needs):
     check(Tied().to(DT), [batch(7, (4,), 10, seed=3, ints=10)], needs)
 
 
+class Reused2D(nn.Module):
+    """A Linear on [b, in] inputs called twice, and a weight shared by two Linears."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.lin = nn.Linear(5, 5)
+        self.a = nn.Linear(5, 5, bias=False)
+        self.b = nn.Linear(5, 3)
+        self.other = nn.Linear(5, 5)
+        self.other.weight = self.a.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(torch.tanh(self.lin(x))))
+        return self.b(torch.tanh(self.a(h)) + torch.tanh(self.other(x)))
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_reused_linear_on_flat_inputs(needs):
+    # the norm-only Linear hook must hand shared parameters to the per-pass path
+    check(Reused2D().to(DT), [batch(9, (5,), 3, seed=4)], needs)
+
+
 @pytest.mark.parametrize("needs", NEEDS)
 def test_fallback_torch_func(needs):
     torch.manual_seed(5)
