@@ -283,11 +283,17 @@ class _LinearHandler(_Handler):
                 result["bias"] = (None, None, [D] if "bias" in store else None)
             return result
         rest = tuple(nm for nm in names if nm != "weight")
+        dsq = None  # δ² of a layer without a sequence axis, shared by bias and weight
         if rest == ("bias",):
             _, D = self._AD(rec, 0, rec.n)
             Db = D[:, 0] if D.shape[1] == 1 else D.sum(1)
             norm = torch.dot(Db.reshape(-1), Db.reshape(-1)).double() if need_norm else None
-            coord = Db.square().sum(0) if need_coord else None
+            coord = None
+            if need_coord:
+                sq = Db.square()
+                coord = sq.sum(0)
+                if D.shape[1] == 1:
+                    dsq = sq
             result["bias"] = (norm, coord, [Db] if "bias" in store else None)
             rest = ()
         if "weight" in names:
@@ -301,7 +307,7 @@ class _LinearHandler(_Handler):
                     prod = torch.linalg.vector_norm(A, dim=1) * torch.linalg.vector_norm(D, dim=1)
                     norm = torch.dot(prod, prod).double()
                 if need_coord:
-                    coord = D.square().T @ A.square()
+                    coord = (D.square() if dsq is None else dsq).T @ A.square()
                 result["weight"] = (norm, coord, None)
             elif (not need_coord and "weight" not in store
                   and L * (in_f + out_f) < in_f * out_f):
@@ -737,7 +743,7 @@ class PerSampleStats:
         self._need_coord = "coord_variance" in self.needs
         self._need_ip = bool(self.needs & _IP_STATS)
         self._per_sample = self._need_norm or self._need_coord or self._need_ip
-        self._norm_only = self._need_norm and not (self._need_coord or self._need_ip)
+        self._direct_linear = self._per_sample and not self._need_ip
 
         self.params: list[Tensor] = []
         self._index: dict[int, int] = {}
@@ -884,17 +890,18 @@ class PerSampleStats:
             if box is not None:
                 box[0] = rec
                 rec.fuse = True
-        if (self._norm_only and type(handler) is _LinearHandler and len(outs) == 1
+        if (self._direct_linear and type(handler) is _LinearHandler and len(outs) == 1
                 and first.dim() == 2 and handler.names[0] == "weight"):
-            output.register_hook(self._make_linear_norm_hook(rec))
+            output.register_hook(self._make_linear_hook(rec))
             return
         for i, o in enumerate(outs):
             if o.requires_grad:
                 o.register_hook(self._make_grad_hook(rec, i))
 
-    def _make_linear_norm_hook(self, rec: _Record) -> Callable[[Tensor], None]:
-        """The common case made cheap: a Linear on [b, in] inputs when only norms are needed:
-        Σ_i ‖g_i‖² = Σ_i ‖a_i‖²‖δ_i‖² (+ Σ_i ‖δ_i‖² for the bias), done in the hook."""
+    def _make_linear_hook(self, rec: _Record) -> Callable[[Tensor], None]:
+        """The common case made cheap: a Linear on [b, in] inputs when no inner products are
+        needed, done in the output's gradient hook: Σ_i ‖g_i‖² = Σ_i ‖a_i‖²‖δ_i‖² (+ Σ_i ‖δ_i‖²
+        for the bias) and Σ_i g_i² = (δ²)ᵀ(a²) (and Σ_i δ_i² for the bias)."""
         def hook(grad: Tensor) -> None:
             rec.deltas[0] = grad.detach()
             rec.pending = 0
@@ -907,11 +914,17 @@ class PerSampleStats:
             # their common type, at least float32
             dt = torch.promote_types(torch.promote_types(a.dtype, D.dtype), torch.float32)
             with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-                nd = torch.linalg.vector_norm(D, dim=1, dtype=dt)
-                t = torch.linalg.vector_norm(a, dim=1, dtype=dt).mul_(nd)
-                self._norm_parts.append(torch.dot(t, t))
-                if len(pids) == 2:  # the bias: Σ_i ‖δ_i‖²
-                    self._norm_parts.append(torch.dot(nd, nd))
+                if self._need_norm:
+                    nd = torch.linalg.vector_norm(D, dim=1, dtype=dt)
+                    t = torch.linalg.vector_norm(a, dim=1, dtype=dt).mul_(nd)
+                    self._norm_parts.append(torch.dot(t, t))
+                    if len(pids) == 2:  # the bias: Σ_i ‖δ_i‖²
+                        self._norm_parts.append(torch.dot(nd, nd))
+                if self._need_coord:
+                    dsq = D.to(dt).square()
+                    self._add(pids[0], None, dsq.T @ a.to(dt).square())
+                    if len(pids) == 2:
+                        self._add(pids[1], None, dsq.sum(0))
             self._seen.update(pids)
             rec.done = True
             rec.inputs, rec.deltas = (), []
