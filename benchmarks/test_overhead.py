@@ -5,7 +5,7 @@ Run (prints a markdown table; about 5 minutes on 2 cores)::
     python benchmarks/test_overhead.py                 # full: b = 32, 128, 512, 2 threads
     python benchmarks/test_overhead.py --quick         # fewer rounds, b = 32, 128
     python benchmarks/test_overhead.py --rounds 12 --reps 1 --no-mem --sizes 128 \
-        --kinds norm,coord,norm+fused,micro --baseline /path/to/old/copies   # A/B subset
+        --kinds norm,coord,norm+unfused,micro --baseline /path/to/old/copies   # A/B subset
 
 Models: the AdAdaGrad authors' MNIST CNN (timlautk/AdAdaGrad, modules.py: conv 1→16 k5 pad 2,
 ReLU, max-pool 2, conv 16→32 k5 pad 2, ReLU, max-pool 2, linear 32·7·7→10; the issue's
@@ -36,8 +36,11 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   backpack-for-pytorch`` wants to replace torch 2.13.0 by torch 2.14.1 with CUDA wheels.
 
 Timing: every round runs every configuration once (shuffled order), each for ``--reps`` steps
-after a warm-up; the best round per configuration is kept; ratios are to ``plain`` at the same
-model and batch size.
+after a warm-up. A ratio is the median over the rounds of the configuration's time divided by
+the time of ``plain`` (``plain×4`` for the micro-batch kinds) at the same model and batch size
+*in the same round*: on a shared machine whose speed drifts over minutes, pairs measured seconds
+apart are comparable, while the best rounds of two configurations may come from different
+phases. The ``plain`` column is its best round.
 
 Peak memory: torch's CPU tensors come from malloc, which tracemalloc does not see, so each
 configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks are
@@ -53,6 +56,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -188,7 +192,7 @@ def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None) -
     for c in configs:  # warm-up
         steps[c]()
         steps[c]()
-    best = dict.fromkeys(configs, float("inf"))
+    times: dict = {c: [] for c in configs}
     rng = random.Random(seed)
     for _ in range(rounds):
         order = configs[:]
@@ -197,8 +201,8 @@ def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None) -
             t0 = time.perf_counter()
             for _ in range(reps):
                 steps[c]()
-            best[c] = min(best[c], (time.perf_counter() - t0) / reps)
-    return best
+            times[c].append((time.perf_counter() - t0) / reps)
+    return times
 
 
 def _status_kb(field: str) -> int:
@@ -244,7 +248,8 @@ def table(times: dict, mems: dict | None, models, sizes, kinds=None) -> str:
             for k in kinds:
                 t = times[(m, b, k)]
                 ref = plain4 if k.startswith("micro") else plain
-                cell = f"{t * 1e3:.2f} ms" if k == "plain" else f"{t / ref:.2f}×"
+                cell = (f"{min(t) * 1e3:.2f} ms" if k == "plain"
+                        else f"{statistics.median(a / r for a, r in zip(t, ref)):.2f}×")
                 if mems is not None:
                     mref = mems[(m, b, "plain×4" if k.startswith("micro") else "plain")]
                     mem = mems[(m, b, k)]
@@ -305,9 +310,9 @@ def main() -> None:
     times = time_all(models, sizes, rounds, args.reps, kinds=kinds)
     print(table(times, None, models, sizes, kinds), flush=True)
     mems = None if args.no_mem else mem_all(models, sizes, kinds)
-    print(f"torch {torch.__version__}, {args.threads} threads, best of {rounds} rounds × "
-          f"{args.reps} steps; cells: time ratio / peak-memory ratio to plain "
-          f"(micro: to plain×4)")
+    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} rounds × "
+          f"{args.reps} steps; cells: median per-round time ratio / peak-memory ratio to "
+          f"plain (micro: to plain×4); plain: best round")
     print(table(times, mems, models, sizes, kinds))
 
 
