@@ -408,18 +408,21 @@ class _ConvHandler(_Handler):
     def grads(self, rec: _Record, names: tuple[str, ...], lo: int, hi: int) -> dict[str, Tensor]:
         out = {}
         c = hi - lo
+        d = rec.deltas[0][lo:hi]  # type: ignore[index]
+        gb = None
         if "weight" in names:
-            out["weight"] = self._weight_grads(rec.inputs[0][lo:hi], rec.deltas[0][lo:hi])
+            out["weight"], gb = self._weight_grads(rec.inputs[0][lo:hi], d, "bias" in names)
         if "bias" in names:
-            d = rec.deltas[0][lo:hi]  # type: ignore[index]
-            out["bias"] = d.reshape(c, d.shape[1], -1).sum(-1)
+            out["bias"] = gb if gb is not None else d.reshape(c, d.shape[1], -1).sum(-1)
         return out
 
-    def _weight_grads(self, x: Tensor, d: Tensor) -> Tensor:
+    def _weight_grads(self, x: Tensor, d: Tensor,
+                      bias: bool = False) -> tuple[Tensor, Tensor | None]:
         """Per-sample weight gradients [c, *weight.shape]: by im2col (into the kept workspace)
         and a batched matmul for few input channels (:meth:`_im2col`), else the weight
         gradient of one grouped convolution whose groups are the samples (the backend's
-        weight-gradient kernel; no im2col copy)."""
+        weight-gradient kernel; no im2col copy), which with ``bias`` also gives the per-sample
+        bias gradients [c, C_out] from the same pass over d (else None)."""
         m = self.module
         c = x.shape[0]
         if self._im2col():
@@ -429,7 +432,7 @@ class _ConvHandler(_Handler):
             U = self.unfold(x, ws)
             U = U.view(c * m.groups, -1, U.shape[-1])  # [c·g, I, L]
             D = d.reshape(c * m.groups, -1, U.shape[-1]).to(dt)  # [c·g, O, L]
-            return torch.bmm(D, U.transpose(1, 2)).view(c, *m.weight.shape)
+            return torch.bmm(D, U.transpose(1, 2)).view(c, *m.weight.shape), None
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
             pad = m._reversed_padding_repeated_twice
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
@@ -441,10 +444,11 @@ class _ConvHandler(_Handler):
         xin = x.reshape(1, c * x.shape[1], *x.shape[2:])
         go = d.reshape(1, c * d.shape[1], *d.shape[2:])
         wshape = (c * w.shape[0], *w.shape[1:])
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            go, xin, w.new_empty(wshape), None, list(m.stride), padding, list(m.dilation),
-            False, [0] * self.dims, c * m.groups, [False, True, False])
-        return gw.reshape(c, *w.shape)
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            go, xin, w.new_empty(wshape), [c * w.shape[0]] if bias else None, list(m.stride),
+            padding, list(m.dilation), False, [0] * self.dims, c * m.groups,
+            [False, True, bias])
+        return gw.reshape(c, *w.shape), (gb.view(c, w.shape[0]) if bias else None)
 
     def _sizes(self, rec: _Record) -> tuple[int, int, int]:
         m = self.module
