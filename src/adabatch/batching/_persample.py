@@ -504,8 +504,9 @@ class _FusedConv(torch.autograd.Function):
     gradients that the estimator has already summed (``rec.wsum``, set by the output's
     gradient hook, which runs before this backward), instead of a second weight-gradient
     convolution. Without ``rec.wsum`` (a tied weight, the ghost-norm path, no statistics
-    needed) it computes the weight gradient as usual. Input and bias gradients: the
-    backend's convolution_backward, as an ordinary conv's backward."""
+    needed) it computes the weight gradient as usual. The input gradient comes from the
+    backend's convolution_backward (input only); the bias gradient is the summed per-sample
+    bias gradients (``rec.bsum``) or the output gradient summed over batch and positions."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, module: nn.Module,
