@@ -327,20 +327,18 @@ class _LinearHandler(_Handler):
         if name == "bias":
             _, D = self._AD(rec, 0, rec.n)
             return D.sum(1) @ gbar.to(D.dtype)
-        out = []
-        per = rec.inputs[0][0].numel() + 2 * rec.deltas[0][0].numel()  # type: ignore[index]
-        for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
-            A, D = self._AD(rec, lo, hi)
-            out.append((D * F.linear(A, gbar.to(A.dtype))).sum((1, 2)))
-        return torch.cat(out)
+        return self.ip_wb(rec, gbar, None, est)
 
-    def ip_wb(self, rec: _Record, gw: Tensor, gb: Tensor, est: PerSampleStats) -> Tensor:
-        """⟨g_i, ḡ⟩ over weight and bias together: Σ_t δ_it · (ḡ_W a_it + ḡ_b)."""
+    def ip_wb(self, rec: _Record, gw: Tensor, gb: Tensor | None,
+              est: PerSampleStats) -> Tensor:
+        """⟨g_i, ḡ⟩ over the weight and (unless ``gb`` is None) the bias together:
+        Σ_t δ_it · (ḡ_W a_it + ḡ_b), one addmm per chunk."""
         out = []
         per = rec.inputs[0][0].numel() + 2 * rec.deltas[0][0].numel()  # type: ignore[index]
         for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
             A, D = self._AD(rec, lo, hi)
-            out.append((D * F.linear(A, gw.to(A.dtype), gb.to(A.dtype))).sum((1, 2)))
+            bias = None if gb is None else gb.to(A.dtype)
+            out.append((D * F.linear(A, gw.to(A.dtype), bias)).sum((1, 2)))
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
