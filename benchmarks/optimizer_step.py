@@ -19,6 +19,12 @@ Usage::
     python benchmarks/optimizer_step.py                  # both sets, 1 and 2 threads
     python benchmarks/optimizer_step.py --quick          # fewer rounds, resnet18 only
     python benchmarks/optimizer_step.py --rounds 30 --threads 1 --sets transformer
+    python benchmarks/optimizer_step.py --device cuda --ref "torch Adam (fused)"
+
+On CUDA each timed sample is ``--reps`` back-to-back steps between two synchronisations,
+divided by ``--reps`` (the steady state of a training loop, host overhead included), and the
+one-time compilation of the fused AdaBelief (Triton) is reported; ``--block``/``--warps``
+override its launch shape (for tuning).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Callable
 
 import torch
 
+from adabatch.optim import adabelief_fused_cuda
 from adabatch.optim.adabelief import AdaBelief, _fused_ok
 
 Shape = tuple[int, ...]
@@ -78,14 +85,19 @@ def transformer_shapes(
     return shapes
 
 
-def competitors() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+def competitors(
+    device: torch.device,
+) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
     """name -> factory; every AdaBelief with eps=1e-16, decoupled decay, rectification on."""
     ab = dict(HP, eps=1e-16)
     out: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
         "adabatch AdaBelief (for-loop)": lambda p: AdaBelief(p, **ab, foreach=False, fused=False),
         "adabatch AdaBelief (foreach)": lambda p: AdaBelief(p, **ab, foreach=True, fused=False),
     }
-    if _fused_ok(torch.device("cpu")):
+    fused_possible = (
+        _fused_ok(device) if device.type == "cpu" else adabelief_fused_cuda.triton_available()
+    )
+    if fused_possible:
         out["adabatch AdaBelief (fused)"] = lambda p: AdaBelief(p, **ab, fused=True)
     try:
         from adabelief_pytorch import AdaBelief as Ref
@@ -118,15 +130,23 @@ def competitors() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimi
 
 
 def bench(
-    shapes: list[Shape], threads: int, rounds: int, warmup: int = 6, seed: int = 0
+    shapes: list[Shape],
+    threads: int,
+    rounds: int,
+    warmup: int = 6,
+    seed: int = 0,
+    device: torch.device | None = None,
+    reps: int = 1,
 ) -> dict[str, float]:
     """Best step time in milliseconds per competitor (interleaved, shuffled rounds)."""
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
-    init = [torch.randn(s, generator=gen) * 0.05 for s in shapes]
-    grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+    init = [(torch.randn(s, generator=gen) * 0.05).to(device) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-2).to(device) for s in shapes]
     opts: dict[str, torch.optim.Optimizer] = {}
-    for name, make in competitors().items():
+    for name, make in competitors(device).items():
         params = [torch.nn.Parameter(t.clone()) for t in init]
         for p, g in zip(params, grads):
             p.grad = g  # shared, never modified by any competitor (weight_decay=0)
@@ -140,9 +160,14 @@ def bench(
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
+            if cuda:
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            opts[name].step()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            for _ in range(reps):
+                opts[name].step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            best[name] = min(best[name], (time.perf_counter() - t0) / reps)
     return {name: 1e3 * t for name, t in best.items()}
 
 
@@ -157,29 +182,54 @@ def main(argv: list[str] | None = None) -> None:
         choices=["resnet18", "transformer"],
     )
     parser.add_argument("--quick", action="store_true", help="5 rounds, resnet18 only")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument(
+        "--ref", default="torch Adam (foreach)", help="the competitor the ratios are to"
+    )
+    parser.add_argument("--reps", type=int, default=None, help="steps per sample (CUDA: 20)")
+    parser.add_argument("--block", type=int, default=None, help="fused CUDA: elements/program")
+    parser.add_argument("--warps", type=int, default=None, help="fused CUDA: warps/program")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.sets = 5, ["resnet18"]
+    device = torch.device(args.device)
+    if args.block:
+        adabelief_fused_cuda.BLOCK = args.block
+    if args.warps:
+        adabelief_fused_cuda.NUM_WARPS = args.warps
+    if device.type == "cuda":
+        args.threads = args.threads[:1]
+    reps = args.reps or (20 if device.type == "cuda" else 1)
     sets = {"resnet18": resnet18_shapes(), "transformer": transformer_shapes()}
     columns: list[tuple[str, dict[str, float]]] = []
     for set_name in args.sets:
         shapes = sets[set_name]
         numel = sum(torch.Size(s).numel() for s in shapes)
         for threads in args.threads:
-            label = f"{set_name} ({len(shapes)} tensors, {numel / 1e6:.2f}M), {threads} thr"
-            columns.append((label, bench(shapes, threads, args.rounds)))
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else "thr"
+            label = f"{set_name} ({len(shapes)} tensors, {numel / 1e6:.2f}M), " + (
+                where if device.type == "cuda" else f"{threads} {where}"
+            )
+            columns.append(
+                (label, bench(shapes, threads, args.rounds, device=device, reps=reps))
+            )
     print(
-        f"torch {torch.__version__}, best of {args.rounds} interleaved rounds; "
-        "ratio to torch Adam (foreach)\n"
+        f"torch {torch.__version__}, {device.type}, best of {args.rounds} interleaved rounds"
+        f"{f' of {reps} steps' if reps > 1 else ''}; ratio to {args.ref}\n"
     )
     print("| optimizer | " + " | ".join(label for label, _ in columns) + " |")
     print("|---|" + "---|" * len(columns))
     for name in columns[0][1]:
         cells = []
         for _, res in columns:
-            ref = res["torch Adam (foreach)"]
+            ref = res[args.ref]
             cells.append(f"{res[name]:.1f} ms ({res[name] / ref:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    compiled = adabelief_fused_cuda.compile_seconds()
+    if compiled:
+        print("\nfused CUDA AdaBelief, first launch (compile or cache load) per variant:")
+        for variant, seconds in compiled.items():
+            print(f"  {variant}: {seconds:.2f} s")
 
 
 if __name__ == "__main__":

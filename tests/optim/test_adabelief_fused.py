@@ -417,11 +417,12 @@ def test_errors(kernel):
     with pytest.raises(ValueError, match="differ in length"):
         F._fused_adabelief(params, g, m, s, [], steps, **{**HP, "amsgrad": True})
     assert not F.fused_available("meta")
-    assert not F.fused_available(torch.device("cuda"))
+    if not torch.cuda.is_available():
+        assert not F.fused_available(torch.device("cuda"))
     if not kernel:
         return
     meta = [torch.empty(3, device="meta")]
-    with pytest.raises(RuntimeError, match="runs on CPU tensors only"):
+    with pytest.raises(RuntimeError, match="runs on CPU and CUDA tensors only"):
         F._fused_adabelief(meta, meta, meta, meta, [], [steps[0]], **HP)
     with pytest.raises(RuntimeError, match=r"must be torch.float32"):
         F._fused_adabelief([params[0]], [g[0]], [m[0].double()], [s[0]], [], [steps[0]], **HP)
@@ -433,6 +434,45 @@ def test_errors(kernel):
     # errors are raised before anything changes
     assert all(t.item() == 0.0 for t in steps)
     assert all(torch.equal(t, torch.zeros_like(t)) for t in m)
+
+
+def test_checked_plan_is_reused_and_rechecked(kernel, monkeypatch):
+    """The per-tensor checks run once; a changed state, shape or layout is checked again."""
+    if not kernel:
+        return
+    calls = []
+    real = F._prepare
+    monkeypatch.setattr(F, "_prepare", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(F, "_PLANS", {})
+    params, m, s, smax, steps = make(torch.float32)
+    params, m, s, smax = (t[:-1] for t in (params, m, s, smax))  # all contiguous
+    steps = steps[:-1]
+    ref = [t.clone() for t in params], [t.clone() for t in m], [t.clone() for t in s]
+    for k in range(1, 4):
+        F._fused_adabelief(params, grads_for(params, k), m, s, [], steps, **HP)
+    assert len(calls) == 1  # checked once, then the plan held
+    # the same steps with the checks every time (a working copy forces the slow path)
+    ref_steps = [torch.zeros(()) for _ in ref[0]]
+    for k in range(1, 4):
+        g = grads_for(ref[0], k)
+        g[0] = g[0].t().contiguous().t()  # not contiguous (7 x 5): checked and copied
+        F._fused_adabelief(ref[0], g, ref[1], ref[2], [], ref_steps, **HP)
+    assert len(calls) == 4
+    assert all(torch.equal(a, b) for a, b in zip(params + m + s, ref[0] + ref[1] + ref[2]))
+    before = [t.clone() for t in params + m + s]
+    bad = grads_for(params, 9)
+    bad[0] = bad[0][:, :4].contiguous()  # wrong shape: the plan does not hold, _prepare raises
+    with pytest.raises(RuntimeError, match="a grad differs from its parameter"):
+        F._fused_adabelief(params, bad, m, s, [], steps, **HP)
+    bad = grads_for(params, 9)
+    bad[1] = bad[1].double()
+    with pytest.raises(RuntimeError, match="a grad differs from its parameter"):
+        F._fused_adabelief(params, bad, m, s, [], steps, **HP)
+    m[0] = m[0].double()  # a replaced state tensor: new address, checked again
+    with pytest.raises(RuntimeError, match="must be torch.float32"):
+        F._fused_adabelief(params, grads_for(params, 9), m, s, [], steps, **HP)
+    assert all(torch.equal(a, b) for a, b in zip(params + m[1:] + s, before[:5] + before[6:]))
+    assert all(t.item() == 3.0 for t in steps)
 
 
 def test_no_compiler_gives_clear_error_and_no_build(tmp_path, monkeypatch):

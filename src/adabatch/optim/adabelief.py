@@ -76,9 +76,9 @@ def _require_fused(device: torch.device) -> None:
             return
         reason = f"it is not available for device {device}"
         build = getattr(module, "build", None)
-        if build is not None and device.type == "cpu":
+        if build is not None and device.type in ("cpu", "cuda"):
             try:
-                build()
+                build(device)
             except (RuntimeError, OSError) as err:
                 reason = f"building it failed: {err}"
             _FUSED_CACHE.pop(device, None)
@@ -211,8 +211,9 @@ class AdaBelief(Optimizer):
         capturable: keep the step counters on the parameters' device and never synchronise
             with the host (CUDA graphs).
         differentiable: run the step under autograd (for-loop path).
-        fused: use the fused kernel of :mod:`adabatch.optim.adabelief_fused` (``None``: when
-            available).
+        fused: use the fused kernel: C++ on CPU (:mod:`adabatch.optim.adabelief_fused`),
+            Triton on CUDA (:mod:`adabatch.optim.adabelief_fused_cuda`). ``None``: when it is
+            available without compiling anything (built earlier on this machine).
     """
 
     def __init__(
@@ -392,12 +393,15 @@ class AdaBelief(Optimizer):
         state_steps: list[Tensor],
     ) -> None:
         on_device = group["capturable"] or self._implementation(group) == "fused"
+        amsgrad, differentiable = group["amsgrad"], group["differentiable"]
+        state_of = self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("AdaBelief does not support sparse gradients")
-            state = self.state[p]
+            state = state_of[p]
             if len(state) == 0:
                 state["step"] = torch.zeros(
                     (), dtype=torch.float32, device=p.device if on_device else None
@@ -409,19 +413,22 @@ class AdaBelief(Optimizer):
                 state["exp_avg_var"] = torch.zeros_like(
                     p, dtype=sd, memory_format=torch.preserve_format
                 )
-            if group["amsgrad"] and "max_exp_avg_var" not in state:
+            step = state["step"]
+            if on_device and step.is_cpu != p.is_cpu:
+                # e.g. a state dict saved by a foreach run (counters on the CPU)
+                step = state["step"] = step.to(p.device)
+            if amsgrad and "max_exp_avg_var" not in state:
                 state["max_exp_avg_var"] = torch.zeros_like(
                     state["exp_avg_var"], memory_format=torch.preserve_format
                 )
-            if group["differentiable"] and state["step"].requires_grad:
+            if differentiable and step.requires_grad:
                 raise RuntimeError(
                     "`requires_grad` is not supported for `step` in differentiable mode"
                 )
-            grad = p.grad
             param = p
             m, s = state["exp_avg"], state["exp_avg_var"]
-            v = state.get("max_exp_avg_var") if group["amsgrad"] else None
-            if torch.is_complex(p):
+            v = state["max_exp_avg_var"] if amsgrad else None
+            if p.is_complex():
                 param, grad = torch.view_as_real(param), torch.view_as_real(grad)
                 m, s = torch.view_as_real(m), torch.view_as_real(s)
                 if v is not None:
@@ -432,7 +439,7 @@ class AdaBelief(Optimizer):
             exp_avg_vars.append(s)
             if v is not None:
                 max_exp_avg_vars.append(v)
-            state_steps.append(state["step"])
+            state_steps.append(step)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

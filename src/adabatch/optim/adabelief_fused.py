@@ -55,8 +55,10 @@ an earlier ``fused=True``); otherwise it silently uses foreach. A user who never
 :class:`RuntimeError` that says so. The compiler is ``$CXX`` or the first of ``c++``, ``g++``,
 ``clang++`` on the ``PATH``.
 
-CUDA: there is no CUDA kernel here; :func:`fused_available` is False for non-CPU devices and
-:func:`_fused_adabelief` raises a :class:`RuntimeError` for non-CPU tensors.
+CUDA: :func:`_fused_adabelief` hands CUDA tensors to the Triton kernel of
+:mod:`adabatch.optim.adabelief_fused_cuda` (same arithmetic, one launch per dtype), after the
+same checks. :func:`fused_available` and :func:`build` take the device and answer for it.
+Other devices raise a :class:`RuntimeError`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -243,11 +246,20 @@ def is_built() -> bool:
     return _loader.get(build=False) is not None
 
 
-def build() -> Path:
-    """Build the kernel now (or load the cached build) and return the library's path.
+def build(device: torch.device | str = "cpu") -> Path:
+    """Build the kernel for ``device`` now (or load the cached build); return its path.
 
-    Raises :class:`RuntimeError` when no C++ compiler is available or the build fails.
+    CPU: the C++ library (raises :class:`RuntimeError` when no C++ compiler is available or
+    the build fails). CUDA: compiles the Triton kernel and returns its marker file (see
+    :func:`adabatch.optim.adabelief_fused_cuda.build`).
     """
+    device = torch.device(device)
+    if device.type == "cuda":
+        from adabatch.optim import adabelief_fused_cuda
+
+        return adabelief_fused_cuda.build(device)
+    if device.type != "cpu":
+        raise RuntimeError(f"the fused AdaBelief has no kernel for device {device}")
     _loader.get(build=True)
     return _loader.path()
 
@@ -255,16 +267,213 @@ def build() -> Path:
 def fused_available(device: torch.device | str) -> bool:
     """Whether the fused kernel can run on ``device`` right now without compiling anything.
 
-    True for CPU once the kernel is loaded or its cached build exists (see :func:`build`);
-    False for other devices. This is what ``AdaBelief(fused=None)`` consults.
+    CPU: once the kernel is loaded or its cached build exists (see :func:`build`). CUDA: once
+    Triton imports and the kernel was compiled on this machine (``build("cuda")`` or an
+    earlier ``fused=True`` step). False for other devices. This is what
+    ``AdaBelief(fused=None)`` consults.
     """
-    if torch.device(device).type != "cpu":
+    device = torch.device(device)
+    if device.type == "cuda":
+        from adabatch.optim import adabelief_fused_cuda
+
+        return adabelief_fused_cuda.available(device)
+    if device.type != "cpu":
         return False
     return is_built()
 
 
 def _ptrs(tensors: list[Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _prepare(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    amsgrad: bool,
+) -> tuple[list[list[Tensor]], list[tuple[Tensor, Tensor]], dict[torch.dtype, list[int]]]:
+    """Check devices, dtypes, shapes and layouts before anything changes.
+
+    Every tensor (the step counters too) must be on the device of ``params[0]``, a CPU or
+    CUDA device. Returns, per parameter, its tensors ``[p, g, m, s(, smax)]`` (contiguous
+    working copies where the originals are not), the ``(original, copy)`` pairs to write back
+    after the step, and the parameter indices grouped by dtype.
+    """
+    device = params[0].device
+    groups: dict[torch.dtype, list[int]] = {}
+    copies: list[tuple[Tensor, Tensor]] = []  # (original, contiguous working copy)
+    work: list[list[Tensor]] = []
+    for i in range(len(params)):
+        p, g, m, s = params[i], grads[i], exp_avgs[i], exp_avg_vars[i]
+        step = state_steps[i]
+        tensors = [p, g, m, s, max_exp_avg_vars[i]] if amsgrad else [p, g, m, s]
+        dtype = p.dtype
+        state_dtype = _STATE_DTYPE.get(dtype)
+        if state_dtype is None:
+            raise RuntimeError(f"fused AdaBelief does not support parameters of dtype {dtype}")
+        for t in tensors:
+            if t.device.type not in ("cpu", "cuda"):
+                raise RuntimeError(
+                    "fused AdaBelief runs on CPU and CUDA tensors only; got a tensor on "
+                    f"{t.device} (use fused=False or fused=None there)"
+                )
+            if t.device != device:
+                raise RuntimeError(
+                    f"fused AdaBelief: all tensors of a step must be on one device; got "
+                    f"{t.device} and {device}"
+                )
+        if g.dtype != dtype or g.shape != p.shape:
+            raise RuntimeError("fused AdaBelief: a grad differs from its parameter in dtype/shape")
+        for t in tensors[2:]:
+            if t.dtype != state_dtype or t.shape != p.shape:
+                raise RuntimeError(
+                    f"fused AdaBelief: state of a {dtype} parameter must be {state_dtype} "
+                    f"with the parameter's shape; got {t.dtype} {tuple(t.shape)}"
+                )
+        if step.dtype != torch.float32 or step.device != device or step.numel() != 1:
+            raise RuntimeError(
+                f"fused AdaBelief: state_steps must be float32 scalars on {device}"
+            )
+        if not all(t.is_contiguous() for t in tensors):
+            contiguous = []
+            for j, t in enumerate(tensors):
+                if t.is_contiguous():
+                    contiguous.append(t)
+                else:
+                    c = t.contiguous()
+                    contiguous.append(c)
+                    if j != 1:  # the grad is only read
+                        copies.append((t, c))
+            tensors = contiguous
+        groups.setdefault(dtype, []).append(i)
+        work.append(tensors)
+    return work, copies, groups
+
+
+_data_ptr = Tensor.data_ptr
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+_PLANS_MAX = 16
+
+
+class _Plan:
+    """What a checked step learned about its tensors, reused while nothing has changed.
+
+    On small models (and on CUDA, where the kernel is fast) the checks of :func:`_prepare`
+    cost more host time than the kernel. A plan is found by the parameters' device and
+    addresses; it holds while the states and step counters keep their addresses, the
+    parameters their shapes, and the gradients have the parameters' shapes and dtypes, are
+    contiguous and on the same device (checked at every step, a few attribute reads per
+    tensor). ``backend`` keeps what the kernels derive from the addresses (pointer arrays,
+    device tables) between steps.
+    """
+
+    __slots__ = ("backend", "device_index", "dtypes", "groups", "shapes", "state_ptrs")
+
+    def __init__(
+        self,
+        state_ptrs: tuple[tuple[int, ...], ...],
+        params: list[Tensor],
+        groups: dict[torch.dtype, list[int]],
+    ) -> None:
+        self.state_ptrs = state_ptrs
+        self.shapes = [p.shape for p in params]
+        self.dtypes = [p.dtype for p in params]
+        self.device_index = params[0].get_device()
+        self.groups = groups
+        self.backend: dict[Any, Any] = {}
+
+    def holds_for(self, params: list[Tensor], grads: list[Tensor]) -> bool:
+        dev = self.device_index
+        for p, g, shape, dtype in zip(params, grads, self.shapes, self.dtypes):
+            if (
+                p.shape != shape
+                or g.shape != shape
+                or g.dtype != dtype
+                or not g.is_contiguous()
+                or g.get_device() != dev
+            ):
+                return False
+        return True
+
+
+def _state_ptrs(
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    amsgrad: bool,
+) -> tuple[tuple[int, ...], ...]:
+    return (
+        tuple(map(_data_ptr, exp_avgs)),
+        tuple(map(_data_ptr, exp_avg_vars)),
+        tuple(map(_data_ptr, max_exp_avg_vars)) if amsgrad else (),
+        tuple(map(_data_ptr, state_steps)),
+    )
+
+
+def _cached_plan(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    amsgrad: bool,
+) -> tuple[_Plan | None, list[list[Tensor]] | None, list[tuple[Tensor, Tensor]]]:
+    """``(plan, None, [])`` when the step can run on the original tensors with a (cached or
+    new) plan; ``(None, work, copies)`` from :func:`_prepare` when some tensor is not
+    contiguous. Bad input raises before anything changes, as in :func:`_prepare`."""
+    key = (params[0].device, amsgrad, tuple(map(_data_ptr, params)))
+    state = _state_ptrs(exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad)
+    plan = _PLANS.get(key)
+    if plan is not None and plan.state_ptrs == state and plan.holds_for(params, grads):
+        return plan, None, []
+    work, copies, groups = _prepare(
+        params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad
+    )
+    if copies or any(w[1] is not g for w, g in zip(work, grads)):
+        return None, work, copies  # working copies: nothing to keep
+    plan = _Plan(state, params, groups)
+    if key not in _PLANS and len(_PLANS) >= _PLANS_MAX:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plan
+    return plan, None, []
+
+
+def _fused_cuda(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    **kwargs: Any,
+) -> None:
+    """The CUDA path of :func:`_fused_adabelief`: same checks, then the Triton kernel."""
+    from adabatch.optim.adabelief_fused_cuda import fused_adabelief_cuda
+
+    plan, work, copies = _cached_plan(
+        params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad
+    )
+    if plan is not None:
+        fused_adabelief_cuda(
+            params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps,
+            amsgrad=amsgrad, groups=plan.groups, cache=plan.backend, **kwargs,
+        )  # fmt: skip
+        return
+    assert work is not None
+    cols = [[w[k] for w in work] for k in range(5 if amsgrad else 4)]
+    fused_adabelief_cuda(
+        cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [], state_steps,
+        amsgrad=amsgrad, **kwargs,
+    )  # fmt: skip
+    for original, c in copies:
+        original.copy_(c)
 
 
 def _fused_adabelief(
@@ -306,6 +515,16 @@ def _fused_adabelief(
         raise ValueError("fused AdaBelief: the parameter, grad and state lists differ in length")
     if n == 0:
         return
+    device = params[0].device
+    if device.type == "cuda":
+        _fused_cuda(
+            params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps,
+            beta1=beta1, beta2=beta2, lr=lr, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, weight_decouple=weight_decouple, fixed_decay=fixed_decay,
+            rectify=rectify, degenerated_to_sgd=degenerated_to_sgd, maximize=maximize,
+            grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+        return
     lib = _loader.get(build=True)
     assert lib is not None
 
@@ -339,64 +558,44 @@ def _fused_adabelief(
     lr_f = float(lr)
     nthreads = torch.get_num_threads()
 
-    # group by dtype; check devices, dtypes and layouts
-    groups: dict[torch.dtype, list[int]] = {}
-    copies: list[tuple[Tensor, Tensor]] = []  # (original, contiguous working copy)
-    work: list[list[Tensor]] = []
-    for i in range(n):
-        p, g, m, s = params[i], grads[i], exp_avgs[i], exp_avg_vars[i]
-        step = state_steps[i]
-        tensors = [p, g, m, s, max_exp_avg_vars[i]] if amsgrad else [p, g, m, s]
-        dtype = p.dtype
-        state_dtype = _STATE_DTYPE.get(dtype)
-        if state_dtype is None:
-            raise RuntimeError(f"fused AdaBelief does not support parameters of dtype {dtype}")
-        for t in tensors:
-            if t.device.type != "cpu":
-                raise RuntimeError(
-                    "fused AdaBelief runs on CPU tensors only; got a tensor on "
-                    f"{t.device} (use fused=False or fused=None there)"
-                )
-        if g.dtype != dtype or g.shape != p.shape:
-            raise RuntimeError("fused AdaBelief: a grad differs from its parameter in dtype/shape")
-        for t in tensors[2:]:
-            if t.dtype != state_dtype or t.shape != p.shape:
-                raise RuntimeError(
-                    f"fused AdaBelief: state of a {dtype} parameter must be {state_dtype} "
-                    f"with the parameter's shape; got {t.dtype} {tuple(t.shape)}"
-                )
-        if step.dtype != torch.float32 or step.device.type != "cpu" or step.numel() != 1:
-            raise RuntimeError("fused AdaBelief: state_steps must be float32 CPU scalars")
-        if not all(t.is_contiguous() for t in tensors):
-            contiguous = []
-            for j, t in enumerate(tensors):
-                if t.is_contiguous():
-                    contiguous.append(t)
-                else:
-                    c = t.contiguous()
-                    contiguous.append(c)
-                    if j != 1:  # the grad is only read
-                        copies.append((t, c))
-            tensors = contiguous
-        if not step.is_contiguous():  # pragma: no cover - scalars are contiguous
-            raise RuntimeError("fused AdaBelief: state_steps must be contiguous")
-        groups.setdefault(dtype, []).append(i)
-        work.append(tensors)
-
+    plan, work, copies = _cached_plan(
+        params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad
+    )
+    if plan is not None:
+        groups, arrays = plan.groups, plan.backend
+        work = [[params[i], grads[i]] for i in range(n)]  # only the grads are read below
+    else:
+        assert work is not None
+        groups = {}
+        for i, w in enumerate(work):
+            groups.setdefault(w[0].dtype, []).append(i)
+        arrays = {}
     for dtype, idx in groups.items():
-        cols = [[work[i][k] for i in idx] for k in range(5 if amsgrad else 4)]
-        numels = torch.tensor([work[i][0].numel() for i in idx], dtype=torch.int64)
-        smax = _ptrs(cols[4]) if amsgrad else None
+        fixed = arrays.get(dtype)
+        if fixed is None:  # pointer arrays of p, m, s, smax and the counters, and the sizes
+            if plan is None:
+                cols = [[work[i][k] for i in idx] for k in ((0, 2, 3, 4) if amsgrad else (0, 2, 3))]
+            else:
+                lists = (params, exp_avgs, exp_avg_vars, max_exp_avg_vars)
+                cols = [[t[i] for i in idx] for t in lists[: 4 if amsgrad else 3]]
+            fixed = arrays[dtype] = (
+                _ptrs(cols[0]),
+                _ptrs(cols[1]),
+                _ptrs(cols[2]),
+                _ptrs(cols[3]) if amsgrad else None,
+                _ptrs([state_steps[i] for i in idx]),
+                torch.tensor([t.numel() for t in cols[0]], dtype=torch.int64),
+            )
         rc = lib.adabatch_adabelief_step(
             len(idx),
             _DTYPE_CODES[dtype],
-            _ptrs(cols[0]),
-            _ptrs(cols[1]),
-            _ptrs(cols[2]),
-            _ptrs(cols[3]),
-            smax,
-            _ptrs([state_steps[i] for i in idx]),
-            numels.data_ptr(),
+            fixed[0],
+            _ptrs([work[i][1] for i in idx]),
+            fixed[1],
+            fixed[2],
+            fixed[3],
+            fixed[4],
+            fixed[5].data_ptr(),
             float(beta1),
             float(beta2),
             lr_f,
