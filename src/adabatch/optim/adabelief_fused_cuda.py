@@ -75,10 +75,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = ["BLOCK", "NUM_WARPS", "available", "build", "compile_seconds", "triton_available"]
 
-BLOCK = 2048
+BLOCK = 1024
 """Elements per program (and per block of the launch)."""
 
-NUM_WARPS = 8
+NUM_WARPS = 4
 """Warps per program."""
 _HEADER = 10  # float64 hyperparameters at the head of the per-step table, then the grads
 _ROW = 6  # int64s per tensor in the static table: p, m, s, smax, step, numel
