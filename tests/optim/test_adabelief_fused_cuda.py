@@ -104,7 +104,12 @@ def test_block_map():
 
 @pytest.mark.parametrize("name", ["default", "amsgrad-rectify", "l2-amsgrad-no-rectify"])
 def test_blocks_split_tensors_without_changing_results(triton, name):
-    """Tensors spread over many programs give the same bits as one program per tensor."""
+    """Tensors spread over many programs give the results of one program per tensor.
+
+    Bit for bit under the interpreter; on a GPU the two launch shapes are two compiled
+    kernels, whose multiply-adds may be contracted differently, so to rounding there (an
+    element skipped or updated twice would be off by a whole step).
+    """
     if not triton:
         return
     hp = {**HP, **CONFIGS[name]}
@@ -118,7 +123,8 @@ def test_blocks_split_tensors_without_changing_results(triton, name):
         for k in range(1, 4):
             triton_step(params, dev_grads(params, k), m, s, smax, steps, hp, block=block)
         runs.append(params + m + s + (smax if hp["amsgrad"] else []))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b) if not CUDA else rel(a, b) <= 1e-6
     assert not torch.equal(runs[0][0], init[0])
 
 
