@@ -598,7 +598,7 @@ def test_implementation_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     class FakeFused:
         @staticmethod
         def fused_available(device: torch.device) -> bool:
-            return device.type == "cpu"
+            return device.type in ("cpu", "meta")
 
     monkeypatch.setattr(ab, "_fused_module", lambda: FakeFused)
     monkeypatch.setattr(ab, "_FUSED_CACHE", {})
@@ -609,5 +609,9 @@ def test_implementation_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose(cpu, foreach=False, fused=None, differentiable=False) == "for-loop"
     assert choose(cpu, foreach=None, fused=False, differentiable=False) == "foreach"
     assert choose(cpu, foreach=None, fused=None, differentiable=True) == "for-loop"
+    # one launch covers one device: a group on two devices keeps foreach
+    two = [torch.ones(2), torch.ones(2, device="meta")]
+    assert choose(two[1:], foreach=None, fused=None, differentiable=False) == "fused"
+    assert choose(two, foreach=None, fused=None, differentiable=False) != "fused"
     opt = AdaBelief([torch.nn.Parameter(torch.ones(2))])
     assert opt._step_supports_amp_scaling is True

@@ -469,7 +469,7 @@ def test_checked_plan_is_reused_and_rechecked(kernel, monkeypatch):
     with pytest.raises(RuntimeError, match="a grad differs from its parameter"):
         F._fused_adabelief(params, bad, m, s, [], steps, **HP)
     m[0] = m[0].double()  # a replaced state tensor: new address, checked again
-    with pytest.raises(RuntimeError, match="must be torch.float32"):
+    with pytest.raises(RuntimeError, match=r"must be torch\.float32"):
         F._fused_adabelief(params, grads_for(params, 9), m, s, [], steps, **HP)
     assert all(torch.equal(a, b) for a, b in zip(params + m[1:] + s, before[:5] + before[6:]))
     assert all(t.item() == 3.0 for t in steps)

@@ -164,7 +164,7 @@ def test_cached_tables_follow_lr_and_gradient_changes(triton, monkeypatch):
         return
     monkeypatch.setattr(F, "_PLANS", {})
     hp = {**HP, "rectify": False}
-    params, m, s, smax, steps = to_dev(make(torch.float32, seed=2))
+    params, m, s, _, steps = to_dev(make(torch.float32, seed=2))
     params, m, s, steps = params[:-1], m[:-1], s[:-1], steps[:-1]  # contiguous: a plan
     rp, rm, rs, rv = ([t.cpu().clone() for t in ts] for ts in (params, m, s, s))
     grads = dev_grads(params, 1)

@@ -107,9 +107,9 @@ def _choose_implementation(
     if fused is None and foreach is None and not differentiable and params:
         # under torch.compile the foreach ops are traced and fused by the compiler; the fused
         # kernel is an opaque call that Dynamo cannot trace
-        if not torch.compiler.is_compiling() and all(
-            _fused_ok(d) for d in {p.device for p in params}
-        ):
+        devices = {p.device for p in params}
+        # one launch covers one device: a group spread over devices keeps foreach
+        if not torch.compiler.is_compiling() and len(devices) == 1 and _fused_ok(devices.pop()):
             return "fused"
     if foreach is None:
         foreach = not differentiable and all(

@@ -323,7 +323,7 @@ def _prepare(
             if t.device != device:
                 raise RuntimeError(
                     f"fused AdaBelief: all tensors of a step must be on one device; got "
-                    f"{t.device} and {device}"
+                    f"{t.device} and {device} (make one parameter group per device)"
                 )
         if g.dtype != dtype or g.shape != p.shape:
             raise RuntimeError("fused AdaBelief: a grad differs from its parameter in dtype/shape")
