@@ -42,6 +42,12 @@ the time of ``plain`` (``plain×4`` for the micro-batch kinds) at the same model
 apart are comparable, while the best rounds of two configurations may come from different
 phases. The ``plain`` column is its best round.
 
+malloc: the timing process first calls :func:`adabatch.keep_freed_memory` (as ``adabatch
+train`` does on CPU), so that no configuration re-faults the pages of its large tensors every
+step; ``--default-malloc`` times with glibc's defaults instead. The page faults cost every
+configuration, and the per-sample ones most (they allocate more): see
+``src/adabatch/allocator.py``.
+
 Peak memory: torch's CPU tensors come from malloc, which tracemalloc does not see, so each
 configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks are
 mmapped and returned on free, so the resident set follows the live tensors); the figure is
@@ -66,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adabatch.allocator import keep_freed_memory
 from adabatch.batching.estimators import MicroBatchStats, PerSampleStats
 
 NEEDS = {
@@ -287,6 +294,9 @@ def main() -> None:
     ap.add_argument("--kinds", default=None,
                     help="comma-separated subset of " + ",".join(KINDS) + " (plain and "
                     "plain×4 are always added: the ratios need them)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="time with glibc's default malloc settings (the default is "
+                    "adabatch.keep_freed_memory(), as adabatch train does on CPU)")
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="also time <kind>@base for the PerSampleStats/MicroBatchStats kinds, "
                     "with the estimators loaded from _persample.py/_microbatch.py in DIR")
@@ -297,6 +307,9 @@ def main() -> None:
         m, b, k = args.mem_one
         print(mem_one(m, int(b), k))
         return
+    # after --mem-one: the memory subprocesses keep their MALLOC_MMAP_THRESHOLD_ (live tensors)
+    malloc = "glibc defaults" if args.default_malloc else (
+        "keep_freed_memory()" if keep_freed_memory() else "defaults (no glibc)")
     torch.set_num_threads(args.threads)
     models = args.models.split(",")
     sizes = ([int(v) for v in args.sizes.split(",")] if args.sizes
@@ -311,8 +324,8 @@ def main() -> None:
     print(table(times, None, models, sizes, kinds), flush=True)
     mems = None if args.no_mem else mem_all(models, sizes, kinds)
     print(f"torch {torch.__version__}, {args.threads} threads, {rounds} rounds × "
-          f"{args.reps} steps; cells: median per-round time ratio / peak-memory ratio to "
-          f"plain (micro: to plain×4); plain: best round")
+          f"{args.reps} steps, malloc: {malloc}; cells: median per-round time ratio / "
+          f"peak-memory ratio to plain (micro: to plain×4); plain: best round")
     print(table(times, mems, models, sizes, kinds))
 
 

@@ -13,10 +13,14 @@ from adabatch import optim as _optim
 
 __version__ = "0.1.0"
 
-__all__ = sorted({*_optim.__all__, *_batching.__all__, "__version__"})
+__all__ = sorted({*_optim.__all__, *_batching.__all__, "__version__", "keep_freed_memory"})
 
 
 def __getattr__(name: str) -> Any:
+    if name == "keep_freed_memory":
+        from adabatch.allocator import keep_freed_memory
+
+        return keep_freed_memory
     for module in (_optim, _batching):
         if name in module.__all__:
             return getattr(module, name)

@@ -289,6 +289,12 @@ def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None) -> Run:
     device = _resolve_device(cfg.device)
     if d.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", d.local_rank)  # one GPU per process
+    if device.type == "cpu":
+        from adabatch.allocator import keep_freed_memory
+
+        # without it a CPU step re-faults the pages of every large tensor it allocates,
+        # which costs more than the per-sample statistics themselves (see allocator.py)
+        keep_freed_memory()
     if cfg.optimizer not in optim.list_optimizers():
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose from "
                           f"{', '.join(optim.list_optimizers())}")
