@@ -76,3 +76,16 @@ def test_returns_whether_it_applied(monkeypatch):
     assert keep_freed_memory() is GLIBC
     monkeypatch.setattr(sys, "platform", "darwin")
     assert keep_freed_memory() is False
+
+
+def test_adabatch_train_keeps_freed_memory_on_cpu(tmp_path, monkeypatch):
+    import adabatch.allocator
+    from adabatch.train.config import build_config
+    from adabatch.train.loop import train
+
+    calls = []
+    monkeypatch.setattr(adabatch.allocator, "keep_freed_memory", lambda: calls.append(1))
+    cfg = build_config({"steps": 1, "quiet": True, "plots": False, "device": "cpu",
+                        "out": str(tmp_path / "run")})  # fmt: skip
+    train(cfg)
+    assert calls == [1]
