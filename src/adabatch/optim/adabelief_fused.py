@@ -390,6 +390,7 @@ class _Plan:
         for p, g, shape, dtype in zip(params, grads, self.shapes, self.dtypes):
             if (
                 p.shape != shape
+                or p.dtype != dtype
                 or g.shape != shape
                 or g.dtype != dtype
                 or not g.is_contiguous()
