@@ -130,7 +130,7 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
 
     if kind in ("plain×4", "micro", "micro-hooks"):
         mest = (mb_cls(model, needs=NEEDS["norm"]) if kind == "micro"
-                else MicroBatchStats(model, needs=NEEDS["norm"], track="hooks")
+                else mb_cls(model, needs=NEEDS["norm"], track="hooks")
                 if kind == "micro-hooks" else None)
         xs, ys = x.chunk(MICRO), y.chunk(MICRO)
 
@@ -318,7 +318,7 @@ def main() -> None:
              if (k in KINDS if args.kinds is None else k in args.kinds.split(","))
              or k in ("plain", "plain×4")]
     if args.baseline:
-        kinds += [k + "@base" for k in kinds if k in NEEDS or k == "micro"]
+        kinds += [k + "@base" for k in kinds if k in NEEDS or k in ("micro", "micro-hooks")]
     rounds = args.rounds or (5 if args.quick else 20)
     times = time_all(models, sizes, rounds, args.reps, kinds=kinds)
     print(table(times, None, models, sizes, kinds), flush=True)
