@@ -66,6 +66,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adabatch.optim.adabelief_fused import _STATE_DTYPE, _default_cache_root
+
 try:  # Triton is optional: it comes with torch's CUDA wheels on Linux
     import triton
     import triton.language as tl
@@ -83,12 +85,10 @@ NUM_WARPS = 4
 _HEADER = 10  # float64 hyperparameters at the head of the per-step table, then the grads
 _ROW = 6  # int64s per tensor in the static table: p, m, s, smax, step, numel
 
-_STATE_DTYPE = {
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-    torch.float16: torch.float32,
-    torch.bfloat16: torch.float32,
-}
+_NO_TRITON = (
+    "AdaBelief(fused=True) on CUDA needs Triton (pip install triton); use fused=None "
+    "(foreach) instead"
+)
 
 
 def triton_available() -> bool:
@@ -307,8 +307,6 @@ _compile_seconds: dict[tuple[Any, ...], float] = {}
 
 
 def _marker() -> Path:
-    from adabatch.optim.adabelief_fused import _default_cache_root
-
     key = hashlib.sha256(Path(__file__).read_bytes())
     key.update(str(getattr(triton, "__version__", "none")).encode())
     return _default_cache_root() / "adabatch_adabelief_fused" / f"triton_{key.hexdigest()[:16]}.ok"
@@ -341,10 +339,7 @@ def build(device: torch.device | str = "cuda") -> Path:
     """
     device = torch.device(device)
     if triton is None:
-        raise RuntimeError(
-            "AdaBelief(fused=True) on CUDA needs Triton (pip install triton); use fused=None "
-            "(foreach) instead"
-        )
+        raise RuntimeError(_NO_TRITON)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(f"the CUDA fused AdaBelief needs a CUDA device, not {device}")
     p = torch.zeros(1, device=device)
@@ -402,10 +397,7 @@ def fused_adabelief_cuda(
     (default :data:`BLOCK`).
     """
     if triton is None:
-        raise RuntimeError(
-            "AdaBelief(fused=True) on CUDA needs Triton (pip install triton); use fused=None "
-            "(foreach) instead"
-        )
+        raise RuntimeError(_NO_TRITON)
     n = len(params)
     if n == 0:
         return
