@@ -423,25 +423,31 @@ def _cached_plan(
     max_exp_avg_vars: list[Tensor],
     state_steps: list[Tensor],
     amsgrad: bool,
-) -> tuple[_Plan | None, list[list[Tensor]] | None, list[tuple[Tensor, Tensor]]]:
-    """``(plan, None, [])`` when the step can run on the original tensors with a (cached or
-    new) plan; ``(None, work, copies)`` from :func:`_prepare` when some tensor is not
-    contiguous. Bad input raises before anything changes, as in :func:`_prepare`."""
+) -> tuple[
+    _Plan | None,
+    list[list[Tensor]] | None,
+    list[tuple[Tensor, Tensor]],
+    dict[torch.dtype, list[int]],
+]:
+    """``(plan, None, [], groups)`` when the step can run on the original tensors with a
+    (cached or new) plan; ``(None, work, copies, groups)`` from :func:`_prepare` when some
+    tensor is not contiguous. Bad input raises before anything changes, as in
+    :func:`_prepare`."""
     key = (params[0].device, amsgrad, tuple(map(_data_ptr, params)))
     state = _state_ptrs(exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad)
     plan = _PLANS.get(key)
     if plan is not None and plan.state_ptrs == state and plan.holds_for(params, grads):
-        return plan, None, []
+        return plan, None, [], plan.groups
     work, copies, groups = _prepare(
         params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad
     )
     if copies or any(w[1] is not g for w, g in zip(work, grads)):
-        return None, work, copies  # working copies: nothing to keep
+        return None, work, copies, groups  # working copies: nothing to keep
     plan = _Plan(state, params, groups)
     if key not in _PLANS and len(_PLANS) >= _PLANS_MAX:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[key] = plan
-    return plan, None, []
+    return plan, None, [], groups
 
 
 def _fused_cuda(
@@ -458,20 +464,20 @@ def _fused_cuda(
     """The CUDA path of :func:`_fused_adabelief`: same checks, then the Triton kernel."""
     from adabatch.optim.adabelief_fused_cuda import fused_adabelief_cuda
 
-    plan, work, copies = _cached_plan(
+    plan, work, copies, groups = _cached_plan(
         params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad
     )
     if plan is not None:
         fused_adabelief_cuda(
             params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps,
-            amsgrad=amsgrad, groups=plan.groups, cache=plan.backend, **kwargs,
+            amsgrad=amsgrad, groups=groups, cache=plan.backend, **kwargs,
         )  # fmt: skip
         return
     assert work is not None
     cols = [[w[k] for w in work] for k in range(5 if amsgrad else 4)]
     fused_adabelief_cuda(
         cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [], state_steps,
-        amsgrad=amsgrad, **kwargs,
+        amsgrad=amsgrad, groups=groups, **kwargs,
     )  # fmt: skip
     for original, c in copies:
         original.copy_(c)
@@ -559,18 +565,14 @@ def _fused_adabelief(
     lr_f = float(lr)
     nthreads = torch.get_num_threads()
 
-    plan, work, copies = _cached_plan(
+    plan, work, copies, groups = _cached_plan(
         params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad
     )
     if plan is not None:
-        groups, arrays = plan.groups, plan.backend
-        work = [[params[i], grads[i]] for i in range(n)]  # only the grads are read below
+        arrays, step_grads = plan.backend, grads
     else:
         assert work is not None
-        groups = {}
-        for i, w in enumerate(work):
-            groups.setdefault(w[0].dtype, []).append(i)
-        arrays = {}
+        arrays, step_grads = {}, [w[1] for w in work]
     for dtype, idx in groups.items():
         fixed = arrays.get(dtype)
         if fixed is None:  # pointer arrays of p, m, s, smax and the counters, and the sizes
@@ -591,7 +593,7 @@ def _fused_adabelief(
             len(idx),
             _DTYPE_CODES[dtype],
             fixed[0],
-            _ptrs([work[i][1] for i in idx]),
+            _ptrs([step_grads[i] for i in idx]),
             fixed[1],
             fixed[2],
             fixed[3],
