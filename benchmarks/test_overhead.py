@@ -21,6 +21,9 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   :class:`MicroBatchStats` (norm-test needs); ``micro`` is reported relative to ``plain×4``.
 - ``micro-hooks``: :class:`MicroBatchStats` with ``track="hooks"`` (increments measured in
   gradient hooks, no snapshot of p.grad), relative to ``plain×4``.
+- ``micro-floor``: what any hook-based micro-batch estimator pays: ``plain×4`` with one
+  gradient hook per parameter that only takes ‖Δ‖² of the increment (one dot product) and
+  keeps it; no bookkeeping, no statistics. ``micro-hooks`` can approach this row.
 - ``norm+unfused`` ... ``coord+unfused`` (only with ``--kinds``): :class:`PerSampleStats` with
   ``fuse_conv_grad=False`` (the backend computes the conv weight gradient itself, besides the
   per-sample ones; the default fuses them).
@@ -82,6 +85,7 @@ NEEDS = {
     "coord": {"coord_variance", "mean_grad"},
 }
 KINDS = ["plain", "floor", "norm", "ip", "aip", "coord", "plain×4", "micro", "micro-hooks",
+         "micro-floor",
          "vmap"]
 MICRO = 4
 #: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from copies of
@@ -128,19 +132,29 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
             return s
         return step
 
-    if kind in ("plain×4", "micro", "micro-hooks"):
+    if kind in ("plain×4", "micro", "micro-hooks", "micro-floor"):
         mest = (mb_cls(model, needs=NEEDS["norm"]) if kind == "micro"
                 else mb_cls(model, needs=NEEDS["norm"], track="hooks")
                 if kind == "micro-hooks" else None)
         xs, ys = x.chunk(MICRO), y.chunk(MICRO)
+        sq: list[torch.Tensor] = []
+        if kind == "micro-floor":
+            def dot_hook(grad: torch.Tensor) -> None:
+                flat = grad.reshape(-1)
+                sq.append(torch.dot(flat, flat))
+
+            for p in model.parameters():
+                p.register_hook(dot_hook)
 
         def step():
+            sq.clear()
             opt.zero_grad()
             for xk, yk in zip(xs, ys):
                 (F.cross_entropy(model(xk), yk) * (len(xk) / b)).backward()
                 if mest is not None:
                     mest.accumulate(len(xk))
-            s = mest.stats() if mest is not None else None
+            s = mest.stats() if mest is not None else (
+                torch.stack(sq).sum().item() if sq else None)
             opt.step()
             return s
         return step
@@ -273,7 +287,9 @@ def test_overhead_smoke():
     for model in ("cnn", "mlp"):
         for kind in KINDS + EXTRA_KINDS:
             out = make_step(model, 8, kind)()
-            if kind in NEEDS or kind.startswith("micro"):
+            if kind == "micro-floor":
+                assert out > 0
+            elif kind in NEEDS or kind.startswith("micro"):
                 assert out.is_finite() and out.batch_size == 8
             elif kind == "vmap":
                 assert all(v > 0 for v in out)

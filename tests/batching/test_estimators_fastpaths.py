@@ -254,3 +254,106 @@ def test_bfloat16_gradients_give_float32_accumulated_statistics():
         assert got.grad_sq_norm == pytest.approx(want.grad_sq_norm, rel=0.05)
         assert got.variance_trace == pytest.approx(want.variance_trace, rel=0.05)
         assert got.grad_sq_norm > 0 and got.variance_trace > 0
+
+
+# --- the Gram-form inner products of Linear layers --------------------------------------------
+IP_NEEDS = frozenset({"grad_sq_norm", "variance_trace", "ip_variance", "orth_variance"})
+
+
+def gram_mlp():
+    # b = 5: the Linear(20, 24) and both Linear(24, 24), one without bias, take the Gram form
+    # (b·(in + out) < in·out); Linear(24, 3) takes the direct product
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(20, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
+                         nn.Linear(24, 24, bias=False), nn.Tanh(), nn.Linear(24, 3)).to(DT)
+
+
+def naive_ip_stats(model, x, y, gbar=None):
+    """The inner-product statistics by definition; ḡ is the mean unless given."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    gs = []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        gs.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    g = torch.stack(gs)
+    m = g.mean(0) if gbar is None else gbar
+    G = m @ m
+    ip = g @ m
+    b = len(g)
+    return {"grad_sq_norm": G, "variance_trace": ((g - g.mean(0)) ** 2).sum() / (b - 1)
+            if gbar is None else None,
+            "ip_variance": ((ip - G) ** 2).sum() / (b - 1),
+            "orth_variance": ((g - (ip / G)[:, None] * m) ** 2).sum() / (b - 1)}
+
+
+def count_direct_ip(monkeypatch):
+    from adabatch.batching import _persample
+
+    calls = []
+    real = _persample._LinearHandler.ip_wb
+
+    def counting(self, rec, gw, gb, est):
+        calls.append(self.module)
+        return real(self, rec, gw, gb, est)
+
+    monkeypatch.setattr(_persample._LinearHandler, "ip_wb", counting)
+    return calls
+
+
+def test_linear_gram_inner_products_match_naive_loop(monkeypatch):
+    model = gram_mlp()
+    x, y = data(5, seed=3)
+    x = torch.cat([x, x * 0.5, -x, x + 1], 1)  # 20 features
+    calls = count_direct_ip(monkeypatch)
+    est = PerSampleStats(model, needs=IP_NEEDS)
+    model.zero_grad()
+    with est.measure():
+        F.cross_entropy(model(x), y).backward()
+    s = est.stats()
+    assert calls == [model[6]]  # the three Gram layers took no direct product
+    ref = naive_ip_stats(model, x, y)
+    for name in IP_NEEDS:
+        assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-10), name
+
+
+def gram_inputs():
+    x, y = data(5, seed=3)
+    return torch.cat([x, x * 0.5, -x, x + 1], 1), y
+
+
+@pytest.mark.parametrize("case", ["two-passes", "stale-grad", "grad-hook", "reduce"])
+def test_linear_gram_form_is_not_used_when_p_grad_is_not_the_pass_gradient(case, monkeypatch):
+    model = gram_mlp()
+    x, y = gram_inputs()
+    params = list(model.parameters())
+    calls = count_direct_ip(monkeypatch)
+    kw = {"reduce": lambda flat: flat} if case == "reduce" else {}
+    est = PerSampleStats(model, needs=IP_NEEDS, **kw)
+    model.zero_grad()
+    stale = None
+    if case == "stale-grad":  # grads not zeroed: ḡ = p.grad includes the stale part
+        stale = [torch.randn_like(p) * 0.1 for p in params]
+        for p, g in zip(params, stale):
+            p.grad = g.clone()
+    if case == "grad-hook":  # a hook doubles the gradient of the first layer's weight
+        handle = model[0].weight.register_hook(lambda g: 2 * g)
+    if case == "two-passes":
+        for lo, hi in ((0, 2), (2, 5)):
+            with est.measure():
+                (F.cross_entropy(model(x[lo:hi]), y[lo:hi]) * ((hi - lo) / 5)).backward()
+    else:
+        with est.measure():
+            F.cross_entropy(model(x), y).backward()
+    gbar = torch.cat([p.grad.reshape(-1) for p in params]).clone()
+    s = est.stats()
+    if case == "grad-hook":  # only the hooked layer falls back
+        assert set(calls) == {model[0], model[6]} and len(calls) == 2
+        # the per-sample gradients are the unhooked ones; ḡ is what p.grad holds
+        handle.remove()
+        ref = naive_ip_stats(model, x, y, gbar=gbar)
+    else:
+        assert set(calls) == {model[0], model[2], model[4], model[6]}
+        ref = naive_ip_stats(model, x, y, gbar=None if stale is None else gbar)
+    for name in ("grad_sq_norm", "ip_variance", "orth_variance"):
+        assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-10), name

@@ -67,6 +67,7 @@ from adabatch.batching.stats import (
     check_needs,
     finish_stats,
     sq_norm_parts,
+    stack_f64,
     stats_from_sums,
 )
 
@@ -333,11 +334,15 @@ class _LinearHandler(_Handler):
               est: PerSampleStats) -> Tensor:
         """⟨g_i, ḡ⟩ over the weight and (unless ``gb`` is None) the bias together:
         Σ_t δ_it · (ḡ_W a_it + ḡ_b), one addmm per chunk."""
+        a, d = rec.inputs[0], rec.deltas[0]
+        assert d is not None
+        per = a[0].numel() + 2 * d[0].numel()
+        bias = None if gb is None else gb.to(a.dtype)
+        if a.dim() == 2 and est.chunk_size is None and rec.n * per <= est.budget:
+            return (d * F.linear(a, gw.to(a.dtype), bias)).sum(1)  # the common case, in one
         out = []
-        per = rec.inputs[0][0].numel() + 2 * rec.deltas[0][0].numel()  # type: ignore[index]
         for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
             A, D = self._AD(rec, lo, hi)
-            bias = None if gb is None else gb.to(A.dtype)
             out.append((D * F.linear(A, gw.to(A.dtype), bias)).sum((1, 2)))
         return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -746,7 +751,7 @@ class PerSampleStats:
         self._need_coord = "coord_variance" in self.needs
         self._need_ip = bool(self.needs & _IP_STATS)
         self._per_sample = self._need_norm or self._need_coord or self._need_ip
-        self._direct_linear = self._per_sample and not self._need_ip
+        self._direct_linear = self._per_sample
 
         self.params: list[Tensor] = []
         self._index: dict[int, int] = {}
@@ -790,6 +795,7 @@ class PerSampleStats:
         self._coord: list[Tensor | None] = [None] * len(self.params)
         self._ip_parts: list[tuple[int, list[tuple]]] = []
         self._seen: set[int] = set()
+        self._gram_void = False  # a Gram-form inner product may be wrong: use the direct one
 
     def remove(self) -> None:
         """Remove the hooks from the model."""
@@ -821,6 +827,11 @@ class PerSampleStats:
         self._uses: dict[int, int] = {}
         self._deferred: list[_Record] = []
         self._pass_ip: list[tuple] = []
+        # Gram-form inner products of Linear layers (see _make_linear_hook) need p.grad to be
+        # exactly this pass's gradient: only the first pass, no all-reduce
+        self._gram_pass = (self._need_ip and self._passes == 0 and self.reduce is None
+                           and not (torch.distributed.is_available()
+                                    and torch.distributed.is_initialized()))
         self._active = True
         patched = []
         if self.fuse_conv_grad and self._per_sample:
@@ -902,9 +913,16 @@ class PerSampleStats:
                 o.register_hook(self._make_grad_hook(rec, i))
 
     def _make_linear_hook(self, rec: _Record) -> Callable[[Tensor], None]:
-        """The common case made cheap: a Linear on [b, in] inputs when no inner products are
-        needed, done in the output's gradient hook: Σ_i ‖g_i‖² = Σ_i ‖a_i‖²‖δ_i‖² (+ Σ_i ‖δ_i‖²
-        for the bias) and Σ_i g_i² = (δ²)ᵀ(a²) (and Σ_i δ_i² for the bias).
+        """The common case made cheap: a Linear on [b, in] inputs, done in the output's
+        gradient hook: Σ_i ‖g_i‖² = Σ_i ‖a_i‖²‖δ_i‖² (+ Σ_i ‖δ_i‖² for the bias) and
+        Σ_i g_i² = (δ²)ᵀ(a²) (and Σ_i δ_i² for the bias).
+
+        Inner products: the record (a, δ) is kept for :meth:`stats`, which takes
+        ⟨g_i, ḡ⟩ = δ_iᵀ(ḡ_W a_i + ḡ_b) (one b·in·out product). When this pass alone makes
+        p.grad (see :meth:`_gram_allowed`) and b·(in + out) < in·out, the hook also takes the
+        Gram form ⟨g_i, Σ_j g_j⟩ = Σ_j (δ_i·δ_j)(a_i·a_j + [bias]) (b²·(in + out)), which
+        :meth:`stats` uses if no second pass follows; the per-sample norms are then its
+        diagonal.
 
         The same arithmetic as :meth:`_LinearHandler.process` for L = 1, written out here on
         purpose: going through the handler (its views and bookkeeping) measured 0.13-0.18x
@@ -921,22 +939,58 @@ class PerSampleStats:
             # inputs and output gradients may differ in dtype under autocast: reduce both in
             # their common type, at least float32
             dt = torch.promote_types(torch.promote_types(a.dtype, D.dtype), torch.float32)
+            bias = len(pids) == 2
             with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-                if self._need_norm:
+                gram = None
+                if self._need_ip:
+                    n = a.shape[0]
+                    out_f, in_f = D.shape[1], a.shape[1]
+                    if (n * (in_f + out_f) < in_f * out_f
+                            and self._gram_allowed(rec.handler)):
+                        a_, D_ = a.to(dt), D.to(dt)
+                        K = D_ @ D_.T
+                        M = a_ @ a_.T
+                        if bias:
+                            M.add_(1.0)
+                        gram = (K * M).sum(1)
+                        if self._need_norm:
+                            self._norm_parts.append(torch.dot(K.diagonal(), M.diagonal()))
+                    self._pass_ip.append(("lin", pids[0], pids[1] if bias else None, rec,
+                                          gram))
+                if self._need_norm and gram is None:
                     nd = torch.linalg.vector_norm(D, dim=1, dtype=dt)
                     t = torch.linalg.vector_norm(a, dim=1, dtype=dt).mul_(nd)
                     self._norm_parts.append(torch.dot(t, t))
-                    if len(pids) == 2:  # the bias: Σ_i ‖δ_i‖²
+                    if bias:  # Σ_i ‖δ_i‖²
                         self._norm_parts.append(torch.dot(nd, nd))
                 if self._need_coord:
                     dsq = D.to(dt).square()
                     self._add(pids[0], None, dsq.T @ a.to(dt).square())
-                    if len(pids) == 2:
+                    if bias:
                         self._add(pids[1], None, dsq.sum(0))
             self._seen.update(pids)
             rec.done = True
-            rec.inputs, rec.deltas = (), []
+            if not self._need_ip:
+                rec.inputs, rec.deltas = (), []
         return hook
+
+    def _gram_allowed(self, handler: _Handler) -> bool:
+        """Whether p.grad of the handler's parameters will be this layer call's gradient in
+        this pass and nothing else: the first pass since the last :meth:`stats`, no reduction
+        across processes (DDP averages p.grad), no gradient yet, and no hook that could
+        change the gradient on its way into p.grad. A gradient already there (a second
+        backward pass, or grads not zeroed) voids every Gram form of the step."""
+        if not self._gram_pass:
+            return False
+        for nm in handler.names:
+            p = handler.param(nm)
+            if p.grad is not None:
+                self._gram_pass = False
+                self._gram_void = True
+                return False
+            if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+                return False
+        return True
 
     def _make_grad_hook(self, rec: _Record, i: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
@@ -997,7 +1051,7 @@ class PerSampleStats:
         if (len(later) == 2 and isinstance(rec.handler, _LinearHandler)
                 and later[0][1] == "weight" and later[1][1] == "bias"):
             # weight and bias of a Linear together: one addmm per chunk
-            self._pass_ip.append(("lin", later[0][0], later[1][0], rec))
+            self._pass_ip.append(("lin", later[0][0], later[1][0], rec, None))
         else:
             self._pass_ip.extend(("rec", pid, rec, nm) for pid, nm in later)
         keep = bool(later)
@@ -1104,30 +1158,36 @@ class PerSampleStats:
         if self._need_ip:
             f64 = {"dtype": torch.float64, "device": gbar[0].device}
             flat_g = {id(p): g for p, g in zip(self.params, gbar)}
-            s_ip = torch.zeros((), **f64)
-            s_ip2 = torch.zeros((), **f64)
+            s_ip, s_ip2 = [], []
+            # the Gram forms are ⟨g_i, this pass's gradient⟩: = ⟨g_i, ḡ⟩ for a single pass
+            gram_ok = self._passes == 1 and not self._gram_void
             for n, parts in self._ip_parts:
-                ip = torch.zeros(n, **f64)
+                ip = None  # float64 [n]: Σ over the pass's layers
                 for part in parts:
                     if part[0] == "mat":
                         _, pid, mats = part
                         g = flat_g[pid].reshape(-1).to(mats[0].dtype)
-                        ip += torch.cat([m @ g for m in mats]).double()
+                        term = torch.cat([m @ g for m in mats])
                     elif part[0] == "lin":
-                        _, pw, pb, rec = part
-                        ip += rec.handler.ip_wb(rec, flat_g[pw], flat_g[pb], self).double()
+                        _, pw, pb, rec, gram = part
+                        term = (gram if gram is not None and gram_ok else rec.handler.ip_wb(
+                            rec, flat_g[pw], None if pb is None else flat_g[pb], self))
                     else:
                         _, pid, rec, nm = part
-                        ip += rec.handler.ip(rec, nm, flat_g[pid], self).double()
-                ip *= n_loc
-                s_ip += ip.sum()
-                s_ip2 += ip.square().sum()
-            vals += [s_ip, s_ip2]
+                        term = rec.handler.ip(rec, nm, flat_g[pid], self)
+                    # every term is a fresh tensor of ours: summed in place
+                    ip = term.to(torch.float64) if ip is None else ip.add_(term)
+                if ip is None:
+                    ip = torch.zeros(n, **f64)
+                ip.mul_(n_loc)
+                s_ip.append(ip.sum())
+                s_ip2.append(torch.dot(ip, ip))
+            vals += [torch.stack(s_ip).sum(), torch.stack(s_ip2).sum()]
         coords = None
         if self._need_coord:
             coords = [c if c is not None else torch.zeros_like(p)
                       for c, p in zip(self._coord, self.params)]
-        stacked = torch.stack(vals).double()
+        stacked = stack_f64(vals)
         if self.reduce is None:
             v = stacked.tolist()
             G = math.fsum(v[:k])
@@ -1135,7 +1195,7 @@ class PerSampleStats:
             s1, s2 = (v[-2], v[-1]) if self._need_ip else (0.0, 0.0)
             # units are samples: K = N
             return finish_stats(self.needs, float(n_loc), float(n_loc), S, s1, s2, G, coords,
-                                gbar, coord_scale=float(n_loc**2))
+                                gbar, coord_scale=float(n_loc**2), in_place=True)
         if coords is not None:  # each process scales by its own N before the sum
             coords = torch._foreach_mul(coords, float(n_loc**2))
         n_t = torch.tensor(float(n_loc), dtype=torch.float64, device=stacked.device)
