@@ -27,6 +27,11 @@ Inner products with the mean gradient ḡ need ḡ, which is only known after th
 :meth:`PerSampleStats.stats`: for each layer either from the stored per-sample gradient (when
 that is smaller than the layer's input and output gradient) or as "the layer's forward with ḡ
 as its weight": ⟨g_i, ḡ_W⟩ = Σ δ_i ⊙ f(a_i; ḡ_W), for a layer f linear in its weight.
+One exception: a Linear on [b, in] inputs whose p.grad will be this one pass's gradient of
+this call (a single pass, no reduce, no gradient before, no gradient hook on the parameter)
+takes ⟨g_i, ḡ⟩ = Σ_j (δ_i·δ_j)(a_i·a_j + [bias]) in its backward hook when that Gram form is
+cheaper (b·(in + out) < in·out); a second pass makes :meth:`PerSampleStats.stats` fall back to
+the direct form.
 
 Scaling contract. The losses of one step's backward passes must add up to the mean of the
 per-sample losses over all N samples of the step (on this process): one pass with a
@@ -1125,7 +1130,11 @@ class PerSampleStats:
         return out
 
     def stats(self) -> GradientStats:
-        """The statistics over every sample measured since the last reset; then reset."""
+        """The statistics over every sample measured since the last reset; then reset.
+
+        ḡ is read from p.grad now: call this after the last backward and before anything
+        rescales or clips p.grad (``GradScaler.unscale_``, ``clip_grad_norm_``), whose
+        per-sample counterparts the hooks never see."""
         if self._active:
             raise RuntimeError("PerSampleStats.stats() called inside measure()")
         if self._passes == 0:
