@@ -398,6 +398,26 @@ def test_validation_messages():
         est.stats()
 
 
+@pytest.mark.parametrize("model_fn", [mlp, lambda: CNN().to(DT)])
+def test_backward_after_the_measure_block_raises(model_fn):
+    # the output-gradient hooks of a pass fire only inside its measure(); later, their
+    # contributions would be lost or land in another pass
+    model = model_fn()
+    est = PerSampleStats(model)
+    x, y = (batch(5, (6,), 3) if isinstance(model, nn.Sequential)
+            else batch(5, (2, 9, 9), 3, seed=1))
+    with est.measure():
+        out = model(x)
+    with pytest.raises(RuntimeError, match="arrived after its measure"):
+        ce(out, y).backward()
+    with est.measure():  # another pass does not revive the old graph's hooks
+        out = model(x)
+    with est.measure():
+        model(x)
+        with pytest.raises(RuntimeError, match="arrived after its measure"):
+            ce(out, y).backward()
+
+
 def test_single_sample_gives_nan_variances_and_resets():
     model = mlp()
     est = PerSampleStats(model)
