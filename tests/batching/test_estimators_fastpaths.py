@@ -45,14 +45,19 @@ def data(b, seed=1):
     return torch.randn(b, 5, generator=gen, dtype=DT), torch.randint(0, 3, (b,), generator=gen)
 
 
-def per_sample_naive(model, x, y):
+def per_sample_grads(model, x, y):
+    """[b, parameters]: one backward per sample."""
     params = [p for p in model.parameters() if p.requires_grad]
     gs = []
     for i in range(len(x)):
         model.zero_grad()
         F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
         gs.append(torch.cat([p.grad.reshape(-1) for p in params]))
-    g = torch.stack(gs)
+    return torch.stack(gs)
+
+
+def per_sample_naive(model, x, y):
+    g = per_sample_grads(model, x, y)
     m = g.mean(0)
     return m @ m, ((g - m) ** 2).sum() / (len(g) - 1)
 
@@ -270,13 +275,7 @@ def gram_mlp():
 
 def naive_ip_stats(model, x, y, gbar=None):
     """The inner-product statistics by definition; ḡ is the mean unless given."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    gs = []
-    for i in range(len(x)):
-        model.zero_grad()
-        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
-        gs.append(torch.cat([p.grad.reshape(-1) for p in params]))
-    g = torch.stack(gs)
+    g = per_sample_grads(model, x, y)
     m = g.mean(0) if gbar is None else gbar
     G = m @ m
     ip = g @ m
@@ -301,10 +300,14 @@ def count_direct_ip(monkeypatch):
     return calls
 
 
+def gram_inputs():
+    x, y = data(5, seed=3)
+    return torch.cat([x, x * 0.5, -x, x + 1], 1), y
+
+
 def test_linear_gram_inner_products_match_naive_loop(monkeypatch):
     model = gram_mlp()
-    x, y = data(5, seed=3)
-    x = torch.cat([x, x * 0.5, -x, x + 1], 1)  # 20 features
+    x, y = gram_inputs()  # 20 features
     calls = count_direct_ip(monkeypatch)
     est = PerSampleStats(model, needs=IP_NEEDS)
     model.zero_grad()
@@ -315,11 +318,6 @@ def test_linear_gram_inner_products_match_naive_loop(monkeypatch):
     ref = naive_ip_stats(model, x, y)
     for name in IP_NEEDS:
         assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-10), name
-
-
-def gram_inputs():
-    x, y = data(5, seed=3)
-    return torch.cat([x, x * 0.5, -x, x + 1], 1), y
 
 
 @pytest.mark.parametrize("case", ["two-passes", "stale-grad", "grad-hook", "reduce"])
