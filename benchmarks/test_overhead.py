@@ -207,7 +207,8 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
     return step
 
 
-def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None) -> dict:
+def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None,
+             warm: int = 1) -> dict:
     configs = [(m, b, k) for m in models for b in sizes for k in (kinds or KINDS)]
     steps = {c: make_step(*c) for c in configs}
     for c in configs:  # warm-up
@@ -219,6 +220,8 @@ def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None) -
         order = configs[:]
         rng.shuffle(order)
         for c in order:
+            for _ in range(warm):  # untimed: the previous configuration left the caches cold
+                steps[c]()
             t0 = time.perf_counter()
             for _ in range(reps):
                 steps[c]()
@@ -302,6 +305,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--warm", type=int, default=1,
+                    help="untimed steps of a configuration before its timed steps in each "
+                    "round (0: time the first step after another configuration ran)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mem", action="store_true")
     ap.add_argument("--mem-one", nargs=3, metavar=("MODEL", "B", "KIND"))
@@ -336,11 +342,12 @@ def main() -> None:
     if args.baseline:
         kinds += [k + "@base" for k in kinds if k in NEEDS or k in ("micro", "micro-hooks")]
     rounds = args.rounds or (5 if args.quick else 20)
-    times = time_all(models, sizes, rounds, args.reps, kinds=kinds)
+    times = time_all(models, sizes, rounds, args.reps, kinds=kinds, warm=args.warm)
     print(table(times, None, models, sizes, kinds), flush=True)
     mems = None if args.no_mem else mem_all(models, sizes, kinds)
     print(f"torch {torch.__version__}, {args.threads} threads, {rounds} rounds × "
-          f"{args.reps} steps, malloc: {malloc}; cells: median per-round time ratio / "
+          f"({args.warm} untimed + {args.reps} timed) steps, malloc: {malloc}; cells: "
+          f"median per-round time ratio / "
           f"peak-memory ratio to plain (micro: to plain×4); plain: best round")
     print(table(times, mems, models, sizes, kinds))
 

@@ -52,6 +52,7 @@ from adabatch.batching.stats import (
     check_needs,
     finish_stats,
     sq_norm_parts,
+    read_f64,
     stack_f64,
     stats_from_sums,
 )
@@ -310,8 +311,8 @@ class MicroBatchStats:
     def _stats(self) -> GradientStats:
         gbar = [self._grad(p) for p in self.params]
         n_loc = self._n
-        # every partial sum is a 0-dim tensor on the gradients' device; they are stacked
-        # (promoted to float64) and read back once: [‖ḡ_p‖² per tensor, ‖Δ_k,p‖ per micro-batch
+        # every partial sum is a 0-dim tensor on the gradients' device; they are read back
+        # once (read_f64: one stacked copy off the CPU), in float64: [‖ḡ_p‖² per tensor, ‖Δ_k,p‖ per micro-batch
         # and tensor, s1, s2]
         vals = sq_norm_parts(gbar)
         k = len(vals)
@@ -332,10 +333,9 @@ class MicroBatchStats:
         if self._need_coord:
             assert self._coord is not None
             coords = self._coord
-        stacked = stack_f64(vals)
         squared = self.track == "hooks"
         if self.reduce is None:
-            v = stacked.tolist()
+            v = read_f64(vals)
             G = math.fsum(v[:k])
             # P = Σ_k n_k‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k
             P, pos = 0.0, k
@@ -347,6 +347,7 @@ class MicroBatchStats:
             return finish_stats(self.needs, float(n_loc), float(self._m), P * n_loc**2, s1, s2,
                                 G, coords, gbar, coord_scale=float(n_loc**2))
         # distributed: the partial sums stay on the device until the one reduced read-back
+        stacked = stack_f64(vals)
         dev = stacked.device
         parts = stacked[k:k + sum(len(ns) for _, ns in self._sq_parts)]
         if not squared:

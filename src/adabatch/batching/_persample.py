@@ -72,6 +72,7 @@ from adabatch.batching.stats import (
     check_needs,
     finish_stats,
     sq_norm_parts,
+    read_f64,
     stack_f64,
     stats_from_sums,
 )
@@ -1174,8 +1175,8 @@ class PerSampleStats:
                         f"call?); per-sample statistics cannot be attributed to samples"
                     )
         n_loc = self._n_total
-        # every partial sum is a 0-dim tensor on the gradients' device; they are stacked
-        # (promoted to float64) and read back once: [‖ḡ_p‖² per tensor, Σ‖g_i‖² parts, s1, s2]
+        # every partial sum is a 0-dim tensor on the gradients' device; they are read back
+        # once (read_f64: one stacked copy off the CPU), in float64: [‖ḡ_p‖² per tensor, Σ‖g_i‖² parts, s1, s2]
         vals = sq_norm_parts(gbar)
         k = len(vals)
         vals += self._norm_parts
@@ -1212,9 +1213,8 @@ class PerSampleStats:
         if self._need_coord:
             coords = [c if c is not None else torch.zeros_like(p)
                       for c, p in zip(self._coord, self.params)]
-        stacked = stack_f64(vals)
         if self.reduce is None:
-            v = stacked.tolist()
+            v = read_f64(vals)
             G = math.fsum(v[:k])
             S = math.fsum(v[k:k + n_norm]) * n_loc**2
             s1, s2 = (v[-2], v[-1]) if self._need_ip else (0.0, 0.0)
@@ -1223,6 +1223,7 @@ class PerSampleStats:
                                 gbar, coord_scale=float(n_loc**2), in_place=True)
         if coords is not None:  # each process scales by its own N before the sum
             coords = torch._foreach_mul(coords, float(n_loc**2))
+        stacked = stack_f64(vals)
         n_t = torch.tensor(float(n_loc), dtype=torch.float64, device=stacked.device)
         zero = stacked.new_zeros(())
         flat = torch.stack([n_t, n_t, stacked[k:k + n_norm].sum() * n_loc**2,

