@@ -518,3 +518,19 @@ def test_property_random_shapes(b, c_in, c_out, k, stride, pad, dil, length, seq
     check(model, [(x, y)])
     check(model, [(x, y)], frozenset({"variance_trace"}))
     del seq
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(2, 9), d_in=st.integers(1, 24), hidden=st.integers(1, 24),
+       bias=st.booleans(), frozen_bias=st.booleans(), two=st.booleans())
+def test_property_linear_inner_products(b, d_in, hidden, bias, frozen_bias, two):
+    # Linear layers on [b, in]: the Gram form (b·(in + out) < in·out) or the direct product,
+    # with and without (trainable) bias, in one pass or two
+    torch.manual_seed(b * 1000 + d_in * 30 + hidden)
+    model = nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.Tanh(),
+                          nn.Linear(hidden, 3)).to(DT)
+    if bias and frozen_bias:
+        model[0].bias.requires_grad_(False)
+    x, y = batch(b, (d_in,), 3, seed=b + d_in)
+    parts = [(x[:1], y[:1]), (x[1:], y[1:])] if two else [(x, y)]
+    check(model, parts, frozenset({"ip_variance", "orth_variance", "variance_trace"}), rtol=1e-9)
