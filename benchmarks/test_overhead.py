@@ -38,10 +38,11 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
 - BackPACK (BatchL2Grad + SumGradSquared) is not run: ``pip install --dry-run
   backpack-for-pytorch`` wants to replace torch 2.13.0 by torch 2.14.1 with CUDA wheels.
 
-Timing: every round runs every configuration once (shuffled order), each for ``--reps`` steps
-after a warm-up. A ratio is the median over the rounds of the configuration's time divided by
-the time of ``plain`` (``plain×4`` for the micro-batch kinds) at the same model and batch size
-*in the same round*: on a shared machine whose speed drifts over minutes, pairs measured seconds
+Timing: every round runs every configuration once (shuffled order), each for ``--warm``
+untimed steps (default 1: the configuration that ran before left other tensors in the caches)
+and then ``--reps`` timed steps. A ratio is the median over the rounds of the configuration's
+time divided by the time of ``plain`` (``plain×4`` for the micro-batch kinds) at the same model
+and batch size *in the same round*: on a shared machine whose speed drifts over minutes, pairs measured seconds
 apart are comparable, while the best rounds of two configurations may come from different
 phases. The ``plain`` column is its best round.
 
