@@ -82,9 +82,11 @@ DEFAULT_BUDGET = 2**20
 #: Convolutions with at most this many input channels per group take per-sample weight
 #: gradients by im2col + batched matmul (see :meth:`_ConvHandler._im2col`).
 _IM2COL_MAX_CIN = 4
-#: At most this many samples per grouped weight-gradient convolution: the backend slows down
-#: sharply beyond (2 threads, 16 -> 32 channels, 5x5 on 14x14, b = 128: 4.2 ms in chunks of
-#: 16 or 32, 9.0 ms in chunks of 64, against 2.9 ms for the batch weight gradient).
+#: At most this many samples per grouped weight-gradient convolution: on one development
+#: machine the backend slowed down sharply beyond (2 threads, 16 -> 32 channels, 5x5 on 14x14,
+#: b = 128: 4.2 ms in chunks of 16 or 32, 9.0 ms in chunks of 64, against 2.9 ms for the batch
+#: weight gradient); on a later one chunks of 16-128 were within ±0.15x of each other
+#: (benchmarks/conv_weight_grads.py).
 _GROUPED_MAX_CHUNK = 32
 
 
