@@ -42,9 +42,9 @@ Timing: every round runs every configuration once (shuffled order), each for ``-
 untimed steps (default 1: the configuration that ran before left other tensors in the caches)
 and then ``--reps`` timed steps. A ratio is the median over the rounds of the configuration's
 time divided by the time of ``plain`` (``plain×4`` for the micro-batch kinds) at the same model
-and batch size *in the same round*: on a shared machine whose speed drifts over minutes, pairs measured seconds
-apart are comparable, while the best rounds of two configurations may come from different
-phases. The ``plain`` column is its best round.
+and batch size *in the same round*: on a shared machine whose speed drifts over minutes, pairs
+measured seconds apart are comparable, while the best rounds of two configurations may come
+from different phases. The ``plain`` column is its best round.
 
 malloc: the timing process first calls :func:`adabatch.keep_freed_memory` (as ``adabatch
 train`` does on CPU), so that no configuration re-faults the pages of its large tensors every

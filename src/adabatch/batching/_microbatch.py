@@ -51,8 +51,8 @@ from adabatch.batching.stats import (
     Reduce,
     check_needs,
     finish_stats,
-    sq_norm_parts,
     read_f64,
+    sq_norm_parts,
     stack_f64,
     stats_from_sums,
 )
@@ -312,8 +312,8 @@ class MicroBatchStats:
         gbar = [self._grad(p) for p in self.params]
         n_loc = self._n
         # every partial sum is a 0-dim tensor on the gradients' device; they are read back
-        # once (read_f64: one stacked copy off the CPU), in float64: [‖ḡ_p‖² per tensor, ‖Δ_k,p‖ per micro-batch
-        # and tensor, s1, s2]
+        # once (read_f64: one stacked copy off the CPU), in float64: [‖ḡ_p‖² per tensor,
+        # ‖Δ_k,p‖ per micro-batch and tensor, s1, s2]
         vals = sq_norm_parts(gbar)
         k = len(vals)
         for _, ns in self._sq_parts:

@@ -71,8 +71,8 @@ from adabatch.batching.stats import (
     Reduce,
     check_needs,
     finish_stats,
-    sq_norm_parts,
     read_f64,
+    sq_norm_parts,
     stack_f64,
     stats_from_sums,
 )
@@ -1178,7 +1178,8 @@ class PerSampleStats:
                     )
         n_loc = self._n_total
         # every partial sum is a 0-dim tensor on the gradients' device; they are read back
-        # once (read_f64: one stacked copy off the CPU), in float64: [‖ḡ_p‖² per tensor, Σ‖g_i‖² parts, s1, s2]
+        # once (read_f64: one stacked copy off the CPU), in float64: [‖ḡ_p‖² per tensor,
+        # Σ‖g_i‖² parts, s1, s2]
         vals = sq_norm_parts(gbar)
         k = len(vals)
         vals += self._norm_parts
