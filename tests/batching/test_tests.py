@@ -434,3 +434,33 @@ def test_exports():
                  "InnerProductTest", "AugmentedInnerProductTest", "OrthogonalityTest",
                  "CoordinateNormTest"):
         assert getattr(B, name) is getattr(T, name)
+
+
+def test_partial_sum_read_back_keeps_order_and_values():
+    from adabatch.batching.stats import finish_stats, read_f64, stack_f64
+
+    gen = torch.Generator().manual_seed(0)
+    f32 = [torch.rand((), generator=gen) for _ in range(4)]
+    f64 = [torch.rand((), generator=gen, dtype=torch.float64) for _ in range(3)]
+    parts = [f32[0], f32[1], f64[0], f32[2], f64[1], f64[2], f32[3]]  # runs of both dtypes
+    want = [float(t) for t in parts]  # float32 -> float64 is exact
+    stacked = stack_f64(parts)
+    assert stacked.dtype == torch.float64 and stacked.tolist() == want
+    assert stack_f64(f32).tolist() == [float(t) for t in f32]  # a single run
+    assert read_f64(parts) == want
+
+    # in place: the coordinate sums become the variances, the same values as the copy
+    sums = [torch.rand(3, 2, generator=gen), torch.rand(5, generator=gen)]
+    mean = [torch.rand(3, 2, generator=gen) * 0.1, torch.rand(5, generator=gen) * 0.1]
+    needs = frozenset({"coord_variance"})
+    copy = finish_stats(needs, 8.0, 8.0, 0.0, 0.0, 0.0, 1.0, sums, mean, coord_scale=64.0)
+    kept = [s.clone() for s in sums]
+    assert all(torch.equal(a, b) for a, b in zip(sums, kept))  # not modified by default
+    inplace = finish_stats(needs, 8.0, 8.0, 0.0, 0.0, 0.0, 1.0, sums, mean, coord_scale=64.0,
+                           in_place=True)
+    for a, b, s in zip(copy.coord_variance, inplace.coord_variance, sums):
+        assert torch.equal(a, b)
+        assert b.data_ptr() == s.data_ptr()  # the sums' own storage
+    ref = [((64.0 * k - 8.0 * m * m) / 7.0).clamp_min(0) for k, m in zip(kept, mean)]
+    for a, r in zip(copy.coord_variance, ref):
+        torch.testing.assert_close(a, r)
