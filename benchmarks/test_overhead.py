@@ -35,8 +35,15 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   per-sample arithmetic. The per-sample kinds can approach this row, not go below it.
 - ``vmap``: the AdAdaGrad authors' way: a plain step plus per-sample gradients by
   ``torch.func.vmap(grad(loss))`` over the model's detached parameters, then V and G.
-- BackPACK (BatchL2Grad + SumGradSquared) is not run: ``pip install --dry-run
-  backpack-for-pytorch`` wants to replace torch 2.13.0 by torch 2.14.1 with CUDA wheels.
+- ``backpack``: BackPACK (backpack-for-pytorch, Dangel et al. 2020) with ``BatchL2Grad`` and
+  ``SumGradSquared`` on an ``extend``-ed model and loss: per-sample squared norms and the sum of
+  squared per-sample gradients (what the norm and coordinate-wise tests need), then V and G.
+  Optional: the row appears only when ``import backpack`` works. A plain ``pip install
+  backpack-for-pytorch`` replaces torch (its torchvision pin wants torch 2.14.1 with CUDA
+  wheels), so install it beside the existing torch with ``pip install --no-deps
+  backpack-for-pytorch einops unfoldNd`` (it does not import torchvision). Before timing, the
+  benchmark checks that BackPACK's V and per-coordinate variances equal PerSampleStats' on
+  both models in float64 (:func:`check_backpack`).
 
 Timing: every round runs every configuration once (shuffled order), each for ``--warm``
 untimed steps (default 1: the configuration that ran before left other tensors in the caches)
@@ -64,12 +71,15 @@ data, activations, gradients, estimator buffers and temporaries). Ratios are to 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import os
 import random
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -85,9 +95,9 @@ NEEDS = {
     "aip": {"grad_sq_norm", "ip_variance", "orth_variance"},
     "coord": {"coord_variance", "mean_grad"},
 }
+HAVE_BACKPACK = importlib.util.find_spec("backpack") is not None
 KINDS = ["plain", "floor", "norm", "ip", "aip", "coord", "plain×4", "micro", "micro-hooks",
-         "micro-floor",
-         "vmap"]
+         "micro-floor", "vmap", *(["backpack"] if HAVE_BACKPACK else [])]
 MICRO = 4
 #: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from copies of
 #: ``_persample.py`` / ``_microbatch.py`` in DIR and adds the kinds ``<kind>@base``.
@@ -201,11 +211,66 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
             return V, G
         return step
 
+    if kind == "backpack":
+        return backpack_step(model, x, y, opt)
+
     def step():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return step
+
+
+def backpack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  opt: torch.optim.Optimizer | None) -> Callable[[], object]:
+    """A training step with BackPACK's BatchL2Grad + SumGradSquared; returns (G, V, v_j)."""
+    from backpack import backpack, extend
+    from backpack.extensions import BatchL2Grad, SumGradSquared
+
+    # BackPACK's module hooks fire on layers whose inputs need no gradient (the first layer)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                            category=UserWarning)
+    model = extend(model)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = len(x)
+
+    def step():
+        model.zero_grad()
+        with backpack(BatchL2Grad(), SumGradSquared()):
+            loss_fn(model(x), y).backward()
+        # the mean loss scales each per-sample gradient by 1/n
+        G = sum(float(p.grad.square().sum()) for p in params)
+        S = sum(float(p.batch_l2.sum()) for p in params) * n * n
+        V = (S - n * G) / (n - 1)
+        coord = [((p.sum_grad_squared * n * n - n * p.grad.square()) / (n - 1)).clamp_min(0)
+                 for p in params]
+        if opt is not None:
+            opt.step()
+        return G, V, coord
+    return step
+
+
+def check_backpack() -> None:
+    """BackPACK as an oracle: its G, V and v_j equal PerSampleStats' in float64."""
+    for name in ("cnn", "mlp"):
+        torch.manual_seed(1)
+        model = make_model(name).double()
+        x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+        y = torch.randint(0, 10, (8,))
+        est = PerSampleStats(model, needs={"variance_trace", "coord_variance"})
+        model.zero_grad()
+        with est.measure():
+            F.cross_entropy(model(x), y).backward()
+        ours = est.stats()
+        est.remove()
+        G, V, coord = backpack_step(model, x, y, None)()
+        for a, b in ((G, ours.grad_sq_norm), (V, ours.variance_trace)):
+            if not math.isclose(a, b, rel_tol=1e-9):
+                raise AssertionError(f"BackPACK and PerSampleStats disagree on {name}: {a} {b}")
+        for a, b in zip(coord, ours.coord_variance):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+    print("BackPACK agrees with PerSampleStats (G, V, v_j; float64, CNN and MLP)", flush=True)
 
 
 def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None,
@@ -297,6 +362,8 @@ def test_overhead_smoke():
                 assert out.is_finite() and out.batch_size == 8
             elif kind == "vmap":
                 assert all(v > 0 for v in out)
+            elif kind == "backpack":
+                assert out[0] > 0 and out[1] > 0
             elif kind == "floor":
                 assert out > 0
 
@@ -342,6 +409,11 @@ def main() -> None:
              or k in ("plain", "plain×4")]
     if args.baseline:
         kinds += [k + "@base" for k in kinds if k in NEEDS or k in ("micro", "micro-hooks")]
+    if "backpack" in kinds:
+        check_backpack()
+    else:
+        print("BackPACK not installed: no backpack column (see the module docstring)",
+              flush=True)
     rounds = args.rounds or (5 if args.quick else 20)
     times = time_all(models, sizes, rounds, args.reps, kinds=kinds, warm=args.warm)
     print(table(times, None, models, sizes, kinds), flush=True)
