@@ -411,7 +411,7 @@ def main() -> None:
         kinds += [k + "@base" for k in kinds if k in NEEDS or k in ("micro", "micro-hooks")]
     if "backpack" in kinds:
         check_backpack()
-    else:
+    elif not HAVE_BACKPACK:
         print("BackPACK not installed: no backpack column (see the module docstring)",
               flush=True)
     rounds = args.rounds or (5 if args.quick else 20)
