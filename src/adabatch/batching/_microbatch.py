@@ -146,11 +146,6 @@ class MicroBatchStats:
         self._handles = []
 
     def _make_hook(self, i: int) -> Callable[[Tensor], None]:
-        # the norm-only case inline (it runs once per parameter and micro-batch): a float32 or
-        # float64 dense gradient outside create_graph needs one BLAS dot and no more
-        norm_only = self._need_var and not (self._need_coord or self._need_ip)
-        fast = (torch.float32, torch.float64)
-
         def hook(grad: Tensor) -> None:
             if not self.enabled:
                 return
@@ -167,9 +162,6 @@ class MicroBatchStats:
             if torch.is_grad_enabled():  # backward(create_graph=True)
                 with torch.no_grad():
                     self._measure(i, grad)
-            elif norm_only and grad.dtype in fast and grad.layout == torch.strided:
-                flat = grad.reshape(-1)
-                self._pend_norms[i] = torch.dot(flat, flat)
             else:
                 self._measure(i, grad)
         return hook
