@@ -29,6 +29,14 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   per-sample ones; the default fuses them).
 - ``<kind>@base`` (only with ``--baseline DIR``): the same kind with the estimators loaded
   from copies of ``_persample.py`` / ``_microbatch.py`` in DIR (an interleaved before/after).
+- ``ip-floor``: the least arithmetic of exact inner products ⟨g_i, ḡ⟩ on top of ``floor``
+  (:func:`ip_floor_step`): per layer call, from the kept input a and output gradient δ and
+  from ḡ = p.grad, the one extra product that the per-sample inner products need and no plain
+  step computes (a Linear: δ_iᵀ(ḡ_W a_i + ḡ_b) by one matrix product, or the Gram form
+  Σ_j (δ_i·δ_j)(a_i·a_j + 1) where that costs fewer multiply-adds, as :class:`PerSampleStats`
+  chooses; a convolution: the convolution of a with ḡ, dotted with δ), then W from the b
+  inner products; no bookkeeping, no checks, no chunking. The smoke test checks that its W
+  equals ``PerSampleStats``' ip_variance. ``ip`` can approach this row, not go below it.
 - ``floor``: what any hook-based per-sample estimator pays before computing anything: forward
   hooks on the Linear/Conv layers keep each input and register a hook that keeps the output
   gradient, and G = ‖ḡ‖² is read from the gradients (one dot product per tensor); no
@@ -96,7 +104,8 @@ NEEDS = {
     "coord": {"coord_variance", "mean_grad"},
 }
 HAVE_BACKPACK = importlib.util.find_spec("backpack") is not None
-KINDS = ["plain", "floor", "norm", "ip", "aip", "coord", "plain×4", "micro", "micro-hooks",
+KINDS = ["plain", "floor", "norm", "ip", "ip-floor", "aip", "coord", "plain×4", "micro",
+         "micro-hooks",
          "micro-floor", "vmap", *(["backpack"] if HAVE_BACKPACK else [])]
 MICRO = 4
 #: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from copies of
@@ -170,6 +179,9 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
             return s
         return step
 
+    if kind == "ip-floor":
+        return ip_floor_step(model, x, y, opt)
+
     if kind == "floor":
         kept: list[torch.Tensor] = []
 
@@ -218,6 +230,52 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+    return step
+
+
+def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  opt: torch.optim.Optimizer) -> Callable[[], tuple[float, float]]:
+    """A training step with the least arithmetic of exact per-sample inner products (the
+    ``ip-floor`` row); returns (G, W), W = (1/(b-1)) Σ_i (⟨g_i, ḡ⟩ − G)² over the samples'
+    gradients of the mean loss scaled by b (the gradients of each sample's own loss)."""
+    kept: list[list] = []
+
+    def keep(module, args, out):
+        rec = [module, args[0].detach(), None]
+        kept.append(rec)
+
+        def grad_hook(g, rec=rec):
+            rec[2] = g
+        out.register_hook(grad_hook)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.register_forward_hook(keep)
+    params = list(model.parameters())
+    b = len(x)
+
+    def step():
+        kept.clear()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        s = None  # ⟨g_i, Σ_j g_j⟩ of the mean loss's per-sample gradients
+        for m, a, d in kept:
+            gw, gb = m.weight.grad, m.bias.grad
+            if isinstance(m, nn.Linear):
+                out_f, in_f = gw.shape
+                if b * (in_f + out_f) < in_f * out_f:  # Gram form: ḡ = Σ_j g_j (one pass)
+                    t = ((d @ d.T) * (a @ a.T).add_(1.0)).sum(1)
+                else:
+                    t = F.linear(a, gw, gb).mul_(d).sum(1)
+            else:
+                t = m._conv_forward(a, gw, gb).mul_(d).sum((1, 2, 3))
+            s = t if s is None else s.add_(t)
+        G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
+                         for p in params]).sum().item()
+        ip = s.double().mul_(b)  # ⟨b·g_i, ḡ⟩: the per-sample loss's gradient
+        W = (ip - G).square_().sum().item() / (b - 1)
+        opt.step()
+        return G, W
     return step
 
 
@@ -271,6 +329,27 @@ def check_backpack() -> None:
         for a, b in zip(coord, ours.coord_variance):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
     print("BackPACK agrees with PerSampleStats (G, V, v_j; float64, CNN and MLP)", flush=True)
+
+
+def check_ip_floor(model_name: str) -> None:
+    """The ``ip-floor`` row computes the real statistic: its G and W equal PerSampleStats'
+    (float64, b = 8, both the Gram and the direct form on the MLP: b = 8 and 300)."""
+    for b in (8, 300):
+        torch.manual_seed(2)
+        model = make_model(model_name).double()
+        x = torch.randn(b, 1, 28, 28, dtype=torch.float64)
+        y = torch.randint(0, 10, (b,))
+        est = PerSampleStats(model, needs=NEEDS["ip"])
+        model.zero_grad()
+        with est.measure():
+            F.cross_entropy(model(x), y).backward()
+        ours = est.stats()
+        est.remove()
+        G, W = ip_floor_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.0))()
+        for a, c in ((G, ours.grad_sq_norm), (W, ours.ip_variance)):
+            if not math.isclose(a, c, rel_tol=1e-9):
+                raise AssertionError(f"ip-floor and PerSampleStats disagree on {model_name}, "
+                                     f"b = {b}: {a} {c}")
 
 
 def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None,
@@ -366,6 +445,8 @@ def test_overhead_smoke():
                 assert out[0] > 0 and out[1] > 0
             elif kind == "floor":
                 assert out > 0
+            elif kind == "ip-floor":
+                check_ip_floor(model)
 
 
 def main() -> None:
