@@ -230,6 +230,51 @@ def test_fused_conv_takes_the_weight_gradient_from_the_per_sample_sum(monkeypatc
     assert fused and all(not mk[1] for mk in fused)
 
 
+def test_inner_products_alone_do_not_fuse_convolutions(monkeypatch):
+    """ip needs no per-sample conv gradients (the direct form takes ⟨g_i, ḡ⟩): the forward is
+    not patched, p.grad is bitwise a plain backward's, and no per-sample weight gradients are
+    taken; the statistics still equal the fused and materialising paths'."""
+    torch.manual_seed(0)
+    model = SmallCNN().to(DT)
+    x = torch.randn(6, 2, 8, 8, dtype=DT)
+    y = torch.randint(0, 3, (6,))
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    masks = []
+    real = torch.ops.aten.convolution_backward
+
+    class Spy:
+        def __call__(self, *args):
+            masks.append(list(args[-1]))
+            return real(*args)
+
+    import adabatch.batching._persample as ps
+    monkeypatch.setattr(ps.torch.ops.aten, "convolution_backward", Spy())
+    per_sample = ps._ConvHandler._weight_grads
+
+    def spy_weight_grads(self, *args, **kwargs):
+        masks.append("per-sample")
+        return per_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(ps._ConvHandler, "_weight_grads", spy_weight_grads)
+    needs = {"grad_sq_norm", "ip_variance"}
+    est = PerSampleStats(model, needs=needs)
+    model.zero_grad()
+    with est.measure():
+        assert "forward" not in model.c1.__dict__
+        F.cross_entropy(model(x), y).backward()
+    got = est.stats()
+    assert masks == []  # neither a fused backward nor a per-sample weight gradient
+    for p, g in zip(model.parameters(), plain):
+        assert torch.equal(p.grad, g)
+    monkeypatch.undo()
+    # the same statistic from the per-sample gradients (aip fuses and keeps them)
+    ref, _ = cnn_stats(model, [(x, y)], {"ip_variance", "variance_trace"}, fuse=True)
+    assert got.ip_variance == pytest.approx(ref.ip_variance, rel=1e-10)
+    assert got.grad_sq_norm == pytest.approx(ref.grad_sq_norm, rel=1e-12)
+
+
 def test_bfloat16_gradients_give_float32_accumulated_statistics():
     # low-precision gradients: ‖·‖² is accumulated in float32 (no bf16 dot products), so both
     # estimators agree with the same computation on a float32 copy of the bf16 model

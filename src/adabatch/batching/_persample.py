@@ -26,7 +26,11 @@ Inner products with the mean gradient ḡ need ḡ, which is only known after th
 (after DDP's all-reduce, after every accumulation micro-batch), so they are computed in
 :meth:`PerSampleStats.stats`: for each layer either from the stored per-sample gradient (when
 that is smaller than the layer's input and output gradient) or as "the layer's forward with ḡ
-as its weight": ⟨g_i, ḡ_W⟩ = Σ δ_i ⊙ f(a_i; ḡ_W), for a layer f linear in its weight.
+as its weight": ⟨g_i, ḡ_W⟩ = Σ δ_i ⊙ f(a_i; ḡ_W), for a layer f linear in its weight (for
+Linear and Conv layers weight and bias together: Σ δ_i ⊙ f(a_i; ḡ_W, ḡ_b)). A convolution
+keeps its per-sample gradients for this only when the fused backward (``fuse_conv_grad``)
+computes them anyway, for norms or coordinates; for inner products alone the direct form
+costs the same multiply-adds and keeps nothing.
 One exception: a Linear on [b, in] inputs whose p.grad will be this one pass's gradient of
 this call (a single pass, no reduce, no gradient before, no gradient hook on the parameter)
 takes ⟨g_i, ḡ⟩ = Σ_j (δ_i·δ_j)(a_i·a_j + [bias]) in its backward hook when that Gram form is
@@ -502,12 +506,25 @@ class _ConvHandler(_Handler):
         assert d is not None
         if name == "bias":
             return d.reshape(rec.n, d.shape[1], -1).sum(-1) @ gbar.to(d.dtype)
+        return self.ip_wb(rec, gbar, None, est)
+
+    def ip_wb(self, rec: _Record, gw: Tensor, gb: Tensor | None,
+              est: PerSampleStats) -> Tensor:
+        """⟨g_i, ḡ⟩ over the weight and (unless ``gb`` is None) the bias together, in the
+        direct form: Σ_t δ_it · (ḡ_W ⋆ x_i + ḡ_b)_t, the layer's own convolution of its input
+        with ḡ (one per chunk of samples), multiplied by the output gradient in place."""
+        x, d = rec.inputs[0], rec.deltas[0]
+        assert d is not None
+        # under autocast the kept input and the output gradient may differ in dtype
+        dt = torch.promote_types(x.dtype, d.dtype)
+        w = gw.to(dt)
+        bias = None if gb is None else gb.to(dt)
+        per = x[0].numel() + 2 * d[0].numel()
         out = []
-        per = rec.inputs[0][0].numel() + 2 * d[0].numel()
         for lo, hi in _chunks(rec.n, per, est.budget, est.chunk_size):
-            y = self.module._conv_forward(rec.inputs[0][lo:hi], gbar.to(d.dtype), None)
-            out.append((d[lo:hi] * y).reshape(hi - lo, -1).sum(1))
-        return torch.cat(out)
+            y = self.module._conv_forward(x[lo:hi].to(dt), w, bias)
+            out.append(y.mul_(d[lo:hi]).reshape(hi - lo, -1).sum(1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class _FusedConv(torch.autograd.Function):
@@ -722,10 +739,12 @@ class PerSampleStats:
             (an all-reduce with SUM, in place or returned). Called once per :meth:`stats`
             on ``[N, Σ‖g_i‖², Σ ip_i, Σ ip_i²]`` and, only for ``coord_variance``, once on the
             flattened per-coordinate sums. ḡ is read from p.grad (DDP has averaged it).
-        fuse_conv_grad: default True. Inside :meth:`measure`, Conv1d/2d/3d layers (zero
-            padding, not tied) run through an autograd Function whose backward takes the
-            batch weight gradient as the sum of the per-sample weight gradients the estimator
-            materialises anyway, so the backend's own weight-gradient convolution is skipped
+        fuse_conv_grad: default True. Inside :meth:`measure`, when ``needs`` ask for
+            per-sample norms or coordinates (not for inner products alone), Conv1d/2d/3d
+            layers (zero padding, not tied) run through an autograd Function whose backward
+            takes the batch weight gradient as the sum of the per-sample weight gradients the
+            estimator materialises anyway, so the backend's own weight-gradient convolution is
+            skipped
             (and the bias gradient is a plain sum). p.grad still arrives through autograd
             (accumulation, tied weights and DDP's gradient hooks work as usual) and equals a
             plain backward's up to floating-point summation order (not bitwise; pass False
@@ -844,7 +863,9 @@ class PerSampleStats:
         self._pass_id += 1  # the hooks of this pass's records check it
         self._active = True
         patched = []
-        if self.fuse_conv_grad and self._per_sample:
+        if self.fuse_conv_grad and (self._need_norm or self._need_coord):
+            # fusion pays when per-sample weight gradients are taken anyway: for norms or
+            # coordinates; inner products alone take the direct form (ip_wb), which needs none
             for module, handler in self._handlers.items():
                 if _fusable(module, handler):
                     module.forward = functools.partial(self._fused_forward, module)
@@ -968,7 +989,7 @@ class PerSampleStats:
                         gram = (K * M).sum(1)
                         if self._need_norm:
                             self._norm_parts.append(torch.dot(K.diagonal(), M.diagonal()))
-                    self._pass_ip.append(("lin", pids[0], pids[1] if bias else None, rec,
+                    self._pass_ip.append(("wb", pids[0], pids[1] if bias else None, rec,
                                           gram))
                 if self._need_norm and gram is None:
                     nd = torch.linalg.vector_norm(D, dim=1, dtype=dt)
@@ -1038,14 +1059,20 @@ class PerSampleStats:
     def _store_mat(self, rec: _Record, names: tuple[str, ...]) -> set[str]:
         if not self._need_ip:
             return set()
+        if isinstance(rec.handler, _ConvHandler) and not rec.fuse:
+            # the direct form (one convolution with ḡ) costs the multiply-adds of the
+            # per-sample weight gradients and keeps nothing; only a fused convolution, whose
+            # per-sample gradients replace the batch one, has them for free
+            return set()
         kept = rec.handler.kept_numel(rec)
         # a fused conv materialises its per-sample weight gradients anyway (they replace the
         # backend's weight gradient): keeping them for the inner products then costs memory
         # only, which is worth up to twice the input and output gradient it frees
         limit = 2 * kept if rec.fuse else kept
         store = {nm for nm in names if rec.handler.param(nm).numel() <= limit}
-        if isinstance(rec.handler, _LinearHandler) and "weight" in names and "weight" not in store:
-            store.discard("bias")  # taken with the weight in one addmm (ip_wb)
+        if (isinstance(rec.handler, (_LinearHandler, _ConvHandler)) and "weight" in names
+                and "weight" not in store):
+            store.discard("bias")  # taken with the weight in one addmm/convolution (ip_wb)
         return store
 
     def _add(self, pid: int, norm: Tensor | None, coord: Tensor | None) -> None:
@@ -1072,10 +1099,10 @@ class PerSampleStats:
                     self._pass_ip.append(("mat", pid, mat))
                 else:
                     later.append((pid, nm))
-        if (len(later) == 2 and isinstance(rec.handler, _LinearHandler)
+        if (len(later) == 2 and isinstance(rec.handler, (_LinearHandler, _ConvHandler))
                 and later[0][1] == "weight" and later[1][1] == "bias"):
-            # weight and bias of a Linear together: one addmm per chunk
-            self._pass_ip.append(("lin", later[0][0], later[1][0], rec, None))
+            # weight and bias together: one addmm (Linear) or convolution per chunk
+            self._pass_ip.append(("wb", later[0][0], later[1][0], rec, None))
         else:
             self._pass_ip.extend(("rec", pid, rec, nm) for pid, nm in later)
         keep = bool(later)
@@ -1197,7 +1224,7 @@ class PerSampleStats:
                         _, pid, mats = part
                         g = flat_g[pid].reshape(-1).to(mats[0].dtype)
                         term = torch.cat([m @ g for m in mats])
-                    elif part[0] == "lin":
+                    elif part[0] == "wb":
                         _, pw, pb, rec, gram = part
                         term = (gram if gram is not None and gram_ok else rec.handler.ip_wb(
                             rec, flat_g[pw], None if pb is None else flat_g[pb], self))
