@@ -744,11 +744,10 @@ class PerSampleStats:
             layers (zero padding, not tied) run through an autograd Function whose backward
             takes the batch weight gradient as the sum of the per-sample weight gradients the
             estimator materialises anyway, so the backend's own weight-gradient convolution is
-            skipped
-            (and the bias gradient is a plain sum). p.grad still arrives through autograd
-            (accumulation, tied weights and DDP's gradient hooks work as usual) and equals a
-            plain backward's up to floating-point summation order (not bitwise; pass False
-            for the backend's own gradients). The module's ``forward`` is replaced by an
+            skipped (and the bias gradient is a plain sum). p.grad still arrives through
+            autograd (accumulation, tied weights and DDP's gradient hooks work as usual) and
+            equals a plain backward's up to floating-point summation order (not bitwise; pass
+            False for the backend's own gradients). The module's ``forward`` is replaced by an
             instance attribute for the duration of :meth:`measure`.
 
     Attributes:
