@@ -205,13 +205,11 @@ def test_fused_conv_gradient_and_statistics(tied, needs):
     assert "forward" not in model.c1.__dict__ and "forward" not in model.c2.__dict__
 
 
-def test_fused_conv_takes_the_weight_gradient_from_the_per_sample_sum(monkeypatch):
-    """The backend's weight-gradient kernel is asked only for tensors it still must give."""
-    torch.manual_seed(0)
-    model = SmallCNN().to(DT)
-    x = torch.randn(5, 2, 8, 8, dtype=DT)
-    y = torch.randint(0, 3, (5,))
-    masks = []
+def spy_convolution_backward(monkeypatch) -> list:
+    """Record the output mask of every convolution_backward the estimator calls."""
+    import adabatch.batching._persample as ps
+
+    masks: list = []
     real = torch.ops.aten.convolution_backward
 
     class Spy:
@@ -219,8 +217,17 @@ def test_fused_conv_takes_the_weight_gradient_from_the_per_sample_sum(monkeypatc
             masks.append(list(args[-1]))
             return real(*args)
 
-    import adabatch.batching._persample as ps
     monkeypatch.setattr(ps.torch.ops.aten, "convolution_backward", Spy())
+    return masks
+
+
+def test_fused_conv_takes_the_weight_gradient_from_the_per_sample_sum(monkeypatch):
+    """The backend's weight-gradient kernel is asked only for tensors it still must give."""
+    torch.manual_seed(0)
+    model = SmallCNN().to(DT)
+    x = torch.randn(5, 2, 8, 8, dtype=DT)
+    y = torch.randint(0, 3, (5,))
+    masks = spy_convolution_backward(monkeypatch)
     est = PerSampleStats(model, needs={"variance_trace"}, fuse_conv_grad=True)
     with est.measure():
         F.cross_entropy(model(x), y).backward()
@@ -241,16 +248,9 @@ def test_inner_products_alone_do_not_fuse_convolutions(monkeypatch):
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     plain = [p.grad.clone() for p in model.parameters()]
-    masks = []
-    real = torch.ops.aten.convolution_backward
-
-    class Spy:
-        def __call__(self, *args):
-            masks.append(list(args[-1]))
-            return real(*args)
-
+    masks = spy_convolution_backward(monkeypatch)
     import adabatch.batching._persample as ps
-    monkeypatch.setattr(ps.torch.ops.aten, "convolution_backward", Spy())
+
     per_sample = ps._ConvHandler._weight_grads
 
     def spy_weight_grads(self, *args, **kwargs):
