@@ -1,6 +1,6 @@
 """Cost of measuring gradient statistics every step, relative to a plain training step.
 
-Run (prints a markdown table; about 5 minutes on 2 cores)::
+Run (prints a markdown table; about 11 minutes on 2 cores, peak memory included)::
 
     python benchmarks/test_overhead.py                 # full: b = 32, 128, 512, 2 threads
     python benchmarks/test_overhead.py --quick         # fewer rounds, b = 32, 128
