@@ -263,7 +263,8 @@ def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             gw, gb = m.weight.grad, m.bias.grad
             if isinstance(m, nn.Linear):
                 out_f, in_f = gw.shape
-                if b * (in_f + out_f) < in_f * out_f:  # Gram form: ḡ = Σ_j g_j (one pass)
+                # Gram form (ḡ = Σ_j g_j: one pass); + 1: every layer of both models has a bias
+                if b * (in_f + out_f) < in_f * out_f:
                     t = ((d @ d.T) * (a @ a.T).add_(1.0)).sum(1)
                 else:
                     t = F.linear(a, gw, gb).mul_(d).sum(1)
@@ -312,16 +313,8 @@ def backpack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def check_backpack() -> None:
     """BackPACK as an oracle: its G, V and v_j equal PerSampleStats' in float64."""
     for name in ("cnn", "mlp"):
-        torch.manual_seed(1)
-        model = make_model(name).double()
-        x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
-        y = torch.randint(0, 10, (8,))
-        est = PerSampleStats(model, needs={"variance_trace", "coord_variance"})
-        model.zero_grad()
-        with est.measure():
-            F.cross_entropy(model(x), y).backward()
-        ours = est.stats()
-        est.remove()
+        model, x, y, ours = reference_stats(name, 8, {"variance_trace", "coord_variance"},
+                                            seed=1)
         G, V, coord = backpack_step(model, x, y, None)()
         for a, b in ((G, ours.grad_sq_norm), (V, ours.variance_trace)):
             if not math.isclose(a, b, rel_tol=1e-9):
@@ -331,20 +324,27 @@ def check_backpack() -> None:
     print("BackPACK agrees with PerSampleStats (G, V, v_j; float64, CNN and MLP)", flush=True)
 
 
+def reference_stats(model_name: str, b: int, needs, seed: int):
+    """A float64 model, a random batch of b and PerSampleStats' statistics of it (the oracle
+    checks compare a competitor's numbers on the same model and batch with these)."""
+    torch.manual_seed(seed)
+    model = make_model(model_name).double()
+    x = torch.randn(b, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (b,))
+    est = PerSampleStats(model, needs=needs)
+    model.zero_grad()
+    with est.measure():
+        F.cross_entropy(model(x), y).backward()
+    ours = est.stats()
+    est.remove()
+    return model, x, y, ours
+
+
 def check_ip_floor(model_name: str) -> None:
-    """The ``ip-floor`` row computes the real statistic: its G and W equal PerSampleStats'
-    (float64, b = 8, both the Gram and the direct form on the MLP: b = 8 and 300)."""
+    """The ``ip-floor`` row computes the real statistic: its G and W equal PerSampleStats' in
+    float64, at b = 8 (the Linear layers take the Gram form) and b = 300 (the direct one)."""
     for b in (8, 300):
-        torch.manual_seed(2)
-        model = make_model(model_name).double()
-        x = torch.randn(b, 1, 28, 28, dtype=torch.float64)
-        y = torch.randint(0, 10, (b,))
-        est = PerSampleStats(model, needs=NEEDS["ip"])
-        model.zero_grad()
-        with est.measure():
-            F.cross_entropy(model(x), y).backward()
-        ours = est.stats()
-        est.remove()
+        model, x, y, ours = reference_stats(model_name, b, NEEDS["ip"], seed=2)
         G, W = ip_floor_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.0))()
         for a, c in ((G, ours.grad_sq_norm), (W, ours.ip_variance)):
             if not math.isclose(a, c, rel_tol=1e-9):

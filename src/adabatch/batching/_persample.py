@@ -232,7 +232,6 @@ def _ghost_sq_norm(U: Tensor, D: Tensor) -> Tensor:
     return (gu * gd).sum(dtype=torch.float64)
 
 
-
 def _chunked_ghost_norm(rec: _Record, est: Any, per: int,
                         pair: Callable[[int, int], tuple[Tensor, Tensor]]) -> Tensor:
     """Σ_i ‖g_i‖² of one weight by ghost products, over chunks of samples that keep ``per``

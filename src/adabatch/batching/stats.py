@@ -201,4 +201,3 @@ def read_f64(parts: list[Tensor]) -> list[float]:
     if parts[0].device.type == "cpu":
         return [t.item() for t in parts]
     return stack_f64(parts).tolist()
-
