@@ -3,6 +3,8 @@
 - :mod:`~adabatch.batching.stats`: :class:`GradientStats`, what a test needs.
 - :mod:`~adabatch.batching.estimators`: how the statistics are measured
   (:class:`PerSampleStats`, :class:`MicroBatchStats`).
+- :mod:`~adabatch.batching.protocol`: the one interface of every estimator (a context per
+  step, one per micro-batch, ``stats()``).
 - :mod:`~adabatch.batching.tests`: pure functions GradientStats -> required batch size, and
   the classes that carry their hyperparameters.
 - :mod:`~adabatch.batching.controller`: :class:`BatchSizeController` and the fixed schedules.
@@ -22,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "GradientStats": "stats",
     "PerSampleStats": "estimators",
     "MicroBatchStats": "estimators",
+    "Estimator": "protocol",
+    "StepScope": "protocol",
     "norm_test": "tests",
     "inner_product_test": "tests",
     "augmented_inner_product_test": "tests",

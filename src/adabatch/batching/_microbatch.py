@@ -38,13 +38,15 @@ counts as one micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from adabatch.batching.protocol import StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
     GradientStats,
@@ -92,7 +94,12 @@ class MicroBatchStats:
 
     Attributes:
         params: the parameters, aligned with ``mean_grad`` and ``coord_variance``.
+        needs_local_grads: True: each process's micro-batch gradients must reach
+            :meth:`accumulate` before the gradients are averaged across processes (see
+            :class:`~adabatch.batching.protocol.Estimator`).
     """
+
+    needs_local_grads = True
 
     def __init__(self, params_or_model: nn.Module | Iterable[Tensor],
                  needs: Iterable[str] = STAT_NAMES, *, reduce: Reduce | None = None,
@@ -138,6 +145,22 @@ class MicroBatchStats:
                                      "require gradients")
                 self._handles.append(p.register_hook(self._make_hook(i)))
         self.reset()
+
+    @contextlib.contextmanager
+    def step(self, measure: bool = True) -> Iterator[StepScope]:
+        """Context for one training step (the :class:`~adabatch.batching.protocol.Estimator`
+        protocol): starts a new step, and each ``scope.micro_batch(n)`` calls
+        :meth:`accumulate` after its backward pass. With ``track="hooks"`` it sets
+        :attr:`enabled` to ``measure`` for the step (and back afterwards), so a step without
+        statistics costs a plain step."""
+        self.reset()
+        previous = self.enabled
+        if self.track == "hooks":
+            self.enabled = bool(measure)
+        try:
+            yield StepScope(bool(measure), lambda n: contextlib.nullcontext(), self.accumulate)
+        finally:
+            self.enabled = previous
 
     def remove(self) -> None:
         """Remove the gradient hooks of ``track="hooks"`` (no-op for ``"grad"``)."""

@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from adabatch.batching.protocol import StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
     GradientStats,
@@ -752,7 +753,12 @@ class PerSampleStats:
     Attributes:
         params: the parameters the statistics are over, aligned with ``mean_grad`` and
             ``coord_variance``.
+        needs_local_grads: False: it measures inside each backward pass, so the usual
+            gradient synchronisation of data parallelism may run (see
+            :class:`~adabatch.batching.protocol.Estimator`).
     """
+
+    needs_local_grads = False
 
     def __init__(self, model: nn.Module, needs: Iterable[str] = STAT_NAMES, *,
                  chunk_size: int | None = None, budget: int = DEFAULT_BUDGET,
@@ -880,6 +886,15 @@ class PerSampleStats:
             records, self._records = self._records, []
             if ok:
                 self._finish_pass(records)
+
+    @contextlib.contextmanager
+    def step(self, measure: bool = True) -> Iterator[StepScope]:
+        """Context for one training step (the :class:`~adabatch.batching.protocol.Estimator`
+        protocol): each ``scope.micro_batch(n)`` is a :meth:`measure` context; with
+        ``measure=False`` nothing is hooked and the step costs a plain step."""
+        if measure:
+            self.reset()
+        yield StepScope(bool(measure), lambda n: self.measure(), lambda n: None)
 
     # --- hooks -----------------------------------------------------------------------------
     def _fused_forward(self, module: nn.Module, x: Tensor) -> Tensor:

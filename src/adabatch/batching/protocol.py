@@ -1,0 +1,96 @@
+"""The one interface every estimator offers to a training loop.
+
+A training step is one context, each micro-batch (one forward and backward pass) another
+inside it, and the statistics are read after the step's gradients are final::
+
+    with est.step(measure=controller.wants_stats()) as step:
+        for x, y in micro_batches:                       # n_k samples each, N in all
+            with step.micro_batch(len(x)):
+                (loss_fn(model(x), y) * len(x) / N).backward()
+    # (under DDP, when est.needs_local_grads: average the gradients by hand here)
+    stats = est.stats() if step.measuring else None
+    optimizer.step()
+    controller.update(stats)
+
+The losses of one step add up to the mean per-sample loss over its N samples
+(``loss_k = mean_loss_k * n_k / N``), so that p.grad is the mean gradient ḡ when
+:meth:`Estimator.stats` reads it. With ``measure=False`` both contexts do nothing and the
+step costs what a plain step costs. The same loop drives :class:`~adabatch.batching.
+PerSampleStats` (hooks inside each micro-batch) and :class:`~adabatch.batching.
+MicroBatchStats` (one accumulation after each micro-batch); the trainer, the integrations
+and users' loops all use it, so none of them branches on the kind of estimator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from adabatch.batching.stats import GradientStats
+
+
+class StepScope:
+    """The context of one step: hands out one :meth:`micro_batch` context per pass.
+
+    Built by an estimator's ``step()``; ``enter(n)`` and ``leave(n)`` are the estimator's
+    own work before and after a micro-batch's forward and backward pass (``leave`` runs only
+    when the pass raised nothing).
+    """
+
+    def __init__(self, measuring: bool,
+                 enter: Callable[[int], contextlib.AbstractContextManager[object]],
+                 leave: Callable[[int], None]) -> None:
+        self.measuring = measuring
+        self.micro_batches = 0
+        self.samples = 0
+        self._enter = enter
+        self._leave = leave
+
+    @contextlib.contextmanager
+    def micro_batch(self, n: int) -> Iterator[None]:
+        """Context for the forward and backward pass of one micro-batch of ``n`` samples."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"micro_batch(n): n must be an int, got {type(n).__name__}")
+        if n < 1:
+            raise ValueError(f"micro_batch(n): n must be at least 1, got {n}")
+        if not self.measuring:
+            yield
+            return
+        with self._enter(n):
+            yield
+        self._leave(n)
+        self.micro_batches += 1
+        self.samples += n
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """What the loop needs from an estimator (both estimators of this package are one).
+
+    Attributes:
+        needs: the statistics it computes (names of :data:`~adabatch.batching.stats.
+            STAT_NAMES`).
+        params: the parameters the statistics are over.
+        needs_local_grads: True when :meth:`stats` needs each process's micro-batch gradients
+            before the gradients are averaged across processes: a data-parallel loop then
+            runs every backward of a measured step without gradient synchronisation and
+            averages the gradients by hand before :meth:`stats` (:class:`MicroBatchStats`).
+            False when the estimator measures inside the backward pass and the usual
+            synchronisation can run (:class:`PerSampleStats`).
+    """
+
+    needs: frozenset[str]
+    params: list[Tensor]
+    needs_local_grads: bool
+
+    def step(self, measure: bool = True) -> contextlib.AbstractContextManager[StepScope]:
+        """Context for one training step; ``measure=False`` makes it (and its micro-batch
+        contexts) do nothing."""
+        ...
+
+    def stats(self) -> GradientStats:
+        """The statistics of the measured step (reads the final ḡ from p.grad); resets."""
+        ...
