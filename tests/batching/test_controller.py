@@ -19,7 +19,7 @@ from adabatch.batching.controller import (
     StagewiseSchedule,
 )
 from adabatch.batching.stats import GradientStats
-from adabatch.batching.tests import NormTest
+from adabatch.batching.batch_tests import NormTest
 
 
 def norm_stats(b: int, V: float, G: float = 1.0) -> GradientStats:

@@ -5,7 +5,7 @@
   (:class:`PerSampleStats`, :class:`MicroBatchStats`).
 - :mod:`~adabatch.batching.protocol`: the one interface of every estimator (a context per
   step, one per micro-batch, ``stats()``).
-- :mod:`~adabatch.batching.tests`: pure functions GradientStats -> required batch size, and
+- :mod:`~adabatch.batching.batch_tests`: pure functions GradientStats -> required batch size, and
   the classes that carry their hyperparameters.
 - :mod:`~adabatch.batching.controller`: :class:`BatchSizeController` and the fixed schedules.
 - :mod:`~adabatch.batching.sampler`: a resumable sampler that yields batches of the current
@@ -26,17 +26,17 @@ _EXPORTS: dict[str, str] = {
     "MicroBatchStats": "estimators",
     "Estimator": "protocol",
     "StepScope": "protocol",
-    "norm_test": "tests",
-    "inner_product_test": "tests",
-    "augmented_inner_product_test": "tests",
-    "orthogonality_test": "tests",
-    "coordinate_norm_test": "tests",
-    "BatchTest": "tests",
-    "NormTest": "tests",
-    "InnerProductTest": "tests",
-    "AugmentedInnerProductTest": "tests",
-    "OrthogonalityTest": "tests",
-    "CoordinateNormTest": "tests",
+    "norm_test": "batch_tests",
+    "inner_product_test": "batch_tests",
+    "augmented_inner_product_test": "batch_tests",
+    "orthogonality_test": "batch_tests",
+    "coordinate_norm_test": "batch_tests",
+    "BatchTest": "batch_tests",
+    "NormTest": "batch_tests",
+    "InnerProductTest": "batch_tests",
+    "AugmentedInnerProductTest": "batch_tests",
+    "OrthogonalityTest": "batch_tests",
+    "CoordinateNormTest": "batch_tests",
     "BatchSizeController": "controller",
     "ConstantSchedule": "controller",
     "LinearSchedule": "controller",

@@ -13,7 +13,7 @@ Every policy has the same interface, so a training loop treats them alike::
     policy.state_dict() / policy.load_state_dict(state)
 
 **Adaptive controller.** After a test step of batch size b_k, with the test's required batch
-size r_k (see :mod:`adabatch.batching.tests`)::
+size r_k (see :mod:`adabatch.batching.batch_tests`)::
 
     b_{k+1} = min(B_max, max(b_k, granularity · ⌈r_k / granularity⌉))
 
@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from adabatch.batching.stats import GradientStats
-from adabatch.batching.tests import BatchTest
+from adabatch.batching.batch_tests import BatchTest
 
 __all__ = [
     "BatchSizeController",
@@ -282,7 +282,7 @@ class BatchSizeController(_BatchPolicy):
     """Adaptive batch size driven by a statistical test (see the module docstring).
 
     Args:
-        test: a :class:`~adabatch.batching.tests.BatchTest` (``NormTest(eta)``, ...).
+        test: a :class:`~adabatch.batching.batch_tests.BatchTest` (``NormTest(eta)``, ...).
         initial: the first global batch size (a multiple of ``granularity``).
         maximum: the largest batch size (a multiple of ``granularity``).
         interval: run the test every ``interval`` steps (steps 0, interval, 2·interval, ...).

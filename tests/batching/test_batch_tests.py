@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adabatch.batching import tests as T
+from adabatch.batching import batch_tests as T
 from adabatch.batching.stats import STAT_NAMES, GradientStats
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]  # a tiny "model" of three parameter tensors
