@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adabatch.batching.batch_tests import NormTest
 from adabatch.batching.controller import (
     BatchSizeController,
     ConstantSchedule,
@@ -19,7 +20,6 @@ from adabatch.batching.controller import (
     StagewiseSchedule,
 )
 from adabatch.batching.stats import GradientStats
-from adabatch.batching.batch_tests import NormTest
 
 
 def norm_stats(b: int, V: float, G: float = 1.0) -> GradientStats:

@@ -66,8 +66,8 @@ from typing import Any
 
 import torch
 
-from adabatch.batching.stats import GradientStats
 from adabatch.batching.batch_tests import BatchTest
+from adabatch.batching.stats import GradientStats
 
 __all__ = [
     "BatchSizeController",
