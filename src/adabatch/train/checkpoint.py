@@ -19,7 +19,15 @@ Atomic write: the file is written to a temporary file in the same directory, flu
 fsynced, renamed over the final name with :func:`os.replace` and the directory is fsynced, so a
 crash at any moment leaves either the previous set of checkpoints or the new one, never a
 truncated file under a checkpoint name. Older checkpoints beyond the last ``keep`` are removed
-after the new one is in place.
+after the new one is in place. A process killed during a write leaves its temporary file
+(``.step_XXXXXXXX.pt.*.tmp``) behind: :func:`remove_stale_temporaries` deletes those once the
+run directory is owned by the resuming process.
+
+Reading: :func:`newest_intact_checkpoint` tries the checkpoints newest first and returns the
+first that loads, with the reason each newer one was skipped (truncated, random bytes, another
+format version), so a damaged newest checkpoint costs the steps since the one before it and
+nothing else. Files are always read with ``weights_only=True``; an unreadable file is never
+retried with the unsafe ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -42,9 +50,12 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "newest_intact_checkpoint",
+    "remove_stale_temporaries",
     "restore_rng",
     "save_checkpoint",
     "write_atomic",
+    "write_text_atomic",
 ]
 
 #: Bumped whenever the layout of the checkpoint dict changes incompatibly.
@@ -89,6 +100,50 @@ def write_atomic(obj: Any, path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`write_atomic` does: a crash or a
+    full disk during the write leaves the previous file (or none), never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed writer left in the run directory and its
+    ``checkpoints/`` (names ``.<final name>.<random>.tmp``, as :func:`write_atomic` and
+    :func:`write_text_atomic` make them); returns what was removed. Call it only while this
+    process owns the run directory (no other writer can be in the middle of a write)."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if _TEMPORARY.match(p.name) and p.is_file():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -138,9 +193,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, which would run arbitrary code: never
+        raise CheckpointError(f"cannot read checkpoint {path}: it holds objects other than "
+                              "tensors and plain data (not written by adabatch, or "
+                              "damaged)") from None
+    except Exception as e:  # damaged bytes raise struct.error, EOFError, RuntimeError, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged "
+                              f"(truncated or corrupt: {_first_line(e)})") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not an adabatch checkpoint (no format_version)")
     if state["format_version"] != FORMAT_VERSION:
@@ -149,6 +209,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"reads version {FORMAT_VERSION}"
         )
     return state
+
+
+def newest_intact_checkpoint(
+    run_dir: str | Path,
+) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]] | None:
+    """The newest checkpoint of a run that loads, as ``(path, state, skipped)``.
+
+    ``skipped`` lists the newer checkpoints that could not be read, newest first, each with
+    the one-line reason. None when the run has no checkpoint; a :class:`CheckpointError`
+    naming every file when none of them loads.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path), skipped
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+    if skipped:
+        names = ", ".join(p.name for p, _ in skipped)
+        raise CheckpointError(f"no checkpoint of {run_dir} can be read ({names}); the first "
+                              f"error: {skipped[0][1]}")
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
