@@ -40,20 +40,10 @@ def _key_value(text: str) -> tuple[str, Any]:
 _S = argparse.SUPPRESS
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from adabatch.train.config import (
-        BATCH_SCHEDULES,
-        BATCH_TESTS,
-        COORD_REDUCES,
-        ESTIMATORS,
-        LR_SCALINGS,
-        LR_SCHEDULES,
-        PRECISIONS,
-        PRESETS,
-        TrainConfig,
-    )
+def _flags_data_model(p: argparse.ArgumentParser, d: Any) -> None:
+    """--config, --preset, the data set and the model."""
+    from adabatch.train.config import PRESETS
 
-    d = TrainConfig()
     g = p.add_argument_group("configuration")
     g.add_argument("--config", metavar="FILE", default=_S,
                    help="TOML or YAML file with the same keys as the flags (flags win)")
@@ -71,6 +61,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm", default=_S, help="normalisation layers: group (default) or batch")
     g.add_argument("--model-option", dest="model_options", type=_key_value, action="append",
                    metavar="KEY=VALUE", default=_S, help="model option (repeatable)")
+
+
+def _flags_optimizer(p: argparse.ArgumentParser, d: Any) -> None:
+    """The optimizer and its hyperparameters."""
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default=_S,
                    help=f"name from the optimizer registry (default {d.optimizer})")
@@ -85,6 +79,18 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--opt-option", dest="optimizer_options", type=_key_value, action="append",
                    metavar="KEY=VALUE", default=_S,
                    help="any other optimizer hyperparameter (repeatable)")
+
+
+def _flags_batch_size(p: argparse.ArgumentParser, d: Any) -> None:
+    """The batch-size policy."""
+    from adabatch.train.config import (
+        BATCH_SCHEDULES,
+        BATCH_TESTS,
+        COORD_REDUCES,
+        ESTIMATORS,
+        LR_SCALINGS,
+    )
+
     g = p.add_argument_group("batch size")
     g.add_argument("--batch-test", choices=BATCH_TESTS, default=_S,
                    help=f"adaptive batch test (default {d.batch_test}); none = fixed schedule")
@@ -119,9 +125,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help=f"how statistics are measured (default {d.estimator})")
     g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=_S,
                    help="scale the lr with the batch size growth (default none)")
+
+
+def _flags_budget(p: argparse.ArgumentParser, d: Any) -> None:
+    """The budget and the learning-rate schedule."""
+    from adabatch.train.config import LR_SCHEDULES
+
     g = p.add_argument_group("budget (one of)")
     g.add_argument("--epochs", type=float, default=_S,
-                   help=f"default {TrainConfig.DEFAULT_EPOCHS:g} when no budget is given")
+                   help=f"default {d.DEFAULT_EPOCHS:g} when no budget is given")
     g.add_argument("--samples", type=int, default=_S)
     g.add_argument("--steps", type=int, default=_S)
     g = p.add_argument_group("learning-rate schedule")
@@ -129,6 +141,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-samples", type=int, default=_S)
     g.add_argument("--min-lr-ratio", type=float, default=_S,
                    help="cosine: final lr / base lr (default 0)")
+
+
+def _flags_run(p: argparse.ArgumentParser, d: Any) -> None:
+    """Evaluation, checkpoints, outputs, device and processes."""
+    from adabatch.train.config import PRECISIONS
+
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=_S,
                    help="evaluate every N steps (0: only at the end)")
@@ -159,6 +177,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-restarts", type=int, default=_S, metavar="K",
                    help="with --nproc: restart the group up to K times after a failure; it "
                         "resumes from the newest checkpoint in --out")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from adabatch.train.config import TrainConfig
+
+    d = TrainConfig()
+    for add in (_flags_data_model, _flags_optimizer, _flags_batch_size, _flags_budget,
+                _flags_run):
+        add(p, d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,35 +255,80 @@ def _strip_launch_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def _launch_problem(flags: dict[str, Any], nproc: int | None,
+                    max_restarts: int | None) -> str | None:
+    """What is wrong with --nproc / --max-restarts (None: nothing)."""
+    if nproc is not None and nproc < 1:
+        return f"--nproc must be >= 1, got {nproc}"
+    if max_restarts is not None and max_restarts < 0:
+        return f"--max-restarts must be >= 0, got {max_restarts}"
+    if max_restarts is not None and nproc is None:
+        return "--max-restarts goes with --nproc (under torchrun, give it to torchrun)"
+    if max_restarts and "out" not in flags and "resume" not in flags:
+        return "--max-restarts needs --out DIR: the restarted processes resume from it"
+    return None
+
+
+def _launch(flags: dict[str, Any], nproc: int, max_restarts: int | None,
+            argv: list[str] | None) -> int:
+    """Run ``adabatch train`` in ``nproc`` processes under torchrun."""
+    from adabatch.train.checkpoint import CheckpointError
+    from adabatch.train.config import ConfigError
+    from adabatch.train.distributed import env_world_size, launch
+    from adabatch.train.loop import preflight
+
+    if env_world_size() > 1:
+        return _err("--nproc launches torchrun; under torchrun leave it out")
+    try:
+        preflight(_train_config(flags), nproc)  # fail here, once, not in every process
+    except (ConfigError, CheckpointError) as e:
+        return _err(str(e))
+    args = _strip_launch_flags(list(sys.argv[1:] if argv is None else argv))
+    if args and args[0] == "train":
+        args = args[1:]
+    return launch(args, nproc, max_restarts=max_restarts or 0)
+
+
+def _write_plots(run_dir: Path) -> tuple[list[Path], str]:
+    """The run's figures, or none and why (a figure must never lose a finished run)."""
+    try:
+        from adabatch.train.plot import plot_runs
+
+        return list(plot_runs([run_dir], run_dir / "plots")), ""
+    except ModuleNotFoundError as e:
+        return [], f"plots skipped ({e.name} is not installed)"
+    except Exception as e:
+        return [], f"plots skipped ({type(e).__name__}: {' '.join(str(e).split())})"
+
+
+def _print_summary(s: dict[str, Any], run_dir: Path, plots: list[Path], plot_note: str) -> None:
+    acc = s["test_accuracy"]
+    acc_text = f"test accuracy {acc:.4f}, " if acc is not None else ""
+    print(f"done: {acc_text}test loss {s['test_loss']:.4f}; {s['steps']} steps, "
+          f"{s['samples']} samples ({s['epochs']:.2f} epochs); batch size "
+          f"{s['initial_batch_size']} -> {s['final_batch_size']}; "
+          f"{s['wall_time_s']:.1f} s")
+    print(f"outputs: {run_dir}/ (config.json, metrics.jsonl, summary.json, final.pt, "
+          "checkpoints/)")
+    if plots:
+        print(f"plots: {run_dir / 'plots'}/ ({', '.join(p.name for p in plots)})")
+    elif plot_note:
+        print(plot_note)
+
+
 def _cmd_train(ns: argparse.Namespace, argv: list[str] | None = None) -> int:
     from adabatch.train.checkpoint import CheckpointError
     from adabatch.train.config import ConfigError
-    from adabatch.train.loop import preflight, train
+    from adabatch.train.loop import train
 
     flags = {k: v for k, v in vars(ns).items() if k != "command"}
     nproc = flags.pop("nproc", None)
     max_restarts = flags.pop("max_restarts", None)
-    if nproc is not None and nproc < 1:
-        return _err(f"--nproc must be >= 1, got {nproc}")
-    if max_restarts is not None and max_restarts < 0:
-        return _err(f"--max-restarts must be >= 0, got {max_restarts}")
-    if max_restarts is not None and nproc is None:
-        return _err("--max-restarts goes with --nproc (under torchrun, give it to torchrun)")
-    if max_restarts and "out" not in flags and "resume" not in flags:
-        return _err("--max-restarts needs --out DIR: the restarted processes resume from it")
+    problem = _launch_problem(flags, nproc, max_restarts)
+    if problem:
+        return _err(problem)
     if nproc is not None and nproc > 1:
-        from adabatch.train.distributed import env_world_size, launch
-
-        if env_world_size() > 1:
-            return _err("--nproc launches torchrun; under torchrun leave it out")
-        try:
-            preflight(_train_config(flags), nproc)  # fail here, once, not in every process
-        except (ConfigError, CheckpointError) as e:
-            return _err(str(e))
-        args = _strip_launch_flags(list(sys.argv[1:] if argv is None else argv))
-        if args and args[0] == "train":
-            args = args[1:]
-        return launch(args, nproc, max_restarts=max_restarts or 0)
+        return _launch(flags, nproc, max_restarts, argv)
     try:
         cfg = _train_config(flags)
         result = train(cfg)
@@ -270,32 +342,9 @@ def _cmd_train(ns: argparse.Namespace, argv: list[str] | None = None) -> int:
         return 128 + result.interrupted
     if result.rank != 0:
         return 0
-    s = result.summary
-    run_dir = result.run_dir
-    plots: list[Path] = []
-    plot_note = ""
-    if cfg.plots:
-        try:
-            from adabatch.train.plot import plot_runs
-
-            plots = list(plot_runs([run_dir], run_dir / "plots"))
-        except ModuleNotFoundError as e:
-            plot_note = f"plots skipped ({e.name} is not installed)"
-        except Exception as e:  # a figure must never lose a finished run
-            plot_note = f"plots skipped ({type(e).__name__}: {' '.join(str(e).split())})"
+    plots, plot_note = _write_plots(result.run_dir) if cfg.plots else ([], "")
     if not cfg.quiet:
-        acc = s["test_accuracy"]
-        acc_text = f"test accuracy {acc:.4f}, " if acc is not None else ""
-        print(f"done: {acc_text}test loss {s['test_loss']:.4f}; {s['steps']} steps, "
-              f"{s['samples']} samples ({s['epochs']:.2f} epochs); batch size "
-              f"{s['initial_batch_size']} -> {s['final_batch_size']}; "
-              f"{s['wall_time_s']:.1f} s")
-        print(f"outputs: {run_dir}/ (config.json, metrics.jsonl, summary.json, final.pt, "
-              "checkpoints/)")
-        if plots:
-            print(f"plots: {run_dir / 'plots'}/ ({', '.join(p.name for p in plots)})")
-        elif plot_note:
-            print(plot_note)
+        _print_summary(result.summary, result.run_dir, plots, plot_note)
     return 0
 
 

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from adabatch.train.options import BOOL_FALSE, BOOL_TRUE, coerce_all, kinds_of
+
 __all__ = [
     "BATCH_SCHEDULES",
     "BATCH_TESTS",
@@ -216,60 +218,86 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Check and convert one value to its field's type (ConfigError names the flag)."""
-    flag = _flag(key)
-    if value is None:
-        return None
-    if key in _DICT_KEYS:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table/mapping of options, got {value!r}")
-        return dict(value)
-    if key in _BOOL_KEYS:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{flag} must be true or false, got {value!r}")
-    if key in _INT_KEYS:
-        if isinstance(value, bool):
-            raise ConfigError(f"{flag} must be an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
+def _as_bool(flag: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in BOOL_TRUE + BOOL_FALSE:
+        return value.lower() in BOOL_TRUE
+    raise ConfigError(f"{flag} must be true or false, got {value!r}")
+
+
+def _as_int(flag: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{flag} must be an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        try:
             value = int(value)
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise ConfigError(f"{flag} must be an integer, got {value!r}") from None
-        if not isinstance(value, int):
-            raise ConfigError(f"{flag} must be an integer, got {value!r}")
-        return value
-    if key in _FLOAT_KEYS:
-        if isinstance(value, bool):
-            raise ConfigError(f"{flag} must be a number, got {value!r}")
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{flag} must be a number, got {value!r}") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"{flag} must be finite, got {value!r}")
-        return value
-    if key == "betas":
-        if isinstance(value, str):
-            value = value.replace(",", " ").split()
-        try:
-            betas = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--betas must be two numbers, got {value!r}") from None
-        if len(betas) != 2:
-            raise ConfigError(f"--betas must be two numbers, got {value!r}")
-        return betas
-    if key == "precision":
+        except ValueError:
+            raise ConfigError(f"{flag} must be an integer, got {value!r}") from None
+    if not isinstance(value, int):
+        raise ConfigError(f"{flag} must be an integer, got {value!r}")
+    return value
+
+
+def _as_float(flag: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{flag} must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{flag} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} must be finite, got {value!r}")
+    return value
+
+
+def _as_betas(flag: str, value: Any) -> tuple[float, ...]:
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    try:
+        betas = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--betas must be two numbers, got {value!r}") from None
+    if len(betas) != 2:
+        raise ConfigError(f"--betas must be two numbers, got {value!r}")
+    return betas
+
+
+def _as_mapping(flag: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag[2:].replace('-', '_')} must be a table/mapping of options, "
+                          f"got {value!r}")
+    return dict(value)
+
+
+def _as_str(flag: str, value: Any) -> str:
+    if flag == "--precision":
         value = str(value)
         return "32" if value in ("32", "fp32", "float32") else value
     if not isinstance(value, str):
         raise ConfigError(f"{flag} must be a string, got {value!r}")
     return value
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check and convert one value to its field's type (ConfigError names the flag)."""
+    if value is None:
+        return None
+    if key in _DICT_KEYS:
+        convert: Any = _as_mapping
+    elif key in _BOOL_KEYS:
+        convert = _as_bool
+    elif key in _INT_KEYS:
+        convert = _as_int
+    elif key in _FLOAT_KEYS:
+        convert = _as_float
+    elif key == "betas":
+        convert = _as_betas
+    else:
+        convert = _as_str
+    return convert(_flag(key), value)
 
 
 def apply_layer(cfg: TrainConfig, layer: dict[str, Any], *, source: str) -> None:
@@ -305,7 +333,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     suffix = path.suffix.lower()
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (TOML or YAML in UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
     if suffix == ".toml":
         try:
             import tomllib
@@ -359,53 +392,78 @@ def build_config(
     return cfg
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check values and combinations; raise :class:`ConfigError` with one line."""
+#: The largest seed (the seeds of numpy, torch and the sampler all take it).
+MAX_SEED = 2**63 - 1
+#: The largest budget in epochs: the budget in samples (epochs x data set size) must stay an
+#: int64 for data sets of up to 2**33 samples.
+MAX_EPOCHS = 1e9
 
-    def choice(key: str, options: tuple[str, ...]) -> None:
-        value = getattr(cfg, key)
-        if value not in options:
-            raise ConfigError(
-                f"{_flag(key)} must be one of {', '.join(options)}; got {value!r}"
-            )
 
-    def positive(key: str, *, allow_none: bool = False, allow_zero: bool = False) -> None:
-        value = getattr(cfg, key)
-        if value is None and allow_none:
-            return
-        if value is None or value < 0 or (value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise ConfigError(f"{_flag(key)} must be {bound}, got {value}")
+def _choice(cfg: TrainConfig, key: str, options: tuple[str, ...]) -> None:
+    value = getattr(cfg, key)
+    if value not in options:
+        raise ConfigError(f"{_flag(key)} must be one of {', '.join(options)}; got {value!r}")
 
-    choice("batch_test", BATCH_TESTS)
+
+def _positive(cfg: TrainConfig, key: str, *, allow_none: bool = False,
+              allow_zero: bool = False) -> None:
+    value = getattr(cfg, key)
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{_flag(key)} must be {bound}, got {value}")
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    _choice(cfg, "batch_test", BATCH_TESTS)
     if cfg.batch_schedule is not None:
-        choice("batch_schedule", BATCH_SCHEDULES)
-    choice("estimator", ESTIMATORS)
-    choice("lr_schedule", LR_SCHEDULES)
-    choice("precision", PRECISIONS)
-    choice("lr_scaling", LR_SCALINGS)
-    choice("coord_reduce", COORD_REDUCES)
+        _choice(cfg, "batch_schedule", BATCH_SCHEDULES)
+    _choice(cfg, "estimator", ESTIMATORS)
+    _choice(cfg, "lr_schedule", LR_SCHEDULES)
+    _choice(cfg, "precision", PRECISIONS)
+    _choice(cfg, "lr_scaling", LR_SCALINGS)
+    _choice(cfg, "coord_reduce", COORD_REDUCES)
     if cfg.coord_reduce == "quantile" and not (cfg.coord_q is not None and 0 < cfg.coord_q <= 1):
         raise ConfigError("--coord-reduce quantile needs --coord-q in (0, 1]")
-    if cfg.stage_factor <= 1:
-        raise ConfigError(f"--stage-factor must be > 1, got {cfg.stage_factor}")
-    for key in ("ramp_increment", "stage_samples"):
-        positive(key, allow_none=True)
     if cfg.device != "auto" and not (
         cfg.device in ("cpu", "cuda", "mps") or cfg.device.startswith("cuda:")
     ):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    if cfg.stage_factor <= 1:
+        raise ConfigError(f"--stage-factor must be > 1, got {cfg.stage_factor}")
+    for key in ("ramp_increment", "stage_samples"):
+        _positive(cfg, key, allow_none=True)
     for key in ("initial_batch", "max_batch", "test_interval", "eval_batch",
                 "keep_checkpoints"):
-        positive(key)
+        _positive(cfg, key)
     for key in ("micro_batch", "batch_granularity", "threads", "samples", "steps", "epochs"):
-        positive(key, allow_none=True)
+        _positive(cfg, key, allow_none=True)
     for key in ("eval_every", "checkpoint_every", "warmup_samples", "log_every"):
-        positive(key, allow_zero=True)
+        _positive(cfg, key, allow_zero=True)
     for key in ("eta", "theta", "nu"):
-        positive(key)
+        _positive(cfg, key)
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {cfg.seed}")
+    if cfg.epochs is not None and cfg.epochs > MAX_EPOCHS:
+        raise ConfigError(f"--epochs must be <= {MAX_EPOCHS:g}, got {cfg.epochs:g}")
+    for key in ("samples", "steps"):
+        if (getattr(cfg, key) or 0) > MAX_SEED:
+            raise ConfigError(f"{_flag(key)} must be < 2**63, got {getattr(cfg, key)}")
+
+
+def _check_multiple(cfg: TrainConfig, key: str, of: int, of_flag: str) -> None:
+    if getattr(cfg, key) % of:
+        raise ConfigError(f"{_flag(key)} ({getattr(cfg, key)}) must be a multiple of "
+                          f"{of_flag} ({of})")
+
+
+def _check_batch_sizes(cfg: TrainConfig) -> None:
     if cfg.max_batch < cfg.initial_batch:
         raise ConfigError(
             f"--max-batch ({cfg.max_batch}) must be >= --initial-batch ({cfg.initial_batch})"
@@ -417,27 +475,69 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     m = cfg.effective_micro_batch() or 1
     for key in ("initial_batch", "max_batch"):
-        if getattr(cfg, key) % m:
-            raise ConfigError(
-                f"{_flag(key)} ({getattr(cfg, key)}) must be a multiple of --micro-batch ({m})"
-            )
+        _check_multiple(cfg, key, m, "--micro-batch")
     if cfg.batch_granularity is not None:
-        if cfg.batch_granularity % m:
-            raise ConfigError(f"--batch-granularity ({cfg.batch_granularity}) must be a "
-                              f"multiple of --micro-batch ({m})")
+        _check_multiple(cfg, "batch_granularity", m, "--micro-batch")
         for key in ("initial_batch", "max_batch"):
-            if getattr(cfg, key) % cfg.batch_granularity:
-                raise ConfigError(f"{_flag(key)} ({getattr(cfg, key)}) must be a multiple of "
-                                  f"--batch-granularity ({cfg.batch_granularity})")
+            _check_multiple(cfg, key, cfg.batch_granularity, "--batch-granularity")
     if cfg.batch_test != "none" and cfg.estimator == "micro-batch" and cfg.initial_batch < 2 * m:
         raise ConfigError(
             f"--estimator micro-batch needs at least 2 micro-batches per step: --initial-batch "
             f"({cfg.initial_batch}) must be >= 2 x --micro-batch ({m})"
         )
+
+
+def _check_paths(cfg: TrainConfig) -> None:
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ConfigError(f"--resume: run directory not found: {cfg.resume}")
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"--data-dir: directory not found: {cfg.data_dir}")
+
+
+def _option_kinds(family: str, name: str) -> dict[str, Any]:
+    """The accepted types of the options of optimizer/dataset/model ``name`` (empty for an
+    unknown name: the loop reports it, with the choices)."""
+    from adabatch.train import data, models, options
+
+    if family == "optimizer":
+        kinds = options.optimizer_kinds(name)
+        # a hyperparameter its class does not declare (adagrad's b0) has the flag's type
+        unknown = [k for k, v in kinds.items() if v is None and k in _FIELDS]
+        kinds.update(kinds_of(TrainConfig, unknown))
+        return kinds
+    try:
+        return (data if family == "dataset" else models).option_kinds(name)
+    except ValueError:
+        return {}
+
+
+def _check_options(cfg: TrainConfig) -> None:
+    """Convert ``--opt-option``/``--data-option``/``--model-option`` values to the types the
+    optimizer, data set or model declares (see :mod:`adabatch.train.options`)."""
+    for key, flag, family, name in (
+        ("optimizer_options", "--opt-option", "optimizer", cfg.optimizer),
+        ("data_options", "--data-option", "dataset", cfg.dataset),
+        ("model_options", "--model-option", "model", cfg.model),
+    ):
+        values = getattr(cfg, key)
+        if values:
+            try:
+                setattr(cfg, key, coerce_all(flag, values, _option_kinds(family, name)))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check values and combinations; raise :class:`ConfigError` with one line.
+
+    The options of the optimizer, data set and model are converted in place to the types
+    their targets declare (``maximize=False`` becomes the bool False).
+    """
+    _check_choices(cfg)
+    _check_ranges(cfg)
+    _check_batch_sizes(cfg)
+    _check_paths(cfg)
+    _check_options(cfg)
     return cfg
 
 

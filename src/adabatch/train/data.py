@@ -99,6 +99,7 @@ __all__ = [
     "default_data_dir",
     "list_datasets",
     "load_dataset",
+    "option_kinds",
     "random_crop_flip",
 ]
 
@@ -205,6 +206,25 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ADABATCH_DATA_DIR", "data"))
 
 
+def _resolve(name: str) -> str:
+    key = name.lower().replace("_", "-")
+    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(
+        key, key
+    )
+    if key not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; choose from: {', '.join(list_datasets())}")
+    return key
+
+
+def option_kinds(name: str) -> dict[str, Any]:
+    """The types each option of dataset ``name`` accepts (from its loader's signature; see
+    :mod:`adabatch.train.options`); ValueError for an unknown name."""
+    from adabatch.train.options import kinds_of
+
+    loader, allowed = _LOADERS[_resolve(name)]
+    return kinds_of(loader, allowed)
+
+
 def load_dataset(
     name: str, data_dir: str | Path | None = None, *, seed: int = 0, **options: Any
 ) -> DatasetBundle:
@@ -213,12 +233,7 @@ def load_dataset(
     ``seed`` seeds generated data (``synthetic``); the embedded splits are fixed. Unknown options
     raise ``ValueError``; missing or malformed files raise :class:`DatasetError`.
     """
-    key = name.lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(
-        key, key
-    )
-    if key not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; choose from: {', '.join(list_datasets())}")
+    key = _resolve(name)
     loader, allowed = _LOADERS[key]
     unknown = sorted(set(options) - allowed)
     if unknown:

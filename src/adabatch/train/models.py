@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "create_model", "has_batchnorm", "list_models", "model_info"]
+__all__ = ["NORMS", "create_model", "has_batchnorm", "list_models", "model_info", "option_kinds"]
 
 NORMS = ("group", "batch", "none")
 
@@ -342,6 +342,15 @@ def _resolve(name: str) -> str:
     if key not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose from: {', '.join(list_models())}")
     return key
+
+
+def option_kinds(name: str) -> dict[str, Any]:
+    """The types each option of model ``name`` accepts (from its factory's signature; see
+    :mod:`adabatch.train.options`); ValueError for an unknown name."""
+    from adabatch.train.options import kinds_of
+
+    factory, allowed, _ = _MODELS[_resolve(name)]
+    return kinds_of(factory, allowed)
 
 
 def model_info(name: str) -> dict[str, Any]:
