@@ -145,6 +145,17 @@ def test_optimizer_hyperparameter_flags(tmp_path):
         (["--config", "/nonexistent/c.toml"], "config file not found: /nonexistent/c.toml"),
         (["--steps", "0"], "--steps must be > 0, got 0"),
         (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+        (["--epochs", "1e308"], "--epochs must be <= 1e+09, got 1e+308"),
+        (["--seed", "99999999999999999999999"], "--seed must be in [0, 2**63 - 1]"),
+        (["--opt-option", "lr=abc"], "--opt-option lr: expected a number, got 'abc'"),
+        (["--opt-option", "maximize=perhaps"],
+         "--opt-option maximize: expected true or false (true/false/yes/no/1/0)"),
+        (["--model-option", "hidden=abc"],
+         "--model-option hidden: expected an integer or a list, got 'abc'"),
+        (["--dataset", "cifar10", "--data-option", "augment=2"],
+         "--data-option augment: expected true or false"),
+        (["--dataset", "synthetic", "--data-option", "n=many"],
+         "--data-option n: expected an integer, got 'many'"),
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, args, message):
@@ -156,6 +167,45 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert message in lines[0] and lines[0].startswith("adabatch")
     assert captured.out == ""
     assert not out.exists()
+
+
+def test_binary_config_file_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "not a text file" in lines[0], captured.err
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "expected"),
+    [
+        (["--opt-option", "maximize=False"], "optimizer_options", {"maximize": False}),
+        (["--optimizer", "adam", "--opt-option", "amsgrad=no", "--opt-option", "foreach=NO"],
+         "optimizer_options", {"amsgrad": False, "foreach": False}),
+        (["--optimizer", "sgd", "--opt-option", "nesterov=Yes", "--opt-option", "momentum=0"],
+         "optimizer_options", {"nesterov": True, "momentum": 0.0}),
+        (["--dataset", "cifar10", "--data-option", "augment=no"], "data_options",
+         {"augment": False}),
+        (["--dataset", "cifar100", "--data-option", "augment=0", "--data-option",
+          "labels=coarse"], "data_options", {"augment": False, "labels": "coarse"}),
+        (["--model", "mlp", "--model-option", "hidden=[8, 4]"], "model_options",
+         {"hidden": [8, 4]}),
+        (["--model", "cnn", "--model-option", "padding=1"], "model_options", {"padding": 1}),
+    ],
+)
+def test_key_value_options_take_their_targets_types(args, key, expected):
+    """#16: `--opt-option maximize=False` used to be the truthy string 'False' (maximising)."""
+    from adabatch.cli import _train_config, build_parser
+    from adabatch.train.config import validate
+
+    ns = build_parser().parse_args(["train", *args])
+    flags = {k: v for k, v in vars(ns).items() if k != "command"}
+    options = getattr(validate(_train_config(flags)), key)
+    assert options == expected
+    assert all(type(options[k]) is type(v) for k, v in expected.items())
 
 
 def test_mnist_data_dir_without_files(tmp_path, capsys):

@@ -94,11 +94,69 @@ def test_to_dict_round_trip():
         ({"resume": "/nonexistent/run"}, r"--resume: run directory not found"),
         ({"device": "tpu"}, r"--device must be auto, cpu, cuda or cuda:N"),
         ({"min_lr_ratio": 2.0}, r"--min-lr-ratio must be in \[0, 1\]"),
+        ({"epochs": 1e308}, r"--epochs must be <= 1e\+09"),
+        ({"seed": 2**63}, r"--seed must be in \[0, 2\*\*63 - 1\], got 9223372036854775808"),
+        ({"seed": -1}, r"--seed must be in \[0, 2\*\*63 - 1\]"),
+        ({"steps": 2**63}, r"--steps must be < 2\*\*63"),
+        ({"optimizer_options": {"lr": "abc"}}, r"--opt-option lr: expected a number, got 'abc'"),
+        ({"optimizer_options": {"maximize": "False!"}}, r"--opt-option maximize: expected true"),
+        ({"optimizer_options": {"maximize": 2}}, r"--opt-option maximize: expected true"),
+        ({"model_options": {"hidden": "abc"}}, r"--model-option hidden: expected an integer"),
+        ({"dataset": "cifar10", "data_options": {"augment": "maybe"}},
+         r"--data-option augment: expected true or false"),
+        ({"dataset": "synthetic", "data_options": {"kind": 3}},
+         r"--data-option kind: expected a string, got 3"),
     ],
 )
 def test_validation_messages(flags, match):
     with pytest.raises(ConfigError, match=match):
         validate(build_config(flags))
+
+
+@pytest.mark.parametrize("spelling", ["false", "False", "FALSE", "no", "No", "0", 0, False])
+def test_boolean_options_false_spellings(spelling):
+    cfg = validate(build_config({"optimizer": "adam", "optimizer_options": {"maximize": spelling},
+                                 "dataset": "cifar10", "data_options": {"augment": spelling}}))
+    assert cfg.optimizer_options["maximize"] is False
+    assert cfg.data_options["augment"] is False
+
+
+@pytest.mark.parametrize("spelling", ["true", "True", "TRUE", "yes", "YES", "1", 1, True])
+def test_boolean_options_true_spellings(spelling):
+    cfg = validate(build_config({"optimizer_options": {"maximize": spelling}}))
+    assert cfg.optimizer_options["maximize"] is True
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_options_from_a_config_file_are_typed_too(tmp_path, suffix):
+    """The same conversion for options from --config as from flags."""
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".toml":
+        path.write_text('optimizer = "adam"\n[optimizer_options]\namsgrad = "no"\n'
+                        'eps = "1e-6"\n[model_options]\nhidden = 32\n')
+    else:
+        path.write_text("optimizer: adam\noptimizer_options: {amsgrad: 'no', eps: '1e-6'}\n"
+                        "model_options: {hidden: 32}\n")
+    cfg = validate(build_config({}, path))
+    assert cfg.optimizer_options == {"amsgrad": False, "eps": 1e-6}
+    assert cfg.optimizer_options["amsgrad"] is False
+    assert cfg.model_options == {"hidden": 32}
+    path.write_text(path.read_text().replace("32", "'wide'"))
+    with pytest.raises(ConfigError, match=r"--model-option hidden: expected an integer"):
+        validate(build_config({}, path))
+
+
+def test_options_of_an_untyped_hyperparameter_use_the_flag_type():
+    """adagrad's b0 is not a keyword of torch.optim.Adagrad: it takes --b0's type."""
+    cfg = validate(build_config({"optimizer": "adagrad", "optimizer_options": {"b0": "0.5"}}))
+    assert cfg.optimizer_options == {"b0": 0.5}
+
+
+def test_binary_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xff\xfe\x00\x81" * 64)
+    with pytest.raises(ConfigError, match=r"not a text file"):
+        build_config({}, path)
 
 
 def test_budget_given_twice_in_one_layer(tmp_path):
