@@ -23,7 +23,10 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["compare_table", "load_run", "plot_runs", "run_labels"]
 
@@ -155,6 +158,73 @@ def _finite(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], li
     return xs, ys
 
 
+def _axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    """A new figure with one gridded axes (matplotlib is imported here, on first use)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+_Series = Sequence[tuple[dict[str, Any], str, str]]  # (run, label, color)
+
+
+def _loss_figure(series: _Series, xkey: str, xlabel: str) -> Figure:
+    """Training loss as lines, test loss dashed with markers; log scale when all are > 0."""
+    fig, ax = _axes(f"loss vs {xlabel}", xlabel, "loss")
+    positive = True
+    for run, label, color in series:
+        xs, ys = _finite(run["steps"], xkey, "loss")
+        ax.plot(xs, ys, color=color, linewidth=1.0, alpha=0.85, label=f"{label} (train)")
+        ex, ey = _finite(run["evals"], xkey, "test_loss")
+        if ex:
+            ax.plot(ex, ey, color=color, linestyle="--", marker="o", markersize=3,
+                    label=f"{label} (test)")
+        positive = positive and all(v > 0 for v in ys + ey)
+    if positive and ax.has_data():
+        ax.set_yscale("log")
+    if ax.has_data():
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _accuracy_figure(series: _Series, xkey: str, xlabel: str) -> Figure:
+    fig, ax = _axes(f"test accuracy vs {xlabel}", xlabel, "test accuracy")
+    for run, label, color in series:
+        xs, ys = _finite(run["evals"], xkey, "test_accuracy")
+        if xs:
+            ax.plot(xs, ys, color=color, marker="o", markersize=3, label=label)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _batch_size_figure(series: _Series) -> Figure:
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = _axes("batch size vs samples", "samples", "batch size")
+    for run, label, color in series:
+        xs, ys = _finite(run["steps"], "samples", "batch_size")
+        ax.step(xs, ys, where="post", color=color, label=label)
+    if ax.has_data():
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.legend(fontsize="small")
+    return fig
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path], out_dir: str | Path, *, labels: Sequence[str] | None = None
 ) -> list[Path]:
@@ -165,10 +235,6 @@ def plot_runs(
     (test accuracy; written when some run has eval rows with an accuracy) and
     ``batch_size_vs_samples.png``. Runs are labelled by ``labels`` or their directory names.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
-
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run directory")
     runs = [load_run(d) for d in run_dirs]
@@ -178,74 +244,14 @@ def plot_runs(
         raise ValueError(f"got {len(labels)} labels for {len(runs)} runs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    written: list[Path] = []
-
-    def save(fig: Figure, name: str) -> None:
-        FigureCanvasAgg(fig)
-        path = out / name
-        fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
-        written.append(path)
-
-    for xkey, xlabel in (("samples", "samples"), ("step", "steps")):
-        # loss
-        fig = Figure(figsize=(7, 4.5))
-        ax = fig.add_subplot()
-        positive = True
-        for run, label, color in zip(runs, labels, colors):
-            xs, ys = _finite(run["steps"], xkey, "loss")
-            ax.plot(xs, ys, color=color, linewidth=1.0, alpha=0.85, label=f"{label} (train)")
-            ex, ey = _finite(run["evals"], xkey, "test_loss")
-            if ex:
-                ax.plot(
-                    ex,
-                    ey,
-                    color=color,
-                    linestyle="--",
-                    marker="o",
-                    markersize=3,
-                    label=f"{label} (test)",
-                )
-            positive = positive and all(v > 0 for v in ys + ey)
-        if positive and ax.has_data():
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss")
-        ax.set_title(f"loss vs {xlabel}")
-        ax.grid(True, alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize="small")
-        save(fig, f"loss_vs_{xlabel}.png")
-
+    series = list(zip(runs, labels, [f"C{i % 10}" for i in range(len(runs))]))
+    axes = (("samples", "samples"), ("step", "steps"))
+    written = [_save(_loss_figure(series, xkey, xlabel), out / f"loss_vs_{xlabel}.png")
+               for xkey, xlabel in axes]
     if any(_finite(run["evals"], "samples", "test_accuracy")[0] for run in runs):
-        for xkey, xlabel in (("samples", "samples"), ("step", "steps")):
-            fig = Figure(figsize=(7, 4.5))
-            ax = fig.add_subplot()
-            for run, label, color in zip(runs, labels, colors):
-                xs, ys = _finite(run["evals"], xkey, "test_accuracy")
-                if xs:
-                    ax.plot(xs, ys, color=color, marker="o", markersize=3, label=label)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy")
-            ax.set_title(f"test accuracy vs {xlabel}")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize="small")
-            save(fig, f"accuracy_vs_{xlabel}.png")
-
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for run, label, color in zip(runs, labels, colors):
-        xs, ys = _finite(run["steps"], "samples", "batch_size")
-        ax.step(xs, ys, where="post", color=color, label=label)
-    if ax.has_data():
-        ax.set_yscale("log", base=2)
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.legend(fontsize="small")
-    ax.set_xlabel("samples")
-    ax.set_ylabel("batch size")
-    ax.set_title("batch size vs samples")
-    ax.grid(True, alpha=0.3)
-    save(fig, "batch_size_vs_samples.png")
+        written += [_save(_accuracy_figure(series, xkey, xlabel), out / f"accuracy_vs_{xlabel}.png")
+                    for xkey, xlabel in axes]
+    written.append(_save(_batch_size_figure(series), out / "batch_size_vs_samples.png"))
     return written
 
 
