@@ -219,19 +219,24 @@ def test_synthetic_logistic_label_noise_and_separable():
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "error", "message"),
     [
-        ({"kind": "poisson"}, "kind must be 'least-squares' or 'logistic', got 'poisson'"),
-        ({"n": 0}, "n must be a positive int, got 0"),
-        ({"d": 2.5}, "d must be a positive int, got 2.5"),
-        ({"noise": -1.0}, "noise must be a finite number >= 0, got -1.0"),
-        ({"noise": float("nan")}, "noise must be a finite number >= 0, got nan"),
-        ({"kind": "logistic", "noise": 0.7}, r"noise \(the label-flip probability\) must be"),
-        ({"n": 3, "d": 5}, "least-squares needs n >= d \\+ 1"),
+        ({"kind": "poisson"}, ValueError,
+         r"Invalid kind: 'poisson' \(must be one of 'least-squares', 'logistic'\)"),
+        ({"kind": 3}, TypeError, r"Invalid kind: 3 \(must be a string\)"),
+        ({"n": 0}, ValueError, r"Invalid n: 0 \(must be >= 1\)"),
+        ({"n_test": 0}, ValueError, r"Invalid n_test: 0 \(must be >= 1\)"),
+        ({"d": 2.5}, TypeError, r"Invalid d: 2.5 \(must be an int\)"),
+        ({"noise": -1.0}, ValueError, r"Invalid noise: -1.0 \(must be >= 0.0\)"),
+        ({"noise": float("nan")}, ValueError, r"Invalid noise: nan \(must be finite\)"),
+        ({"noise": "0.1"}, TypeError, r"Invalid noise: '0.1' \(must be a real number\)"),
+        ({"kind": "logistic", "noise": 0.7}, ValueError,
+         r"noise \(the label-flip probability\) must be"),
+        ({"n": 3, "d": 5}, ValueError, "least-squares needs n >= d \\+ 1"),
     ],
 )
-def test_synthetic_bad_options(options, message):
-    with pytest.raises(ValueError, match=message):
+def test_synthetic_bad_options(options, error, message):
+    with pytest.raises(error, match=message):
         load_dataset("synthetic", **options)
 
 

@@ -85,6 +85,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adabatch._validation import check_choice, check_int, check_real
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -101,6 +103,7 @@ __all__ = [
     "load_dataset",
     "option_kinds",
     "random_crop_flip",
+    "task_loss",
 ]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -127,7 +130,7 @@ class DatasetBundle:
 
     ``x_*`` are float32 of shape ``(n, *input_shape)``; ``y_*`` are int64 class indices of shape
     ``(n,)`` for classification and float32 of shape ``(n,)`` for regression (a model's output of
-    shape ``(n, 1)`` is compared with ``y`` after ``squeeze(-1)``; :meth:`loss` does that).
+    shape ``(n, 1)`` is compared with ``y`` reshaped to its shape; :meth:`loss` does that).
     ``augment(x, generator)``, when not ``None``, maps a batch of training inputs to an augmented
     batch of the same shape, deterministically given the generator's state (its random numbers
     are drawn on the generator's device and moved to ``x``'s).
@@ -168,28 +171,18 @@ class DatasetBundle:
     def num_test(self) -> int:
         return int(self.x_test.shape[0])
 
-    def to(self, device: torch.device | str) -> DatasetBundle:
-        """The same dataset with its tensors on ``device``."""
-        return DatasetBundle(
-            name=self.name,
-            x_train=self.x_train.to(device),
-            y_train=self.y_train.to(device),
-            x_test=self.x_test.to(device),
-            y_test=self.y_test.to(device),
-            task=self.task,
-            num_classes=self.num_classes,
-            input_shape=self.input_shape,
-            augment=self.augment,
-            extra=self.extra,
-        )
-
     def loss(self, output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-        """The task's loss: cross-entropy for classification, squared error for regression."""
-        if self.task == "classification":
-            return F.cross_entropy(output, target, reduction=reduction)
-        if output.dim() == target.dim() + 1 and output.shape[-1] == 1:
-            output = output.squeeze(-1)
-        return F.mse_loss(output, target, reduction=reduction)
+        """The task's loss (:func:`task_loss`): the one the trainer trains and evaluates with."""
+        return task_loss(self.task, output, target, reduction)
+
+
+def task_loss(task: str, output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy for classification, squared error for regression (the output reshaped
+    to the target's shape, so an ``(n, 1)`` output fits an ``(n,)`` target), in float32
+    whatever the output's dtype (bf16 autocast)."""
+    if task == "classification":
+        return F.cross_entropy(output.float(), target, reduction=reduction)
+    return F.mse_loss(output.reshape(target.shape).float(), target.float(), reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,12 +353,6 @@ def _load_mnist1d(data_dir: Path | None, seed: int) -> DatasetBundle:
     )
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _logistic_optimum(
     x: np.ndarray, s: np.ndarray, iters: int = 100
 ) -> tuple[np.ndarray, float, float] | None:
@@ -419,6 +406,65 @@ def _checked_logistic(
     return None
 
 
+def _synthetic_options(
+    kind: Any, n: Any, n_test: Any, d: Any, noise: Any
+) -> tuple[str, int, int, int, float]:
+    """The checked options of the synthetic data set (TypeError/ValueError naming one)."""
+    if not isinstance(kind, str):
+        raise TypeError(f"Invalid kind: {kind!r} (must be a string)")
+    kind = check_choice("kind", kind.lower().replace("_", "-"), ("least-squares", "logistic"))
+    n = check_int("n", n)
+    d = check_int("d", d)
+    n_test = check_int("n_test", max(n // 4, 1) if n_test is None else n_test)
+    if noise is None:
+        noise = 0.1 if kind == "least-squares" else 0.0
+    noise = check_real("noise", noise, minimum=0.0)
+    if kind == "logistic" and noise > 0.5:
+        raise ValueError(f"noise (the label-flip probability) must be <= 0.5, got {noise!r}")
+    if kind == "least-squares" and n < d + 1:
+        raise ValueError(f"least-squares needs n >= d + 1 for a unique optimum, got n={n}, d={d}")
+    return kind, n, n_test, d, noise
+
+
+def _least_squares_targets(
+    rng: np.random.Generator, x: np.ndarray, z: np.ndarray, n: int, noise: float,
+    extra: dict[str, Any],
+) -> Tensor:
+    """Noisy linear targets; the training set's least-squares optimum goes into ``extra``."""
+    d = x.shape[1]
+    y = z + noise * rng.standard_normal(len(z))
+    a = np.concatenate([x[:n], np.ones((n, 1))], axis=1)
+    theta, *_ = np.linalg.lstsq(a, y[:n], rcond=None)
+    resid = a @ theta - y[:n]
+    extra.update(
+        optimal_weight=torch.tensor(theta[:d]),
+        optimal_bias=float(theta[d]),
+        optimal_loss=float(np.mean(resid**2)),
+        loss="mean squared error: mean_i (x_i·w + b − y_i)²",
+    )
+    return torch.tensor(y, dtype=torch.float32)
+
+
+def _logistic_targets(
+    rng: np.random.Generator, x: np.ndarray, z: np.ndarray, n: int, noise: float,
+    extra: dict[str, Any],
+) -> Tensor:
+    """Bernoulli labels with flip probability ``noise``; the training set's logistic optimum
+    (None when the classes are separable) goes into ``extra``."""
+    total = len(z)
+    prob = 1.0 / (1.0 + np.exp(-z))
+    labels = (rng.random(total) < prob).astype(np.int64)
+    flip = rng.random(total) < noise
+    labels = np.where(flip, 1 - labels, labels)
+    opt = _logistic_optimum(x[:n], 2.0 * labels[:n] - 1.0)
+    if opt is None:
+        extra.update(optimal_weight=None, optimal_bias=None, optimal_loss=None)
+    else:
+        extra.update(optimal_weight=torch.tensor(opt[0]), optimal_bias=opt[1], optimal_loss=opt[2])
+    extra["loss"] = "mean logistic loss: mean_i log(1 + exp(−s_i (x_i·w + b))), s_i = 2y_i − 1"
+    return torch.tensor(labels)
+
+
 def _load_synthetic(
     data_dir: Path | None,
     seed: int,
@@ -428,28 +474,12 @@ def _load_synthetic(
     d: int = 20,
     noise: float | None = None,
 ) -> DatasetBundle:
-    kind = kind.lower().replace("_", "-")
-    if kind not in ("least-squares", "logistic"):
-        raise ValueError(f"kind must be 'least-squares' or 'logistic', got {kind!r}")
-    n = _check_positive_int("n", n)
-    d = _check_positive_int("d", d)
-    n_test = _check_positive_int("n_test", max(n // 4, 1) if n_test is None else n_test)
-    if noise is None:
-        noise = 0.1 if kind == "least-squares" else 0.0
-    noise = float(noise)
-    if not math.isfinite(noise) or noise < 0:
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    if kind == "logistic" and noise > 0.5:
-        raise ValueError(f"noise (the label-flip probability) must be <= 0.5, got {noise!r}")
-    if kind == "least-squares" and n < d + 1:
-        raise ValueError(f"least-squares needs n >= d + 1 for a unique optimum, got n={n}, d={d}")
-
+    kind, n, n_test, d, noise = _synthetic_options(kind, n, n_test, d, noise)
     rng = np.random.Generator(np.random.PCG64(seed))
     scale = 1.0 if kind == "least-squares" else 2.0
     w_star = rng.standard_normal(d) * (scale / math.sqrt(d))
     b_star = float(rng.standard_normal() * 0.5)
-    total = n + n_test
-    x = rng.standard_normal((total, d))
+    x = rng.standard_normal((n + n_test, d))
     z = x @ w_star + b_star
     extra: dict[str, Any] = {
         "kind": kind,
@@ -458,32 +488,10 @@ def _load_synthetic(
         "planted_bias": b_star,
     }
     if kind == "least-squares":
-        y = z + noise * rng.standard_normal(total)
-        a = np.concatenate([x[:n], np.ones((n, 1))], axis=1)
-        theta, *_ = np.linalg.lstsq(a, y[:n], rcond=None)
-        resid = a @ theta - y[:n]
-        extra.update(
-            optimal_weight=torch.tensor(theta[:d]),
-            optimal_bias=float(theta[d]),
-            optimal_loss=float(np.mean(resid**2)),
-            loss="mean squared error: mean_i (x_i·w + b − y_i)²",
-        )
-        y_t = torch.tensor(y, dtype=torch.float32)
+        y_t = _least_squares_targets(rng, x, z, n, noise, extra)
         task, num_classes = "regression", 1
     else:
-        prob = 1.0 / (1.0 + np.exp(-z))
-        labels = (rng.random(total) < prob).astype(np.int64)
-        flip = rng.random(total) < noise
-        labels = np.where(flip, 1 - labels, labels)
-        opt = _logistic_optimum(x[:n], 2.0 * labels[:n] - 1.0)
-        if opt is None:
-            extra.update(optimal_weight=None, optimal_bias=None, optimal_loss=None)
-        else:
-            extra.update(
-                optimal_weight=torch.tensor(opt[0]), optimal_bias=opt[1], optimal_loss=opt[2]
-            )
-        extra["loss"] = "mean logistic loss: mean_i log(1 + exp(−s_i (x_i·w + b))), s_i = 2y_i − 1"
-        y_t = torch.tensor(labels)
+        y_t = _logistic_targets(rng, x, z, n, noise, extra)
         task, num_classes = "classification", 2
     x_t = torch.tensor(x, dtype=torch.float32)
     return DatasetBundle(
