@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adabatch.batching.estimators import PerSampleStats
+from adabatch.batching.estimators import PerSampleStats, Tuning
 from adabatch.batching.stats import STAT_NAMES
 
 DT = torch.float64
@@ -185,17 +185,17 @@ def test_embedding_layernorm_sequence(needs):
 
 
 def count_ghost(monkeypatch):
-    """Count the calls of the ghost-product kernel."""
-    from adabatch.batching import _persample
+    """Count the calls of the ghost-product kernel (observed, not replaced)."""
+    from adabatch.batching.persample import layers
 
     calls = [0]
-    real = _persample._ghost_sq_norm
+    real = layers.ghost_sq_norm
 
     def counting(U, D):
         calls[0] += 1
         return real(U, D)
 
-    monkeypatch.setattr(_persample, "_ghost_sq_norm", counting)
+    monkeypatch.setattr(layers, "ghost_sq_norm", counting)
     return calls
 
 
@@ -307,12 +307,10 @@ def test_conv3d_and_1d_padding_modes():
 
 @pytest.mark.parametrize("im2col", [False, True])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_conv_weight_gradient_paths_agree(im2col, fuse, monkeypatch):
+def test_conv_weight_gradient_paths_agree(im2col, fuse):
     # per-sample conv weight gradients by im2col + bmm or by one grouped convolution, with the
     # batch weight gradient fused from them or not: the same statistics and the same p.grad
-    import adabatch.batching._persample as ps
-
-    monkeypatch.setattr(ps, "_IM2COL_MAX_CIN", 64 if im2col else 0)
+    tuning = Tuning(im2col_max_cin=64 if im2col else 0)
     torch.manual_seed(12)
     model = nn.Sequential(
         nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=(1, 1, 0), dilation=(1, 1, 2),
@@ -325,10 +323,12 @@ def test_conv_weight_gradient_paths_agree(im2col, fuse, monkeypatch):
     model(x)
     plain = copy.deepcopy(model)
     ce(plain(x), y).backward()
-    check(model, [(x, y)], fuse_conv_grad=fuse)
-    check(model, [(x, y)], frozenset({"variance_trace"}), fuse_conv_grad=fuse)
+    check(model, [(x, y)], fuse_conv_grad=fuse, tuning=tuning)
+    check(model, [(x, y)], frozenset({"variance_trace"}), fuse_conv_grad=fuse, tuning=tuning)
     model.zero_grad()
-    est = PerSampleStats(model, fuse_conv_grad=fuse)
+    est = PerSampleStats(model, fuse_conv_grad=fuse, tuning=tuning)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv3d))]
+    assert all(est._rules[m].im2col == im2col for m in convs)
     with est.measure():
         ce(model(x), y).backward()
     for p, q in zip(model.parameters(), plain.parameters()):
@@ -387,8 +387,18 @@ def test_batch_first_check():
 def test_validation_messages():
     with pytest.raises(ValueError, match="unknown statistics"):
         PerSampleStats(mlp(), needs={"variance"})
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+    with pytest.raises(ValueError, match=r"Invalid chunk_size: 0 \(must be >= 1\)"):
         PerSampleStats(mlp(), chunk_size=0)
+    with pytest.raises(TypeError, match="Invalid chunk_size"):
+        PerSampleStats(mlp(), chunk_size=2.0)
+    with pytest.raises(ValueError, match="Invalid budget"):
+        PerSampleStats(mlp(), budget=0)
+    with pytest.raises(TypeError, match="Invalid budget"):
+        PerSampleStats(mlp(), budget="big")
+    with pytest.raises(TypeError, match="Invalid reduce"):
+        PerSampleStats(mlp(), reduce=3)
+    with pytest.raises(TypeError, match="Invalid tuning"):
+        PerSampleStats(mlp(), tuning={"im2col_max_cin": 0})
     with pytest.raises(TypeError, match=r"needs an nn\.Module"):
         PerSampleStats([torch.zeros(2)])
     with pytest.raises(ValueError, match="scale_grad_by_freq"):
@@ -396,6 +406,10 @@ def test_validation_messages():
     est = PerSampleStats(mlp())
     with pytest.raises(RuntimeError, match="nothing measured"):
         est.stats()
+    with pytest.raises(ValueError, match="Invalid batch_size"), est.measure(batch_size=0):
+        pass
+    with pytest.raises(TypeError, match="Invalid batch_size"), est.measure(batch_size=2.5):
+        pass
 
 
 @pytest.mark.parametrize("model_fn", [mlp, lambda: CNN().to(DT)])

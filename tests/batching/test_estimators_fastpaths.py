@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adabatch.batching.estimators import MicroBatchStats, PerSampleStats
+from adabatch.batching.estimators import MicroBatchStats, PerSampleStats, Tuning
 from adabatch.batching.stats import STAT_NAMES
 
 DT = torch.float64
@@ -207,8 +207,6 @@ def test_fused_conv_gradient_and_statistics(tied, needs):
 
 def spy_convolution_backward(monkeypatch) -> list:
     """Record the output mask of every convolution_backward the estimator calls."""
-    import adabatch.batching._persample as ps
-
     masks: list = []
     real = torch.ops.aten.convolution_backward
 
@@ -217,7 +215,7 @@ def spy_convolution_backward(monkeypatch) -> list:
             masks.append(list(args[-1]))
             return real(*args)
 
-    monkeypatch.setattr(ps.torch.ops.aten, "convolution_backward", Spy())
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", Spy())
     return masks
 
 
@@ -249,17 +247,18 @@ def test_inner_products_alone_do_not_fuse_convolutions(monkeypatch):
     F.cross_entropy(model(x), y).backward()
     plain = [p.grad.clone() for p in model.parameters()]
     masks = spy_convolution_backward(monkeypatch)
-    import adabatch.batching._persample as ps
+    from adabatch.batching.persample.conv import ConvRule
 
-    per_sample = ps._ConvHandler._weight_grads
+    per_sample = ConvRule.weight_grads
 
     def spy_weight_grads(self, *args, **kwargs):
         masks.append("per-sample")
         return per_sample(self, *args, **kwargs)
 
-    monkeypatch.setattr(ps._ConvHandler, "_weight_grads", spy_weight_grads)
+    monkeypatch.setattr(ConvRule, "weight_grads", spy_weight_grads)
     needs = {"grad_sq_norm", "ip_variance"}
     est = PerSampleStats(model, needs=needs)
+    assert est.fused_convs == (model.c1, model.c2)  # fusable, but not fused for ip alone
     model.zero_grad()
     with est.measure():
         assert "forward" not in model.c1.__dict__
@@ -332,16 +331,17 @@ def naive_ip_stats(model, x, y, gbar=None):
 
 
 def count_direct_ip(monkeypatch):
-    from adabatch.batching import _persample
+    """Record the Linear layers whose inner products take the direct form (observed)."""
+    from adabatch.batching.persample.layers import LinearRule
 
     calls = []
-    real = _persample._LinearHandler.ip_wb
+    real = LinearRule.weight_bias_ip
 
-    def counting(self, rec, gw, gb, est):
+    def counting(self, call, gw, gb, chunks):
         calls.append(self.module)
-        return real(self, rec, gw, gb, est)
+        return real(self, call, gw, gb, chunks)
 
-    monkeypatch.setattr(_persample._LinearHandler, "ip_wb", counting)
+    monkeypatch.setattr(LinearRule, "weight_bias_ip", counting)
     return calls
 
 
@@ -400,3 +400,79 @@ def test_linear_gram_form_is_not_used_when_p_grad_is_not_the_pass_gradient(case,
         ref = naive_ip_stats(model, x, y, gbar=None if stale is None else gbar)
     for name in ("grad_sq_norm", "ip_variance", "orth_variance"):
         assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-10), name
+
+
+def test_gram_form_can_be_turned_off(monkeypatch):
+    # Tuning(gram_form=False): every Linear takes the direct form, with the same statistics
+    model = gram_mlp()
+    x, y = gram_inputs()
+    calls = count_direct_ip(monkeypatch)
+    est = PerSampleStats(model, needs=IP_NEEDS, tuning=Tuning(gram_form=False))
+    model.zero_grad()
+    with est.measure():
+        F.cross_entropy(model(x), y).backward()
+    s = est.stats()
+    assert set(calls) == {model[0], model[2], model[4], model[6]}
+    ref = naive_ip_stats(model, x, y)
+    for name in IP_NEEDS:
+        assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-10), name
+
+
+@pytest.mark.parametrize("im2col", [False, True])
+def test_grouped_chunk_bound_is_a_tuning_option(im2col, monkeypatch):
+    """Tuning.grouped_max_chunk bounds the samples per grouped weight-gradient convolution
+    (not the im2col path's chunks); the statistics do not depend on it."""
+    from adabatch.batching.persample.conv import ConvRule
+
+    sizes: list = []
+    real = ConvRule.weight_grads
+
+    def spy(self, x, d, bias=False):
+        sizes.append(x.shape[0])
+        return real(self, x, d, bias)
+
+    torch.manual_seed(0)
+    model = SmallCNN().to(DT)
+    x = torch.randn(7, 2, 8, 8, dtype=DT)
+    y = torch.randint(0, 3, (7,))
+    needs = frozenset({"variance_trace", "coord_variance"})
+    ref, _ = cnn_stats(model, [(x, y)], needs, fuse=False)
+    monkeypatch.setattr(ConvRule, "weight_grads", spy)
+    tuning = Tuning(grouped_max_chunk=2, im2col_max_cin=64 if im2col else 0)
+    est = PerSampleStats(model, needs=needs, fuse_conv_grad=False, tuning=tuning)
+    model.zero_grad()
+    with est.measure():
+        F.cross_entropy(model(x), y).backward()
+    got = est.stats()
+    assert sizes and (max(sizes) == 7 if im2col else max(sizes) == 2)
+    assert got.variance_trace == pytest.approx(ref.variance_trace, rel=1e-10)
+    for a, b in zip(got.coord_variance, ref.coord_variance):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-300)
+
+
+def test_fused_convs_lists_what_measure_fuses():
+    # numeric zero padding only; nothing with fuse_conv_grad=False; the class forward untouched
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding="same"),
+                          nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular"),
+                          nn.Flatten(), nn.Linear(3 * 8 * 8, 2)).to(DT)
+    assert PerSampleStats(model).fused_convs == (model[0],)
+    assert PerSampleStats(model, fuse_conv_grad=False).fused_convs == ()
+    est = PerSampleStats(model, needs={"variance_trace"})
+    seen = []
+    with est.measure():
+        seen.append("forward" in model[0].__dict__)
+        F.cross_entropy(model(torch.randn(4, 2, 8, 8, dtype=DT)), torch.tensor([0, 1, 0, 1])
+                        ).backward()
+    assert seen == [True] and "forward" not in model[0].__dict__
+    assert est.stats().variance_trace > 0
+
+
+def test_explicit_padding_matches_torch():
+    """The public-attribute padding of the conv rule equals what nn.ConvNd computes."""
+    from adabatch.batching.persample.conv import explicit_padding
+
+    mods = [nn.Conv1d(2, 2, 4, padding="same", dilation=3), nn.Conv2d(2, 2, (3, 4), padding="same"),
+            nn.Conv2d(2, 2, 3, padding="valid"), nn.Conv3d(2, 2, (1, 2, 3), padding=(0, 1, 2)),
+            nn.Conv2d(2, 2, 5, padding=(2, 1), padding_mode="reflect")]
+    for m in mods:
+        assert list(explicit_padding(m)) == list(m._reversed_padding_repeated_twice), m

@@ -39,7 +39,6 @@ counts as one micro-batch.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -52,11 +51,7 @@ from adabatch.batching.stats import (
     GradientStats,
     Reduce,
     check_needs,
-    finish_stats,
-    read_f64,
-    sq_norm_parts,
-    stack_f64,
-    stats_from_sums,
+    stats_from_parts,
 )
 
 
@@ -326,13 +321,7 @@ class MicroBatchStats:
     def _stats(self) -> GradientStats:
         gbar = [self._grad(p) for p in self.params]
         n_loc = self._n
-        # every partial sum is a 0-dim tensor on the gradients' device; they are read back
-        # once (read_f64: one stacked copy off the CPU), in float64: [‖ḡ_p‖² per tensor,
-        # ‖Δ_k,p‖ per micro-batch and tensor, s1, s2]
-        vals = sq_norm_parts(gbar)
-        k = len(vals)
-        for _, ns in self._sq_parts:
-            vals.extend(ns)
+        ip_sums = None
         if self._incs:
             f64 = {"dtype": torch.float64, "device": gbar[0].device}
             q1 = torch.zeros((), **f64)
@@ -343,39 +332,13 @@ class MicroBatchStats:
                 ip = dot * n_loc / n_k
                 q1 += n_k * ip
                 q2 += n_k * ip * ip
-            vals += [q1, q2]
+            ip_sums = (q1, q2)
         coords = None
         if self._need_coord:
             assert self._coord is not None
             coords = self._coord
-        squared = self.track == "hooks"
-        if self.reduce is None:
-            v = read_f64(vals)
-            G = math.fsum(v[:k])
-            # P = Σ_k n_k‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k
-            P, pos = 0.0, k
-            for n_k, ns in self._sq_parts:
-                part = v[pos:pos + len(ns)]
-                P += (math.fsum(part) if squared else math.fsum(x * x for x in part)) / n_k
-                pos += len(ns)
-            s1, s2 = (v[-2], v[-1]) if self._incs else (0.0, 0.0)
-            return finish_stats(self.needs, float(n_loc), float(self._m), P * n_loc**2, s1, s2,
-                                G, coords, gbar, coord_scale=float(n_loc**2))
-        # distributed: the partial sums stay on the device until the one reduced read-back
-        stacked = stack_f64(vals)
-        dev = stacked.device
-        parts = stacked[k:k + sum(len(ns) for _, ns in self._sq_parts)]
-        if not squared:
-            parts = parts.square()
-        w = torch.tensor([1.0 / n_k for n_k, ns in self._sq_parts for _ in ns],
-                         dtype=torch.float64, device=dev)
-        zero = stacked.new_zeros(())
-        flat = torch.stack([
-            torch.tensor(float(n_loc), dtype=torch.float64, device=dev),
-            torch.tensor(float(self._m), dtype=torch.float64, device=dev),
-            (parts * w).sum() * n_loc**2,
-            stacked[-2] if self._incs else zero,
-            stacked[-1] if self._incs else zero])
-        if coords is not None:  # each process scales by its own N before the sum
-            coords = torch._foreach_mul(coords, float(n_loc**2))
-        return stats_from_sums(self.needs, flat, stacked[:k].sum(), coords, gbar, self.reduce)
+        # P = Σ_k n_k‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k from the per-tensor ‖Δ_k‖ (track="grad") or
+        # ‖Δ_k‖² (track="hooks") of each micro-batch
+        return stats_from_parts(self.needs, gbar, n=n_loc, units=self._m,
+                                sq_groups=self._sq_parts, squared=self.track == "hooks",
+                                ip_sums=ip_sums, coord_sums=coords, reduce=self.reduce)

@@ -1,6 +1,6 @@
 """How :class:`~adabatch.batching.stats.GradientStats` are measured.
 
-- :class:`PerSampleStats` (module :mod:`adabatch.batching._persample`): exact statistics over
+- :class:`PerSampleStats` (package :mod:`adabatch.batching.persample`): exact statistics over
   the samples of a step from the layer inputs and output gradients that one ordinary backward
   pass already has (hooks), without b × model-size memory; chunked ``torch.func`` for layers
   without a dedicated rule.
@@ -20,6 +20,6 @@ a small float64 tensor of partial sums, plus once on the per-coordinate sums onl
 from __future__ import annotations
 
 from adabatch.batching._microbatch import MicroBatchStats
-from adabatch.batching._persample import DEFAULT_BUDGET, PerSampleStats
+from adabatch.batching.persample import DEFAULT_BUDGET, PerSampleStats, Tuning
 
-__all__ = ["DEFAULT_BUDGET", "MicroBatchStats", "PerSampleStats"]
+__all__ = ["DEFAULT_BUDGET", "MicroBatchStats", "PerSampleStats", "Tuning"]

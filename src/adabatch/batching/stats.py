@@ -160,6 +160,58 @@ def finish_stats(needs: frozenset[str], N: float, K: float, S: float, s1: float,
     return stats
 
 
+def stats_from_parts(needs: frozenset[str], mean_grad: list[Tensor], *, n: int, units: int,
+                     sq_groups: list[tuple[int, list[Tensor]]], squared: bool,
+                     ip_sums: tuple[Tensor, Tensor] | None, coord_sums: list[Tensor] | None,
+                     reduce: Reduce | None, in_place: bool = False) -> GradientStats:
+    """The end of both estimators' ``stats()``: their partial sums (0-dim tensors on the
+    gradients' device) -> :class:`GradientStats`, with one read-back (or one reduction).
+
+    ``n`` samples in ``units`` units (K of :func:`stats_from_sums`); ḡ = ``mean_grad``.
+    S = n² Σ_g (Σ_{t ∈ g} t)/w_g over the groups ``(w_g, parts_g)`` of ``sq_groups`` (each
+    part t squared first unless ``squared``); ``ip_sums`` = (s1, s2) or None (no inner
+    products: 0); ``coord_sums`` are scaled by n² (in place with ``in_place``, see
+    :func:`finish_stats`). Without ``reduce`` the sums are read back at once and reduced on
+    the host (``math.fsum``); with it they stay on the device until :func:`stats_from_sums`.
+    """
+    vals = sq_norm_parts(mean_grad)
+    k = len(vals)
+    for _, parts in sq_groups:
+        vals.extend(parts)
+    if ip_sums is not None:
+        vals += list(ip_sums)
+    if reduce is None:
+        v = read_f64(vals)
+        G = math.fsum(v[:k])
+        S, pos = 0.0, k
+        for w, parts in sq_groups:
+            part = v[pos:pos + len(parts)]
+            S += (math.fsum(part) if squared else math.fsum(x * x for x in part)) / w
+            pos += len(parts)
+        s1, s2 = (v[-2], v[-1]) if ip_sums is not None else (0.0, 0.0)
+        return finish_stats(needs, float(n), float(units), S * n**2, s1, s2, G, coord_sums,
+                            mean_grad, coord_scale=float(n**2), in_place=in_place)
+    # distributed: the partial sums stay on the device until the one reduced read-back
+    stacked = stack_f64(vals)
+    dev = stacked.device
+    parts = stacked[k:k + sum(len(ps) for _, ps in sq_groups)]
+    if not squared:
+        parts = parts.square()
+    if any(w != 1 for w, _ in sq_groups):
+        parts = parts * torch.tensor([1.0 / w for w, ps in sq_groups for _ in ps],
+                                     dtype=torch.float64, device=dev)
+    zero = stacked.new_zeros(())
+    flat = torch.stack([
+        torch.tensor(float(n), dtype=torch.float64, device=dev),
+        torch.tensor(float(units), dtype=torch.float64, device=dev),
+        parts.sum() * n**2,
+        stacked[-2] if ip_sums is not None else zero,
+        stacked[-1] if ip_sums is not None else zero])
+    if coord_sums is not None:  # each process scales by its own N before the sum
+        coord_sums = torch._foreach_mul(coord_sums, float(n**2))
+    return stats_from_sums(needs, flat, stacked[:k].sum(), coord_sums, mean_grad, reduce)
+
+
 def sq_norm_parts(tensors: list[Tensor]) -> list[Tensor]:
     """‖t‖² of each tensor as 0-dim tensors (float32 or wider, on the tensors' devices),
     without temporaries: one dot product per float32/float64 tensor."""

@@ -1,0 +1,653 @@
+"""PerSampleStats: the hooks that collect each layer call's inputs and output gradients, the
+per-pass bookkeeping (single-use and shared parameters), and the statistics at the end of a
+step. The arithmetic of each layer type is in layers.py and conv.py."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten
+
+from adabatch._validation import check_callable, check_int
+from adabatch.batching.persample.conv import ConvRule
+from adabatch.batching.persample.fused_conv import ConvFusion, fusable
+from adabatch.batching.persample.layers import (
+    EmbeddingRule,
+    FuncRule,
+    LayerRule,
+    LinearRule,
+    NormRule,
+    flat_linear_sums,
+    linear_gram,
+)
+from adabatch.batching.persample.records import (
+    CallProducts,
+    Chunking,
+    IPItem,
+    KeptGrads,
+    LayerCall,
+    ParamSums,
+    PassProducts,
+    Tuning,
+    WeightBiasProducts,
+)
+from adabatch.batching.protocol import StepScope
+from adabatch.batching.stats import (
+    STAT_NAMES,
+    GradientStats,
+    Reduce,
+    check_needs,
+    stats_from_parts,
+)
+
+#: Default bound on the number of elements of one temporary tensor (per chunk of samples).
+DEFAULT_BUDGET = 2**20
+
+_NORM_STATS = frozenset({"variance_trace", "orth_variance"})
+_IP_STATS = frozenset({"ip_variance", "orth_variance"})
+
+#: (module type, rule, the parameter names the rule knows); any other module with its own
+#: trainable parameters gets :class:`FuncRule`.
+RULES: tuple[tuple[type[nn.Module], type[LayerRule], tuple[str, ...]], ...] = (
+    (nn.Linear, LinearRule, ("weight", "bias")),
+    (nn.Conv1d, ConvRule, ("weight", "bias")),
+    (nn.Conv2d, ConvRule, ("weight", "bias")),
+    (nn.Conv3d, ConvRule, ("weight", "bias")),
+    (nn.Embedding, EmbeddingRule, ("weight",)),
+    (nn.LayerNorm, NormRule, ("weight", "bias")),
+    (nn.GroupNorm, NormRule, ("weight", "bias")),
+    *(((nn.RMSNorm, NormRule, ("weight",)),) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def rule_for(module: nn.Module, names: tuple[str, ...], tuning: Tuning) -> LayerRule:
+    """The layer rule of ``module`` whose trainable parameters are ``names``."""
+    for cls, rule, known in RULES:
+        if type(module) is cls and set(names) <= set(known):
+            return rule(module, names, tuning)
+    return FuncRule(module, names, tuning)
+
+
+def has_grad_hooks(p: Tensor) -> bool:
+    """Whether a gradient hook (``register_hook``, ``register_post_accumulate_grad_hook``)
+    sits on the parameter: it may change the gradient on its way into p.grad. torch has no
+    public accessor for a tensor's hooks; this reads its hook dicts, and treats a torch
+    without them as "no hooks" (then a hook that changes p.grad must come with
+    ``Tuning(gram_form=False)``, see :class:`PerSampleStats`)."""
+    return bool(getattr(p, "_backward_hooks", None)
+                or getattr(p, "_post_accumulate_grad_hooks", None))
+
+
+class PerSampleStats:
+    """Exact gradient statistics over the samples of a step, from ordinary backward passes.
+
+    Usage (one pass)::
+
+        est = PerSampleStats(model, needs=test.needs)
+        with est.measure():
+            loss_fn(model(x), y).backward()      # mean-reduced loss
+        stats = est.stats()                      # GradientStats over the b samples
+
+    Gradient accumulation: enter :meth:`measure` once per micro-batch, with losses scaled so
+    that their sum is the mean over all N samples of the step (``loss_k = mean_loss_k * n_k /
+    N``; then p.grad is the step's mean gradient ḡ); :meth:`stats` then covers all N samples
+    and resets the estimator for the next step. The batch size of a pass is read from
+    dimension 0 of the first hooked layer input, or given as ``measure(batch_size=n)``.
+
+    With G = ‖ḡ‖², S = Σ_i ‖g_i‖², ip_i = ⟨g_i, ḡ⟩ and C_j = Σ_i g_ij²:
+    V = (S − N·G)/(N−1), W = (Σ ip_i² − 2G Σ ip_i + N·G²)/(N−1),
+    O = (S − Σ ip_i²/G)/(N−1) (NaN when G = 0), v_j = (C_j − N·ḡ_j²)/(N−1);
+    variances are clamped at 0 against rounding. With N < 2 the variances are NaN (a test
+    then cannot decide: it returns None and the controller keeps the batch size).
+
+    Args:
+        model: the module whose trainable parameters (``requires_grad``) the statistics are
+            over (a DistributedDataParallel wrapper works: hooks sit on the inner layers).
+        needs: the statistics to compute (names from :data:`STAT_NAMES`); only the work
+            they need is done (``{"grad_sq_norm"}`` needs no per-sample work at all).
+        chunk_size: samples per chunk of the materialising paths; default: as many as keep
+            every temporary under ``budget`` elements.
+        budget: bound on the elements of one temporary (default :data:`DEFAULT_BUDGET`).
+            Convolutions with few input channels keep one im2col workspace of at most this
+            many elements across steps (no fresh allocation per step).
+        reduce: optional ``reduce(flat) -> flat`` summing a float64 tensor across processes
+            (an all-reduce with SUM, in place or returned). Called once per :meth:`stats`
+            on ``[N, Σ‖g_i‖², Σ ip_i, Σ ip_i²]`` and, only for ``coord_variance``, once on the
+            flattened per-coordinate sums. ḡ is read from p.grad (DDP has averaged it).
+        fuse_conv_grad: default True: fuse the convolutions listed in :attr:`fused_convs`.
+            Inside :meth:`measure`, when ``needs`` ask for per-sample norms or coordinates
+            (not for inner products alone), those layers run through an autograd Function
+            whose backward takes the batch weight gradient as the sum of the per-sample
+            weight gradients the estimator materialises anyway, so the backend's own
+            weight-gradient convolution is skipped (and the bias gradient is a plain sum).
+            p.grad still arrives through autograd (accumulation, tied weights and DDP's
+            gradient hooks work as usual) and equals a plain backward's up to floating-point
+            summation order (not bitwise; pass False for the backend's own gradients).
+            Mechanism: for the duration of :meth:`measure`, each such module gets an instance
+            attribute ``forward`` (removed when the block ends; a module whose ``forward``
+            is already replaced on the instance is left alone); see
+            ``adabatch/batching/persample/fused_conv.py``.
+        tuning: how equivalent computations are chosen (:class:`Tuning`: the im2col/grouped
+            convolution threshold, the grouped chunk size, the Gram form of Linear inner
+            products); the defaults suit CPU and GPU.
+
+    Gram form: a Linear on [b, in] inputs takes ⟨g_i, ḡ⟩ = Σ_j (δ_i·δ_j)(a_i·a_j + 1) in its
+    backward hook when that is cheaper (b·(in + out) < in·out) and p.grad will be exactly that
+    pass's gradient: the first pass since :meth:`stats`, no ``reduce``, no torch.distributed,
+    p.grad None before the backward, and no gradient hook on the parameter (see
+    :func:`has_grad_hooks`; ``Tuning(gram_form=False)`` turns the Gram form off).
+
+    Attributes:
+        params: the parameters the statistics are over, aligned with ``mean_grad`` and
+            ``coord_variance``.
+        fused_convs: the convolution modules that :meth:`measure` runs fused (empty with
+            ``fuse_conv_grad=False``): numeric zero padding, weight measured.
+        needs_local_grads: False: it measures inside each backward pass, so the usual
+            gradient synchronisation of data parallelism may run (see
+            :class:`~adabatch.batching.protocol.Estimator`).
+    """
+
+    needs_local_grads = False
+
+    def __init__(self, model: nn.Module, needs: Iterable[str] = STAT_NAMES, *,
+                 chunk_size: int | None = None, budget: int = DEFAULT_BUDGET,
+                 reduce: Reduce | None = None, fuse_conv_grad: bool = True,
+                 tuning: Tuning | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PerSampleStats needs an nn.Module, got {type(model).__name__}")
+        self.needs = check_needs(frozenset(needs))
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size)
+        check_int("budget", budget)
+        if reduce is not None:
+            check_callable("reduce", reduce)
+        if tuning is not None and not isinstance(tuning, Tuning):
+            raise TypeError(f"Invalid tuning: {type(tuning).__name__} (must be a Tuning)")
+        self.model = model
+        self.chunk_size = chunk_size
+        self.budget = budget
+        self.reduce = reduce
+        self.fuse_conv_grad = bool(fuse_conv_grad)
+        self.tuning = tuning if tuning is not None else Tuning()
+        self._chunks = Chunking(budget, chunk_size)
+        self._need_norm = bool(self.needs & _NORM_STATS)
+        self._need_coord = "coord_variance" in self.needs
+        self._need_ip = bool(self.needs & _IP_STATS)
+        self._per_sample = self._need_norm or self._need_coord or self._need_ip
+
+        self.params: list[Tensor] = []
+        self._index: dict[int, int] = {}  # id(parameter) -> its position in params
+        self._collect_params(model)
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._module_names: dict[nn.Module, str] = {}
+        self._rules = self._make_rules(model)
+        self.fused_convs: tuple[nn.Module, ...] = tuple(
+            m for m, r in self._rules.items() if self.fuse_conv_grad and fusable(m, r))
+        self._fusion = ConvFusion(self.fused_convs)
+        self._fused_pending = self._fusion.pending
+        self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        self._hooks = [m.register_forward_hook(self._forward_hook, with_kwargs=True)
+                       for m in self._rules]
+        # the running pass (measure()): its id, batch size, layer calls, uses per parameter,
+        # inner-product items, and whether its Linear layers may take the Gram form
+        self._active = False
+        self._pass_id = 0
+        self._pass_n: int | None = None
+        self._records: list[LayerCall] = []
+        self._uses: dict[int, int] = {}
+        self._pass_ip: list[IPItem] = []
+        self._gram_pass = False
+        # the step (since the last stats()): see reset()
+        self._n_total = 0
+        self._passes = 0
+        self._norm_parts: list[Tensor] = []  # Σ‖g_i‖² by layer, summed in float64 at stats()
+        self._coord: list[Tensor | None] = []
+        self._ip_parts: list[PassProducts] = []
+        self._seen: set[int] = set()
+        self._gram_void = False  # a Gram-form inner product may be wrong: use the direct one
+        self.reset()
+
+    def _collect_params(self, model: nn.Module) -> None:
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in self._index:
+                self._index[id(p)] = len(self.params)
+                self.params.append(p)
+        if not self.params:
+            raise ValueError("PerSampleStats: the model has no parameters that require gradients")
+
+    def _make_rules(self, model: nn.Module) -> dict[nn.Module, LayerRule]:
+        rules = {}
+        for mname, module in model.named_modules():
+            self._module_names[module] = mname or type(module).__name__
+            names = tuple(n for n, p in module.named_parameters(recurse=False)
+                          if p.requires_grad)
+            if not names:
+                continue
+            if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+                raise ValueError(
+                    f"PerSampleStats: {mname} uses scale_grad_by_freq, which mixes the samples "
+                    f"of a batch; use MicroBatchStats"
+                )
+            rules[module] = rule_for(module, names, self.tuning)
+        return rules
+
+    # --- state ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every measured pass (start a new step)."""
+        self._n_total = 0
+        self._passes = 0
+        self._norm_parts = []
+        self._coord = [None] * len(self.params)
+        self._ip_parts = []
+        self._seen = set()
+        self._gram_void = False
+
+    def remove(self) -> None:
+        """Remove the hooks from the model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _check_mixing(self) -> None:
+        for name, module in self._batchnorms:
+            if module.training:
+                raise ValueError(
+                    f"PerSampleStats: layer {name!r} ({type(module).__name__}) is in training "
+                    f"mode and mixes the samples of a batch, so per-sample gradients are not "
+                    f"defined; use MicroBatchStats, replace it with GroupNorm, or put it in "
+                    f"eval mode"
+                )
+
+    @contextlib.contextmanager
+    def measure(self, batch_size: int | None = None) -> Iterator[PerSampleStats]:
+        """Context for the forward and backward pass of one (micro-)batch."""
+        if self._active:
+            raise RuntimeError("PerSampleStats.measure() is already active")
+        if batch_size is not None:
+            check_int("batch_size", batch_size)
+        if self._per_sample:
+            self._check_mixing()
+        self._pass_n = batch_size
+        self._records = []
+        self._uses = {}
+        self._pass_ip = []
+        # Gram-form inner products of Linear layers (see _make_linear_hook) need p.grad to be
+        # exactly this pass's gradient: only the first pass, no all-reduce
+        self._gram_pass = (self._need_ip and self.tuning.gram_form and self._passes == 0
+                           and self.reduce is None
+                           and not (torch.distributed.is_available()
+                                    and torch.distributed.is_initialized()))
+        self._pass_id += 1  # the hooks of this pass's records check it
+        self._active = True
+        # fusion pays when per-sample weight gradients are taken anyway: for norms or
+        # coordinates; inner products alone take the direct form, which needs none
+        fuse = self._need_norm or self._need_coord
+        if fuse:
+            self._fusion.install()
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            if fuse:
+                self._fusion.remove()
+            self._active = False
+            records, self._records = self._records, []
+            if ok:
+                self._finish_pass(records)
+
+    @contextlib.contextmanager
+    def step(self, measure: bool = True) -> Iterator[StepScope]:
+        """Context for one training step (the :class:`~adabatch.batching.protocol.Estimator`
+        protocol): each ``scope.micro_batch(n)`` is a :meth:`measure` context; with
+        ``measure=False`` nothing is hooked and the step costs a plain step."""
+        if measure:
+            self.reset()
+        yield StepScope(bool(measure), lambda n: self.measure(), lambda n: None)
+
+    # --- hooks -----------------------------------------------------------------------------
+    def _first_input(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+        """The first tensor input of a layer call; its dimension 0, the batch size, is
+        checked against the pass's."""
+        first = args[0] if args and isinstance(args[0], Tensor) else next(
+            (t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), None)
+        if first is None or first.dim() == 0:
+            raise ValueError(
+                f"PerSampleStats: layer {self._module_names[module]!r} got no batched tensor "
+                f"input; inputs must be batch-first"
+            )
+        n = first.shape[0]
+        if self._pass_n is None:
+            self._pass_n = n
+        elif n != self._pass_n:
+            raise ValueError(
+                f"PerSampleStats: layer {self._module_names[module]!r} saw a batch of {n} "
+                f"samples but the pass has {self._pass_n}; inputs must be batch-first "
+                f"(or give measure(batch_size=...))"
+            )
+        return first
+
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object
+                      ) -> None:
+        if not self._active:
+            return
+        first = self._first_input(module, args, kwargs)
+        n = first.shape[0]
+        if not self._per_sample:
+            return
+        if isinstance(output, Tensor):
+            if not output.requires_grad:
+                return
+            outs = [output]
+        else:
+            outs = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
+            if not any(o.requires_grad for o in outs):
+                return
+        rule = self._rules[module]
+        saved_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        kw = ({k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+              if kwargs else {})
+        rec = LayerCall.new(module, rule, saved_args, kw, n, len(outs))
+        uses = self._uses
+        for pid in rule.pids:
+            uses[pid] = uses.get(pid, 0) + 1
+        self._records.append(rec)
+        if self._fused_pending:
+            self._fusion.claim(module, rec)
+        if (type(rule) is LinearRule and len(outs) == 1 and first.dim() == 2
+                and rule.names[0] == "weight"):
+            outs[0].register_hook(self._make_linear_hook(rec))
+            return
+        for i, o in enumerate(outs):
+            if o.requires_grad:
+                o.register_hook(self._make_grad_hook(rec, i))
+
+    def _make_linear_hook(self, rec: LayerCall) -> Callable[[Tensor], None]:
+        """The common case made cheap: a Linear on [b, in] inputs, done in the output's
+        gradient hook (:func:`~adabatch.batching.persample.layers.flat_linear_sums`).
+
+        Inner products: the call (a, δ) is kept for :meth:`stats`, which takes
+        ⟨g_i, ḡ⟩ = δ_iᵀ(ḡ_W a_i + ḡ_b) (one b·in·out product). When this pass alone makes
+        p.grad (see :meth:`_gram_allowed`) and b·(in + out) < in·out, the hook also takes the
+        Gram form ⟨g_i, Σ_j g_j⟩ = Σ_j (δ_i·δ_j)(a_i·a_j + [bias]) (b²·(in + out)), which
+        :meth:`stats` uses if no second pass follows; the per-sample norms are then its
+        diagonal. This hook does not go through :meth:`LinearRule.process`: its views and
+        bookkeeping cost the 1 ms MLP step measurably (benchmarks/test_overhead.py)."""
+        pass_id = self._pass_id
+
+        def hook(grad: Tensor) -> None:
+            self._check_pass(pass_id)
+            rec.deltas[0] = grad.detach()
+            rec.pending = 0
+            uses = self._uses
+            pids = rec.rule.pids
+            if any(uses[pid] > 1 for pid in pids):
+                return  # a shared parameter: the per-pass path sums its uses
+            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+                self._flat_linear(rec, pids)
+            self._seen.update(pids)
+            rec.done = True
+            if not self._need_ip:
+                rec.inputs, rec.deltas = (), []
+        return hook
+
+    def _flat_linear(self, rec: LayerCall, pids: tuple[int, ...]) -> None:
+        a, D = rec.inputs[0], rec.deltas[0]
+        assert D is not None
+        # inputs and output gradients may differ in dtype under autocast: reduce both in
+        # their common type, at least float32
+        dt = torch.promote_types(torch.promote_types(a.dtype, D.dtype), torch.float32)
+        bias = len(pids) == 2
+        gram = None
+        if self._need_ip:
+            n = a.shape[0]
+            out_f, in_f = D.shape[1], a.shape[1]
+            if n * (in_f + out_f) < in_f * out_f and self._gram_allowed(rec.rule):
+                gram, diag = linear_gram(a, D, bias, dt, self._need_norm)
+                if diag is not None:
+                    self._norm_parts.append(diag)
+            self._pass_ip.append(WeightBiasProducts(pids[0], pids[1] if bias else None, rec,
+                                                    gram))
+        need_norm = self._need_norm and gram is None
+        if need_norm or self._need_coord:
+            parts, coord_w, coord_b = flat_linear_sums(a, D, bias, need_norm,
+                                                       self._need_coord, dt)
+            self._norm_parts += parts
+            if coord_w is not None:
+                self._add(pids[0], None, coord_w)
+                if coord_b is not None:
+                    self._add(pids[1], None, coord_b)
+
+    def _gram_allowed(self, rule: LayerRule) -> bool:
+        """Whether p.grad of the rule's parameters will be this layer call's gradient in
+        this pass and nothing else: the first pass since the last :meth:`stats`, no reduction
+        across processes (DDP averages p.grad), no gradient yet, and no hook that could
+        change the gradient on its way into p.grad. A gradient already there (a second
+        backward pass, or grads not zeroed) voids every Gram form of the step."""
+        if not self._gram_pass:
+            return False
+        for nm in rule.names:
+            p = rule.param(nm)
+            if p.grad is not None:
+                self._gram_pass = False
+                self._gram_void = True
+                return False
+            if has_grad_hooks(p):
+                return False
+        return True
+
+    def _check_pass(self, pass_id: int) -> None:
+        if not (self._active and self._pass_id == pass_id):
+            raise RuntimeError(
+                "PerSampleStats: a layer's output gradient arrived after its measure() block "
+                "ended; run the backward pass inside the same `with est.measure():` as the "
+                "forward pass"
+            )
+
+    def _make_grad_hook(self, rec: LayerCall, i: int) -> Callable[[Tensor], None]:
+        pass_id = self._pass_id
+
+        def hook(grad: Tensor) -> None:
+            self._check_pass(pass_id)
+            rec.deltas[i] = grad.detach()
+            rec.pending -= 1
+            if rec.pending == 0 and self._simple(rec):
+                if torch.is_grad_enabled():  # backward(create_graph=True)
+                    with torch.no_grad():
+                        self._process(rec, rec.names, release=True)
+                else:
+                    self._process(rec, rec.names, release=True)
+        return hook
+
+    def _simple(self, rec: LayerCall) -> bool:
+        if isinstance(rec.rule, FuncRule) or len(rec.deltas) != 1:
+            return False
+        uses = self._uses
+        return all(uses[pid] <= 1 for pid in rec.rule.pids)
+
+    # --- per-pass processing -----------------------------------------------------------------
+    def _store_mat(self, rec: LayerCall, names: tuple[str, ...]) -> set[str]:
+        """The parameters whose per-sample gradients are kept for the inner products."""
+        if not self._need_ip:
+            return set()
+        if isinstance(rec.rule, ConvRule) and not rec.fuse:
+            # the direct form (one convolution with ḡ) costs the multiply-adds of the
+            # per-sample weight gradients and keeps nothing; only a fused convolution, whose
+            # per-sample gradients replace the batch one, has them for free
+            return set()
+        kept = rec.rule.kept_numel(rec)
+        # a fused conv materialises its per-sample weight gradients anyway (they replace the
+        # backend's weight gradient): keeping them for the inner products then costs memory
+        # only, which is worth up to twice the input and output gradient it frees
+        limit = 2 * kept if rec.fuse else kept
+        store = {nm for nm in names if rec.rule.param(nm).numel() <= limit}
+        if (isinstance(rec.rule, (LinearRule, ConvRule)) and "weight" in names
+                and "weight" not in store):
+            store.discard("bias")  # taken with the weight in one addmm/convolution
+        return store
+
+    def _add(self, pid: int, norm: Tensor | None, coord: Tensor | None) -> None:
+        idx = self._index[pid]
+        if norm is not None:
+            self._norm_parts.append(norm)
+        if coord is not None:
+            cur = self._coord[idx]
+            self._coord[idx] = coord if cur is None else cur.add_(coord)
+
+    def _process(self, rec: LayerCall, names: tuple[str, ...], release: bool) -> None:
+        """Norm and coordinate sums of single-use parameters; keep what inner products need."""
+        rec.done = True
+        store = self._store_mat(rec, names)
+        res = rec.rule.process(rec, names, self._chunks, self._need_norm, self._need_coord,
+                               store)
+        later: list[tuple[int, str]] = []
+        for nm in names:
+            pid = id(rec.rule.param(nm))
+            self._seen.add(pid)
+            sums = res[nm]
+            self._add(pid, sums.norm, sums.coord)
+            if self._need_ip:
+                if sums.kept is not None:
+                    self._pass_ip.append(KeptGrads(pid, sums.kept))
+                else:
+                    later.append((pid, nm))
+        if (len(later) == 2 and isinstance(rec.rule, (LinearRule, ConvRule))
+                and later[0][1] == "weight" and later[1][1] == "bias"):
+            # weight and bias together: one addmm (Linear) or convolution per chunk
+            self._pass_ip.append(WeightBiasProducts(later[0][0], later[1][0], rec))
+        else:
+            self._pass_ip.extend(CallProducts(pid, rec, nm) for pid, nm in later)
+        if release and not later:
+            rec.release()
+
+    def _finish_pass(self, records: list[LayerCall]) -> None:
+        with torch.no_grad():
+            multi: dict[int, list[tuple[LayerCall, str]]] = {}
+            for rec in records:
+                if rec.done or all(d is None for d in rec.deltas):
+                    continue  # processed in the backward hook, or no gradient reached it
+                if not isinstance(rec.rule, FuncRule) and rec.deltas[0] is None:
+                    continue
+                shared = tuple(nm for nm in rec.names
+                               if self._uses.get(id(rec.rule.param(nm)), 0) > 1)
+                single = tuple(nm for nm in rec.names if nm not in shared)
+                if single:
+                    self._process(rec, single, release=not shared)
+                for nm in shared:
+                    multi.setdefault(id(rec.rule.param(nm)), []).append((rec, nm))
+            for pid, uses in multi.items():
+                self._process_shared(pid, uses)
+            n = self._pass_n
+            if n is None:
+                if self._per_sample:
+                    raise RuntimeError(
+                        "PerSampleStats.measure(): no hooked layer ran a forward pass; run "
+                        "the forward inside measure() or give measure(batch_size=...)"
+                    )
+                return
+            self._n_total += n
+            self._passes += 1
+            if self._need_ip:
+                self._ip_parts.append(PassProducts(n, self._pass_ip))
+            self._pass_ip = []
+
+    def _process_shared(self, pid: int, uses: list[tuple[LayerCall, str]]) -> None:
+        """A parameter used several times: per-sample gradient = sum of the uses."""
+        p = self.params[self._index[pid]]
+        self._seen.add(pid)
+        n = uses[0][0].n
+        per = p.numel() * 2 + max(r.rule.sample_numel(r, (nm,)) for r, nm in uses)
+        norm = torch.zeros((), dtype=torch.float64, device=p.device)
+        sums = ParamSums()
+        for lo, hi in self._chunks(n, per):
+            total = None
+            for rec, nm in uses:
+                g = rec.rule.grads(rec, (nm,), lo, hi)[nm]
+                total = g if total is None else total + g
+            assert total is not None
+            sums.norm = None
+            sums.add(total, self._need_norm, self._need_coord, False)
+            if sums.norm is not None:
+                norm += sums.norm
+        self._add(pid, norm if self._need_norm else None, sums.coord)
+        if self._need_ip:
+            self._pass_ip.extend(CallProducts(pid, rec, nm) for rec, nm in uses)
+
+    # --- the statistics ------------------------------------------------------------------------
+    def _mean_grads(self) -> list[Tensor]:
+        out = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                out.append(torch.zeros_like(p))
+            else:
+                out.append(g.to_dense() if g.is_sparse else g.detach())
+        return out
+
+    def stats(self) -> GradientStats:
+        """The statistics over every sample measured since the last reset; then reset.
+
+        ḡ is read from p.grad now: call this after the last backward and before anything
+        rescales or clips p.grad (``GradScaler.unscale_``, ``clip_grad_norm_``), whose
+        per-sample counterparts the hooks never see."""
+        if self._active:
+            raise RuntimeError("PerSampleStats.stats() called inside measure()")
+        if self._passes == 0:
+            raise RuntimeError(
+                "PerSampleStats.stats(): nothing measured; run the forward and backward pass "
+                "inside est.measure()"
+            )
+        try:
+            return self._stats()
+        finally:
+            self.reset()
+
+    def _check_attributed(self, gbar: list[Tensor]) -> None:
+        """Every parameter with a nonzero gradient was produced by a hooked layer call."""
+        if self._per_sample and len(self._seen) < len(self.params):
+            for p, g in zip(self.params, gbar):
+                if id(p) not in self._seen and p.grad is not None and bool(g.any()):
+                    raise ValueError(
+                        f"PerSampleStats: parameter {self._names.get(id(p), '?')!r} has a "
+                        f"gradient that no hooked layer call produced (used outside a module "
+                        f"call?); per-sample statistics cannot be attributed to samples"
+                    )
+
+    def _ip_sums(self, gbar: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(Σ_i ip_i, Σ_i ip_i²) over the step's samples, ip_i = N⟨contribution_i, ḡ⟩."""
+        n_loc = self._n_total
+        flat_g = {id(p): g for p, g in zip(self.params, gbar)}
+        s_ip, s_ip2 = [], []
+        # the Gram forms are ⟨g_i, this pass's gradient⟩: = ⟨g_i, ḡ⟩ for a single pass
+        gram_ok = self._passes == 1 and not self._gram_void
+        for part in self._ip_parts:
+            ip = None  # float64 [n]: Σ over the pass's layers
+            for item in part.items:
+                term = item.inner_products(flat_g, self._chunks, gram_ok)
+                # every term is a fresh tensor of ours: summed in place
+                ip = term.to(torch.float64) if ip is None else ip.add_(term)
+            if ip is None:
+                ip = torch.zeros(part.n, dtype=torch.float64, device=gbar[0].device)
+            ip.mul_(n_loc)
+            s_ip.append(ip.sum())
+            s_ip2.append(torch.dot(ip, ip))
+        return torch.stack(s_ip).sum(), torch.stack(s_ip2).sum()
+
+    def _stats(self) -> GradientStats:
+        gbar = self._mean_grads()
+        self._check_attributed(gbar)
+        coords = None
+        if self._need_coord:
+            coords = [c if c is not None else torch.zeros_like(p)
+                      for c, p in zip(self._coord, self.params)]
+        # every partial sum is a 0-dim tensor on the gradients' device, read back once in
+        # float64; units are samples: K = N
+        return stats_from_parts(
+            self.needs, gbar, n=self._n_total, units=self._n_total,
+            sq_groups=[(1, self._norm_parts)], squared=True,
+            ip_sums=self._ip_sums(gbar) if self._need_ip else None, coord_sums=coords,
+            reduce=self.reduce, in_place=True)
