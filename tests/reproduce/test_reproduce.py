@@ -122,6 +122,15 @@ def test_rates_unknown_problem():
         make_problem("svm")
 
 
+def test_rates_norm_policy_without_eta_is_a_value_error():
+    """An explicit check, not an assert (which python -O removes)."""
+    problem = make_problem("logistic", n=32)
+    with pytest.raises(ValueError, match=r"a 'norm' policy needs eta"):
+        run_policy(problem, Policy("norm", 4), steps=1, seed=0)
+    with pytest.raises(ValueError, match=r"unknown policy kind 'grow'"):
+        run_policy(problem, Policy("grow", 4), steps=1, seed=0)
+
+
 # ----------------------------------------------------------------------------- command
 
 

@@ -156,7 +156,8 @@ def run_policy(problem: Problem, policy: Policy, steps: int, seed: int) -> dict[
     if policy.kind == "fixed":
         ctrl: Any = ConstantSchedule(min(policy.batch, n))
     elif policy.kind == "norm":
-        assert policy.eta is not None
+        if policy.eta is None:
+            raise ValueError(f"Invalid policy: {policy!r} (a 'norm' policy needs eta)")
         ctrl = BatchSizeController(NormTest(policy.eta), initial=min(policy.batch, n),
                                    maximum=n)
     else:
@@ -267,47 +268,42 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(finite):.2f} ± {statistics.stdev(finite):.2f}"
 
 
-def run(out: Path, *, scale: str = "full") -> Section:
-    """Run the rates section at ``scale`` and write its figures under ``out/img``."""
-    t0 = time.perf_counter()
-    size = _SIZES[scale]
-    steps, seeds = size["steps"], size["seeds"]
+def _policy_rows(problem: Problem, runs: dict[int, list[dict[str, Any]]],
+                 data: dict[str, Any]) -> list[list[str]]:
+    """The table rows of one problem (one per policy); its numbers go into ``data``."""
+    # the smallest sample count any policy used: compare every policy at that budget too
+    s_ref = min(r["total_samples"] for rs in runs.values() for r in rs)
     rows = []
-    data: dict[str, Any] = {"steps": steps, "seeds": list(seeds), "problems": {}}
-    images = []
-    for key in ("logistic", "mlp"):
-        problem = make_problem(key, n=size["n"])
-        runs: dict[int, list[dict[str, Any]]] = {}
-        for i, policy in enumerate(POLICIES):
-            runs[i] = [run_policy(problem, policy, steps, seed) for seed in seeds]
-        # the smallest sample count any policy used: compare every policy at that budget too
-        s_ref = min(r["total_samples"] for rs in runs.values() for r in rs)
-        for i, policy in enumerate(POLICIES):
-            slopes_k = [_slope(r, "K") for r in runs[i]]
-            slopes_s = [_slope(r, "samples") for r in runs[i]]
-            finals = [float(_running_min(r["grad_sq"])[-1]) for r in runs[i]]
-            at_ref = [_min_within(r, s_ref) for r in runs[i]]
-            rows.append([
-                problem.label, policy.label, _mean_std(slopes_k), _mean_std(slopes_s),
-                fmt(statistics.median(finals)), fmt(statistics.median(at_ref)),
-                fmt(statistics.median([r["total_samples"] for r in runs[i]])),
-                fmt(statistics.median([r["final_batch"] for r in runs[i]])),
-            ])
-            data["problems"].setdefault(key, {})[policy.label] = {
-                "slope_K": slopes_k, "slope_samples": slopes_s, "final_min_grad_sq": finals,
-                "min_grad_sq_within_ref_samples": at_ref, "ref_samples": s_ref,
-                "first_step_at_full_batch": [
-                    next((k for k, b in enumerate(r["batch"]) if b >= problem.n), None)
-                    for r in runs[i]],
-                "total_samples": [r["total_samples"] for r in runs[i]],
-                "final_batch": [r["final_batch"] for r in runs[i]],
-            }
-        images.append(_plot(problem, runs, out, size["dpi"]))
+    for i, policy in enumerate(POLICIES):
+        slopes_k = [_slope(r, "K") for r in runs[i]]
+        slopes_s = [_slope(r, "samples") for r in runs[i]]
+        finals = [float(_running_min(r["grad_sq"])[-1]) for r in runs[i]]
+        at_ref = [_min_within(r, s_ref) for r in runs[i]]
+        rows.append([
+            problem.label, policy.label, _mean_std(slopes_k), _mean_std(slopes_s),
+            fmt(statistics.median(finals)), fmt(statistics.median(at_ref)),
+            fmt(statistics.median([r["total_samples"] for r in runs[i]])),
+            fmt(statistics.median([r["final_batch"] for r in runs[i]])),
+        ])
+        data["problems"].setdefault(problem.key, {})[policy.label] = {
+            "slope_K": slopes_k, "slope_samples": slopes_s, "final_min_grad_sq": finals,
+            "min_grad_sq_within_ref_samples": at_ref, "ref_samples": s_ref,
+            "first_step_at_full_batch": [
+                next((k for k, b in enumerate(r["batch"]) if b >= problem.n), None)
+                for r in runs[i]],
+            "total_samples": [r["total_samples"] for r in runs[i]],
+            "final_batch": [r["final_batch"] for r in runs[i]],
+        }
+    return rows
+
+
+def _markdown(steps: int, seeds: list[int], rows: list[list[str]], data: dict[str, Any],
+              images: list[str]) -> str:
     header = ["problem", "batch policy", "slope vs K", "slope vs samples",
               f"min ‖∇F‖² at K={steps}", "min ‖∇F‖² within the smallest sample count",
               "samples", "final batch"]
     md = [
-        f"AdaGrad-Norm (lr 1, b0 0.1), {steps} iterations, seeds {list(seeds)}; "
+        f"AdaGrad-Norm (lr 1, b0 0.1), {steps} iterations, seeds {seeds}; "
         f"‖∇F(x_k)‖² is the exact full gradient at every iterate. Slopes: least-squares fit "
         f"of log min_(k≤K) ‖∇F(x_k)‖² against log K (or log samples processed) for K from "
         f"{max(1, steps // 20)} to {steps}, mean ± std over seeds. The theorem's bounds are "
@@ -320,10 +316,27 @@ def run(out: Path, *, scale: str = "full") -> Section:
         "\n" + _reading(data) + "\n",
         "\n".join(f"![{k}]({img})" for k, img in zip(("logistic", "mlp"), images)) + "\n",
     ]
+    return "\n".join(md)
+
+
+def run(out: Path, *, scale: str = "full") -> Section:
+    """Run the rates section at ``scale`` and write its figures under ``out/img``."""
+    t0 = time.perf_counter()
+    size = _SIZES[scale]
+    steps, seeds = size["steps"], size["seeds"]
+    rows: list[list[str]] = []
+    data: dict[str, Any] = {"steps": steps, "seeds": list(seeds), "problems": {}}
+    images = []
+    for key in ("logistic", "mlp"):
+        problem = make_problem(key, n=size["n"])
+        runs = {i: [run_policy(problem, policy, steps, seed) for seed in seeds]
+                for i, policy in enumerate(POLICIES)}
+        rows += _policy_rows(problem, runs, data)
+        images.append(_plot(problem, runs, out, size["dpi"]))
     return Section(
         name="rates",
         title="Convergence rate: AdaGrad-Norm with the norm test vs fixed batches",
-        markdown="\n".join(md),
+        markdown=_markdown(steps, list(seeds), rows, data, images),
         images=images,
         wall_time_s=time.perf_counter() - t0,
         data=data,
