@@ -23,8 +23,7 @@ if want 1; then
     python3 -c "
 import time, torch
 torch.zeros(1, device='cuda')
-from adabatch.optim import adabelief_fused_cuda
-from adabatch.optim.adabelief_fused import build
+from adabatch.optim.fused import build
 t = time.perf_counter(); build('cuda')
 print('build(\"cuda\") ($i): %.2f s' % (time.perf_counter() - t))"
   done

@@ -3,7 +3,7 @@
     python benchmarks/fused_build.py                # build cost (cold + cached) and step times
     python benchmarks/fused_build.py --fused-only   # step times only, with the cached build
 
-Build cost: ``python -m adabatch.optim.adabelief_fused`` in a fresh process with an empty
+Build cost: ``python -m adabatch.optim.fused`` in a fresh process with an empty
 ``TORCH_EXTENSIONS_DIR`` (cold: compiles), then again in the same directory (cached: loads).
 
 Step time: ResNet-18-shaped parameters (62 tensors, 11.69M parameters, shapes written out
@@ -52,7 +52,7 @@ def make_params(seed: int) -> list[torch.nn.Parameter]:
 def build_cost() -> None:
     with tempfile.TemporaryDirectory() as root:
         env = {**os.environ, "TORCH_EXTENSIONS_DIR": root}
-        cmd = [sys.executable, "-m", "adabatch.optim.adabelief_fused"]
+        cmd = [sys.executable, "-m", "adabatch.optim.fused"]
         for label in ("cold (compile)", "cached (load)"):
             start = time.perf_counter()
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -67,9 +67,9 @@ def build_cost() -> None:
 
 
 def competitors(include_class: bool) -> dict[str, torch.optim.Optimizer]:
-    from adabatch.optim import adabelief_fused
+    from adabatch.optim import fused
 
-    adabelief_fused.build()
+    fused.build()
     opts: dict[str, torch.optim.Optimizer] = {
         "torch Adam fused": torch.optim.Adam(make_params(0), fused=True),
         "torch Adam foreach": torch.optim.Adam(make_params(1), foreach=True),

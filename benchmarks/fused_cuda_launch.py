@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from adabatch.optim import AdaBelief, adabelief_fused_cuda
+from adabatch.optim import AdaBelief
+from adabatch.optim.fused import cuda as fused_cuda
 from optimizer_step import resnet18_shapes, transformer_shapes
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|---|")
         for shape in args.shapes:
             block, warps = (int(x) for x in shape.split("x"))
-            adabelief_fused_cuda.BLOCK, adabelief_fused_cuda.NUM_WARPS = block, warps
+            fused_cuda.BLOCK, fused_cuda.NUM_WARPS = block, warps
             opts = {"adabelief": make("adabelief"), "adam": make("adam")}
             for opt in opts.values():  # warm-up (and compilation)
                 for _ in range(6):

@@ -8,17 +8,26 @@ Two parameter sets:
   learned positions for 512 tokens): 148 tensors, 33.8M parameters, a 12.3M-parameter
   embedding.
 
-Every competitor owns its parameters and state; all share the same (random) gradients. After
-a warm-up (6 steps, past AdaBelief's rectification warm-up, so every AdaBelief takes its
-adaptive step), the competitors are timed in an interleaved, shuffled order, round after
-round, and each reports its best (minimum) time: the machine is shared and noisy, so the
-minimum is the least disturbed measurement. Ratios are to torch's foreach Adam.
+Every competitor owns its parameters and state; all share the same (random) gradients. Every
+competitor first takes ``--warmup`` steps (default 10): AdaBelief's rectification takes the
+cheaper SGD-like update for steps 1-5 (with beta2 = 0.999), so timing early steps would
+flatter every rectified AdaBelief; the steady state is what a training run pays. Then the
+competitors are timed in an interleaved, shuffled order, round after round; each reports its
+median and its minimum (the least disturbed sample on a shared, noisy machine), and the ratios
+to torch's foreach Adam are taken by median (``--stat min`` for the minima).
+
+Besides the default AdaBelief (rectify=True, weight_decouple=True) the foreach path is timed
+in the other configurations that take a different code path: ``rectify=False`` (the authors'
+CNN setting), L2 weight decay (``weight_decouple=False``), decoupled weight decay and
+``amsgrad``; the rows with weight decay use 5e-4 (the authors' CIFAR value).
 
 Usage::
 
     python benchmarks/optimizer_step.py                  # both sets, 1 and 2 threads
     python benchmarks/optimizer_step.py --quick          # fewer rounds, resnet18 only
     python benchmarks/optimizer_step.py --rounds 30 --threads 1 --sets transformer
+    python benchmarks/optimizer_step.py --rounds 15 --threads 1 --sets resnet18 \
+        --only "foreach"                               # the foreach rows and torch's Adams
     python benchmarks/optimizer_step.py --device cuda --ref "torch Adam (fused)"
 
 On CUDA each timed sample is ``--reps`` back-to-back steps between two synchronisations,
@@ -33,16 +42,29 @@ import argparse
 import contextlib
 import io
 import random
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from adabatch.optim import adabelief_fused_cuda
-from adabatch.optim.adabelief import AdaBelief, _fused_ok
+from adabatch.optim import AdaBelief
+from adabatch.optim.fused import cuda as fused_cuda
+from adabatch.optim.fused import fused_available
 
 Shape = tuple[int, ...]
 HP = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+WD = 5e-4  # the weight decay of the configuration rows that use one (the authors' CIFAR value)
+# (row label, AdaBelief options) of the foreach configurations besides the default
+FOREACH_CONFIGS: list[tuple[str, dict[str, object]]] = [
+    ("rectify=False", dict(rectify=False)),
+    ("rectify=False, L2 wd", dict(rectify=False, weight_decouple=False, weight_decay=WD)),
+    ("rectify=False, decoupled wd", dict(rectify=False, weight_decay=WD)),
+    ("rectify=True, L2 wd", dict(weight_decouple=False, weight_decay=WD)),
+    ("rectify=True, decoupled wd", dict(weight_decay=WD)),
+    ("amsgrad, rectify=False", dict(amsgrad=True, rectify=False)),
+    ("amsgrad, rectify=True", dict(amsgrad=True)),
+]
 
 
 def resnet18_shapes(num_classes: int = 10) -> list[Shape]:
@@ -94,8 +116,13 @@ def competitors(
         "adabatch AdaBelief (for-loop)": lambda p: AdaBelief(p, **ab, foreach=False, fused=False),
         "adabatch AdaBelief (foreach)": lambda p: AdaBelief(p, **ab, foreach=True, fused=False),
     }
+    for label, options in FOREACH_CONFIGS:
+        kw = {**ab, **options}
+        out[f"adabatch AdaBelief (foreach, {label})"] = lambda p, kw=kw: AdaBelief(
+            p, **kw, foreach=True, fused=False
+        )
     fused_possible = (
-        _fused_ok(device) if device.type == "cpu" else adabelief_fused_cuda.triton_available()
+        fused_available(device) if device.type == "cpu" else fused_cuda.triton_available()
     )
     if fused_possible:
         out["adabatch AdaBelief (fused)"] = lambda p: AdaBelief(p, **ab, fused=True)
@@ -133,12 +160,15 @@ def bench(
     shapes: list[Shape],
     threads: int,
     rounds: int,
-    warmup: int = 6,
+    warmup: int = 10,
     seed: int = 0,
     device: torch.device | None = None,
     reps: int = 1,
-) -> dict[str, float]:
-    """Best step time in milliseconds per competitor (interleaved, shuffled rounds)."""
+    only: str | None = None,
+) -> dict[str, list[float]]:
+    """Step times in milliseconds per competitor, one per round (interleaved, shuffled
+    rounds, after ``warmup`` steps of every competitor); ``only``: a substring the names of
+    the competitors to time must contain (torch's foreach Adam, the reference, always runs)."""
     device = device or torch.device("cpu")
     cuda = device.type == "cuda"
     torch.set_num_threads(threads)
@@ -147,6 +177,8 @@ def bench(
     grads = [(torch.randn(s, generator=gen) * 1e-2).to(device) for s in shapes]
     opts: dict[str, torch.optim.Optimizer] = {}
     for name, make in competitors(device).items():
+        if only is not None and only not in name and name != "torch Adam (foreach)":
+            continue
         params = [torch.nn.Parameter(t.clone()) for t in init]
         for p, g in zip(params, grads):
             p.grad = g  # shared, never modified by any competitor (weight_decay=0)
@@ -154,7 +186,7 @@ def bench(
         for _ in range(warmup):
             opt.step()
         opts[name] = opt
-    best = {name: float("inf") for name in opts}
+    times: dict[str, list[float]] = {name: [] for name in opts}
     order = list(opts)
     rng = random.Random(seed)
     for _ in range(rounds):
@@ -167,13 +199,39 @@ def bench(
                 opts[name].step()
             if cuda:
                 torch.cuda.synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - t0) / reps)
-    return {name: 1e3 * t for name, t in best.items()}
+            times[name].append(1e3 * (time.perf_counter() - t0) / reps)
+    return times
 
 
-def main(argv: list[str] | None = None) -> None:
+def table(columns: list[tuple[str, dict[str, list[float]]]], ref: str, stat: str) -> str:
+    """A markdown table: per competitor and column, median / min in ms and the ratio."""
+    pick = statistics.median if stat == "median" else min
+    lines = [
+        "| optimizer | " + " | ".join(label for label, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name in columns[0][1]:
+        cells = []
+        for _, res in columns:
+            samples, base = res[name], pick(res[ref])
+            cells.append(
+                f"{statistics.median(samples):.1f} / {min(samples):.1f} ms "
+                f"({pick(samples) / base:.2f}x)"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="untimed steps per competitor first (default 10)"
+    )
+    parser.add_argument(
+        "--stat", default="median", choices=["median", "min"], help="what the ratios compare"
+    )
+    parser.add_argument("--only", default=None, help="time only competitors whose name has this")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--sets",
@@ -189,19 +247,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="steps per sample (CUDA: 20)")
     parser.add_argument("--block", type=int, default=None, help="fused CUDA: elements/program")
     parser.add_argument("--warps", type=int, default=None, help="fused CUDA: warps/program")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.quick:
         args.rounds, args.sets = 5, ["resnet18"]
     device = torch.device(args.device)
     if args.block:
-        adabelief_fused_cuda.BLOCK = args.block
+        fused_cuda.BLOCK = args.block
     if args.warps:
-        adabelief_fused_cuda.NUM_WARPS = args.warps
+        fused_cuda.NUM_WARPS = args.warps
     if device.type == "cuda":
         args.threads = args.threads[:1]
     reps = args.reps or (20 if device.type == "cuda" else 1)
     sets = {"resnet18": resnet18_shapes(), "transformer": transformer_shapes()}
-    columns: list[tuple[str, dict[str, float]]] = []
+    columns: list[tuple[str, dict[str, list[float]]]] = []
     for set_name in args.sets:
         shapes = sets[set_name]
         numel = sum(torch.Size(s).numel() for s in shapes)
@@ -210,22 +272,18 @@ def main(argv: list[str] | None = None) -> None:
             label = f"{set_name} ({len(shapes)} tensors, {numel / 1e6:.2f}M), " + (
                 where if device.type == "cuda" else f"{threads} {where}"
             )
-            columns.append(
-                (label, bench(shapes, threads, args.rounds, device=device, reps=reps))
-            )
+            times = bench(
+                shapes, threads, args.rounds, args.warmup, device=device, reps=reps,
+                only=args.only,
+            )  # fmt: skip
+            columns.append((label, times))
     print(
-        f"torch {torch.__version__}, {device.type}, best of {args.rounds} interleaved rounds"
-        f"{f' of {reps} steps' if reps > 1 else ''}; ratio to {args.ref}\n"
+        f"torch {torch.__version__}, {device.type}, {args.warmup} warm-up steps, then "
+        f"{args.rounds} interleaved rounds{f' of {reps} steps' if reps > 1 else ''}; "
+        f"median / min, ratio of the {args.stat}s to {args.ref}\n"
     )
-    print("| optimizer | " + " | ".join(label for label, _ in columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for name in columns[0][1]:
-        cells = []
-        for _, res in columns:
-            ref = res[args.ref]
-            cells.append(f"{res[name]:.1f} ms ({res[name] / ref:.2f}x)")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    compiled = adabelief_fused_cuda.compile_seconds()
+    print(table(columns, args.ref, args.stat))
+    compiled = fused_cuda.compile_seconds()
     if compiled:
         print("\nfused CUDA AdaBelief, first launch (compile or cache load) per variant:")
         for variant, seconds in compiled.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import itertools
 from typing import Any
@@ -570,9 +571,46 @@ def test_invalid_hyperparameters(kwargs: dict[str, Any], message: str) -> None:
         AdaBelief([torch.nn.Parameter(torch.ones(2))], **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("betas", "error", "message"),
+    [
+        ((0.9,), ValueError, r"Invalid betas: \(0.9,\) \(must be a pair \(beta1, beta2\), got 1\)"),
+        ((0.9, 0.99, 0.999), ValueError, r"Invalid betas: .* got 3\)"),
+        (0.9, TypeError, r"Invalid betas: 0.9 \(must be a pair \(beta1, beta2\)\)"),
+    ],
+)
+def test_betas_must_be_a_pair(betas: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        AdaBelief([torch.nn.Parameter(torch.ones(2))], betas=betas)
+
+
+@pytest.mark.parametrize(
+    ("state_dict", "error", "message"),
+    [
+        ({}, ValueError, r"Invalid state_dict: it lacks \['state', 'param_groups'\]"),
+        ({"state": {}}, ValueError, r"Invalid state_dict: it lacks \['param_groups'\]"),
+        ([], TypeError, r"Invalid state_dict: list \(must be a dict\)"),
+    ],
+)
+def test_load_state_dict_refuses_what_is_not_a_state_dict(
+    state_dict: Any, error: type[Exception], message: str
+) -> None:
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = AdaBelief([p])
+    p.grad = torch.ones(2)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=message):
+        opt.load_state_dict(state_dict)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert torch.equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+
+
 def test_beta1_zero_warns() -> None:
-    with pytest.warns(UserWarning, match=r"beta1 == 0: the residual g_t - m_t is always 0"):
+    with pytest.warns(UserWarning, match=r"beta1 == 0: the residual g_t - m_t is always 0") as rec:
         AdaBelief([torch.nn.Parameter(torch.ones(2))], betas=(0.0, 0.999))
+    assert rec[0].filename == __file__  # points at the caller
 
 
 def test_sparse_gradients_rejected() -> None:
@@ -595,15 +633,11 @@ def test_fused_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_implementation_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    class FakeFused:
-        @staticmethod
-        def fused_available(device: torch.device) -> bool:
-            return device.type in ("cpu", "meta")
+    def available(device: torch.device) -> bool:
+        return device.type in ("cpu", "meta")
 
-    monkeypatch.setattr(ab, "_fused_module", lambda: FakeFused)
-    monkeypatch.setattr(ab, "_FUSED_CACHE", {})
     cpu = [torch.ones(2)]
-    choose = ab._choose_implementation
+    choose = functools.partial(ab._choose_implementation, available=available)
     assert choose(cpu, foreach=None, fused=None, differentiable=False) == "fused"
     assert choose(cpu, foreach=True, fused=None, differentiable=False) == "foreach"
     assert choose(cpu, foreach=False, fused=None, differentiable=False) == "for-loop"
@@ -613,5 +647,10 @@ def test_implementation_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     two = [torch.ones(2), torch.ones(2, device="meta")]
     assert choose(two[1:], foreach=None, fused=None, differentiable=False) == "fused"
     assert choose(two, foreach=None, fused=None, differentiable=False) != "fused"
+    # the class asks the same question (once per device and optimizer)
+    asked = []
+    monkeypatch.setattr(ab, "_fused_available", lambda d: asked.append(d) or available(d))
     opt = AdaBelief([torch.nn.Parameter(torch.ones(2))])
     assert opt._step_supports_amp_scaling is True
+    assert opt._implementation(opt.param_groups[0]) == "fused"
+    assert asked == [torch.device("cpu")]

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from adabatch.optim import adabelief_fused as F
+from adabatch.optim import fused as F
+from adabatch.optim.fused import common, cpu
 
 HP = dict(
     beta1=0.9,
@@ -34,7 +35,7 @@ HP = dict(
 @pytest.fixture(scope="session")
 def kernel() -> bool:
     """True when the kernel is built; without a compiler, assert the clear error instead."""
-    if F._loader.compiler() is None and not F.is_built():
+    if cpu._loader.compiler() is None and not F.is_built():
         with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler"):
             F.build()
         return False
@@ -152,7 +153,7 @@ CONFIGS = {
 def run_fused(params, m, s, smax, steps, hp, n_steps, grad_seed=1, **kw):
     for k in range(1, n_steps + 1):
         grads = grads_for(params, k, grad_seed)
-        F._fused_adabelief(params, grads, m, s, smax if hp["amsgrad"] else [], steps, **hp, **kw)
+        F.fused_adabelief(params, grads, m, s, smax if hp["amsgrad"] else [], steps, **hp, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -173,7 +174,7 @@ def test_matches_reference(kernel, name, dtype):
     for k in range(1, 21):
         grads = grads_for(params, k)
         grads_copy = [g.clone() for g in grads]
-        F._fused_adabelief(params, grads, m, s, smax if hp["amsgrad"] else [], steps, **hp)
+        F.fused_adabelief(params, grads, m, s, smax if hp["amsgrad"] else [], steps, **hp)
         for i in range(len(params)):
             rp[i], rm[i], rs[i], rv[i] = reference_step(rp[i], grads[i], rm[i], rs[i], rv[i], k, hp)
         # grads are never written
@@ -221,7 +222,7 @@ def test_matches_adabelief_pytorch_021(kernel, name):
     )
     for k in range(1, 21):
         grads = grads_for(params, k)
-        F._fused_adabelief(params, grads, m, s, [], steps, **hp)
+        F.fused_adabelief(params, grads, m, s, [], steps, **hp)
         for q, g in zip(theirs, grads):
             q.grad = g.clone()
         opt.step()
@@ -260,7 +261,7 @@ def test_low_precision_float32_state(kernel, dtype, name):
     exact = total = 0
     for k in range(1, 21):
         grads = grads_for(params, k)
-        F._fused_adabelief(params, grads, m, s, smax if hp["amsgrad"] else [], steps, **hp)
+        F.fused_adabelief(params, grads, m, s, smax if hp["amsgrad"] else [], steps, **hp)
         for i in range(len(params)):
             # reference: float32 math from the stored low-precision value, rounded once
             new = reference_step(rp[i], grads[i].float(), rm[i], rs[i], rv[i], k, hp)
@@ -295,7 +296,7 @@ def test_low_precision_rounding_every_bit_pattern(kernel, dtype):
         expected = (p.float() * torch.tensor(decay, dtype=torch.float32)).to(dtype)
         hp = {**HP, "lr": 0.0, "weight_decay": 1.0 - decay, "fixed_decay": True, "rectify": False}
         g = torch.zeros_like(p)
-        F._fused_adabelief(
+        F.fused_adabelief(
             [p],
             [g],
             [torch.zeros_like(p, dtype=torch.float32)],
@@ -312,7 +313,7 @@ def test_low_precision_rounding_every_bit_pattern(kernel, dtype):
 def test_isa_variants_and_threads_bit_identical(kernel):
     if not kernel:
         return
-    best = F._loader.get(build=False).adabatch_fused_isa()
+    best = cpu._loader.get(build=False).adabatch_fused_isa()
     # every ISA on one thread, and the best ISA on two (chunks split over threads)
     runs = [(isa, 1) for isa in range(best + 1)] + [(best, 2)]
     for dtype in (torch.float32, torch.bfloat16):
@@ -328,7 +329,7 @@ def test_isa_variants_and_threads_bit_identical(kernel):
             old = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
-                run_fused(params, m, s, smax, steps, hp, 4, _isa=isa)
+                run_fused(params, m, s, smax, steps, hp, 4, isa=isa)
             finally:
                 torch.set_num_threads(old)
             assert not torch.equal(
@@ -344,7 +345,7 @@ def test_unsupported_isa_is_an_error(kernel):
         return
     params, m, s, _, steps = make(torch.float32)
     with pytest.raises(RuntimeError, match="ISA not supported"):
-        F._fused_adabelief(params, grads_for(params, 1), m, s, [], steps, **HP, _isa=99)
+        F.fused_adabelief(params, grads_for(params, 1), m, s, [], steps, **HP, isa=99)
 
 
 def test_grad_scale_and_found_inf(kernel):
@@ -358,8 +359,8 @@ def test_grad_scale_and_found_inf(kernel):
         g = grads_for(a[0], k)
         g_scaled = [x * 1024.0 for x in g]
         g_scaled_copy = [x.clone() for x in g_scaled]
-        F._fused_adabelief(a[0], g, *a[1:4], a[4], **hp)
-        F._fused_adabelief(
+        F.fused_adabelief(a[0], g, *a[1:4], a[4], **hp)
+        F.fused_adabelief(
             b[0], g_scaled, *b[1:4], b[4], **hp, grad_scale=scale, found_inf=torch.tensor(0.0)
         )
         assert all(torch.equal(x, y) for x, y in zip(g_scaled, g_scaled_copy))
@@ -368,7 +369,7 @@ def test_grad_scale_and_found_inf(kernel):
     # found_inf: nothing changes, not even the step counters
     before = [t.clone() for t in b[0] + b[1] + b[2] + b[3] + b[4]]
     g = [x * math.inf for x in grads_for(b[0], 9)]
-    F._fused_adabelief(b[0], g, *b[1:4], b[4], **hp, grad_scale=scale, found_inf=torch.tensor(1.0))
+    F.fused_adabelief(b[0], g, *b[1:4], b[4], **hp, grad_scale=scale, found_inf=torch.tensor(1.0))
     after = b[0] + b[1] + b[2] + b[3] + b[4]
     assert all(torch.equal(x, y) for x, y in zip(before, after))
     assert b[4][0].item() == 5.0
@@ -385,9 +386,9 @@ def test_mixed_dtypes_in_one_call(kernel):
     for k in range(1, 4):
         grads = [grads_for(x[0], k) for x in together]
         lists = [[t for x in together for t in x[j]] for j in range(5)]
-        F._fused_adabelief(lists[0], [g for gs in grads for g in gs], *lists[1:], **hp)
+        F.fused_adabelief(lists[0], [g for gs in grads for g in gs], *lists[1:], **hp)
         for x, g in zip(apart, grads):
-            F._fused_adabelief(x[0], g, *x[1:], **hp)
+            F.fused_adabelief(x[0], g, *x[1:], **hp)
     for x, y in zip(together, apart):
         for j in range(5):
             assert all(torch.equal(a, b) for a, b in zip(x[j], y[j]))
@@ -400,22 +401,22 @@ def test_zero_size_only_and_empty_lists(kernel):
         return
     p = torch.empty(0, 3)
     steps = [torch.zeros((), dtype=torch.float32)]
-    F._fused_adabelief(
+    F.fused_adabelief(
         [p], [torch.empty(0, 3)], [torch.empty(0, 3)], [torch.empty(0, 3)], [], steps, **HP
     )
     assert steps[0].item() == 1.0
-    F._fused_adabelief([], [], [], [], [], [], **HP)  # nothing to do, no error
+    F.fused_adabelief([], [], [], [], [], [], **HP)  # nothing to do, no error
 
 
 def test_errors(kernel):
     params, m, s, _, steps = make(torch.float32)
     g = grads_for(params, 1)
     with pytest.raises(RuntimeError, match="does not support differentiable=True"):
-        F._fused_adabelief(params, g, m, s, [], steps, **{**HP, "differentiable": True})
+        F.fused_adabelief(params, g, m, s, [], steps, **{**HP, "differentiable": True})
     with pytest.raises(ValueError, match="differ in length"):
-        F._fused_adabelief(params, g[:-1], m, s, [], steps, **HP)
+        F.fused_adabelief(params, g[:-1], m, s, [], steps, **HP)
     with pytest.raises(ValueError, match="differ in length"):
-        F._fused_adabelief(params, g, m, s, [], steps, **{**HP, "amsgrad": True})
+        F.fused_adabelief(params, g, m, s, [], steps, **{**HP, "amsgrad": True})
     assert not F.fused_available("meta")
     if not torch.cuda.is_available():
         assert not F.fused_available(torch.device("cuda"))
@@ -423,14 +424,14 @@ def test_errors(kernel):
         return
     meta = [torch.empty(3, device="meta")]
     with pytest.raises(RuntimeError, match="runs on CPU and CUDA tensors only"):
-        F._fused_adabelief(meta, meta, meta, meta, [], [steps[0]], **HP)
+        F.fused_adabelief(meta, meta, meta, meta, [], [steps[0]], **HP)
     with pytest.raises(RuntimeError, match=r"must be torch.float32"):
-        F._fused_adabelief([params[0]], [g[0]], [m[0].double()], [s[0]], [], [steps[0]], **HP)
+        F.fused_adabelief([params[0]], [g[0]], [m[0].double()], [s[0]], [], [steps[0]], **HP)
     with pytest.raises(RuntimeError, match="state_steps must be float32"):
-        F._fused_adabelief([params[0]], [g[0]], [m[0]], [s[0]], [], [torch.tensor(0)], **HP)
+        F.fused_adabelief([params[0]], [g[0]], [m[0]], [s[0]], [], [torch.tensor(0)], **HP)
     with pytest.raises(RuntimeError, match="does not support parameters of dtype"):
         x = torch.zeros(3, dtype=torch.int32)
-        F._fused_adabelief([x], [x], [x], [x], [], [steps[0]], **HP)
+        F.fused_adabelief([x], [x], [x], [x], [], [steps[0]], **HP)
     # errors are raised before anything changes
     assert all(t.item() == 0.0 for t in steps)
     assert all(torch.equal(t, torch.zeros_like(t)) for t in m)
@@ -441,48 +442,51 @@ def test_checked_plan_is_reused_and_rechecked(kernel, monkeypatch):
     if not kernel:
         return
     calls = []
-    real = F._prepare
-    monkeypatch.setattr(F, "_prepare", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(F, "_PLANS", {})
+    real = common.prepare
+    monkeypatch.setattr(common, "prepare", lambda *a: calls.append(1) or real(*a))
+    plans = F.PlanCache()
     params, m, s, smax, steps = make(torch.float32)
     params, m, s, smax = (t[:-1] for t in (params, m, s, smax))  # all contiguous
     steps = steps[:-1]
     ref = [t.clone() for t in params], [t.clone() for t in m], [t.clone() for t in s]
+    kept = []
     for k in range(1, 4):
-        F._fused_adabelief(params, grads_for(params, k), m, s, [], steps, **HP)
+        F.fused_adabelief(params, grads_for(params, k), m, s, [], steps, **HP, plans=plans)
+        kept.append(plans.plan)
     assert len(calls) == 1  # checked once, then the plan held
+    assert kept[0] is not None and kept[0] is kept[1] is kept[2]
     # the same steps with the checks every time (a working copy forces the slow path)
     ref_steps = [torch.zeros(()) for _ in ref[0]]
     for k in range(1, 4):
         g = grads_for(ref[0], k)
         g[0] = g[0].t().contiguous().t()  # not contiguous (7 x 5): checked and copied
-        F._fused_adabelief(ref[0], g, ref[1], ref[2], [], ref_steps, **HP)
+        F.fused_adabelief(ref[0], g, ref[1], ref[2], [], ref_steps, **HP)
     assert len(calls) == 4
     assert all(torch.equal(a, b) for a, b in zip(params + m + s, ref[0] + ref[1] + ref[2]))
     before = [t.clone() for t in params + m + s]
     bad = grads_for(params, 9)
     bad[0] = bad[0][:, :4].contiguous()  # wrong shape: the plan does not hold, _prepare raises
     with pytest.raises(RuntimeError, match="a grad differs from its parameter"):
-        F._fused_adabelief(params, bad, m, s, [], steps, **HP)
+        F.fused_adabelief(params, bad, m, s, [], steps, **HP, plans=plans)
     bad = grads_for(params, 9)
     bad[1] = bad[1].double()
     with pytest.raises(RuntimeError, match="a grad differs from its parameter"):
-        F._fused_adabelief(params, bad, m, s, [], steps, **HP)
+        F.fused_adabelief(params, bad, m, s, [], steps, **HP, plans=plans)
     m[0] = m[0].double()  # a replaced state tensor: new address, checked again
     with pytest.raises(RuntimeError, match=r"must be torch\.float32"):
-        F._fused_adabelief(params, grads_for(params, 9), m, s, [], steps, **HP)
+        F.fused_adabelief(params, grads_for(params, 9), m, s, [], steps, **HP, plans=plans)
     assert all(torch.equal(a, b) for a, b in zip(params + m[1:] + s, before[:5] + before[6:]))
     assert all(t.item() == 3.0 for t in steps)
 
 
 def test_no_compiler_gives_clear_error_and_no_build(tmp_path, monkeypatch):
-    loader = F._Loader(cache_root=tmp_path, cxx="adabatch-no-such-compiler")
-    monkeypatch.setattr(F, "_loader", loader)
+    loader = cpu.Loader(cache_root=tmp_path, cxx="adabatch-no-such-compiler")
+    monkeypatch.setattr(cpu, "_loader", loader)
     assert not F.fused_available("cpu")
     assert not F.is_built()
     params, m, s, _, steps = make(torch.float32)
     with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*fused=None"):
-        F._fused_adabelief(params, grads_for(params, 1), m, s, [], steps, **HP)
+        F.fused_adabelief(params, grads_for(params, 1), m, s, [], steps, **HP)
     with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler"):
         F.build()
     assert list(tmp_path.rglob("*.so")) == []
@@ -493,7 +497,7 @@ def test_failed_build_reports_compiler_output(tmp_path, monkeypatch):
     fake = tmp_path / "fakecxx"
     fake.write_text("#!/bin/sh\necho 'fake compiler says no' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(F, "_loader", F._Loader(cache_root=tmp_path / "cache", cxx=str(fake)))
+    monkeypatch.setattr(cpu, "_loader", cpu.Loader(cache_root=tmp_path / "cache", cxx=str(fake)))
     with pytest.raises(RuntimeError, match=r"(?s)could not build.*fake compiler says no"):
         F.build()
     assert not F.fused_available("cpu")
@@ -503,11 +507,11 @@ def test_availability_never_compiles_and_cache_is_reused(kernel, tmp_path):
     if not kernel:
         return
     # an empty cache: available is False and nothing gets built
-    empty = F._Loader(cache_root=tmp_path / "empty")
+    empty = cpu.Loader(cache_root=tmp_path / "empty")
     assert empty.get(build=False) is None
     assert not (tmp_path / "empty").exists()
     # the session's cached build is found and loaded by a new loader without compiling
-    cached = F._Loader()
+    cached = cpu.Loader()
     assert cached.path() == F.kernel_path()
     assert cached.get(build=False) is not None
     assert cached.build_seconds is None
@@ -529,23 +533,16 @@ def test_cold_build_is_atomic_and_reused(kernel, tmp_path):
         f'echo run >> "{tmp_path}/calls"\n'
     )
     fake.chmod(0o755)
-    loader = F._Loader(cache_root=tmp_path / "cache", cxx=str(fake))
+    loader = cpu.Loader(cache_root=tmp_path / "cache", cxx=str(fake))
     assert loader.get(build=False) is None
     assert loader.get(build=True) is not None and loader.build_seconds is not None
     assert list((tmp_path / "cache").rglob("*")) == [loader.path().parent, loader.path()]
-    again = F._Loader(cache_root=tmp_path / "cache", cxx=str(fake))
+    again = cpu.Loader(cache_root=tmp_path / "cache", cxx=str(fake))
     assert again.get(build=True) is not None and again.build_seconds is None
     assert (tmp_path / "calls").read_text() == "run\n"  # compiled exactly once
 
 
 # ------------------------------------------------------------------ through the class
-def _fresh_fused_check(monkeypatch):
-    """The class caches availability per process; forget it after the session's build."""
-    from adabatch.optim import adabelief
-
-    monkeypatch.setattr(adabelief, "_FUSED_CACHE", {})
-
-
 def _model(dtype=torch.float32):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(
@@ -554,12 +551,11 @@ def _model(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name", ["default", "amsgrad-rectify", "l2", "fixed", "maximize"])
-def test_class_fused_matches_for_loop(kernel, monkeypatch, name):
+def test_class_fused_matches_for_loop(kernel, name):
     from adabatch.optim import AdaBelief
 
     if not kernel:
         return
-    _fresh_fused_check(monkeypatch)
     cfg = {k: v for k, v in CONFIGS[name].items()}
     betas = (cfg.pop("beta1", 0.9), cfg.pop("beta2", 0.999))
     models = [_model(), _model()]
@@ -582,12 +578,11 @@ def test_class_fused_matches_for_loop(kernel, monkeypatch, name):
     assert not all(torch.equal(p, q) for p, q in zip(models[0].parameters(), _model().parameters()))
 
 
-def test_class_fused_with_grad_scaler(kernel, monkeypatch):
+def test_class_fused_with_grad_scaler(kernel):
     from adabatch.optim import AdaBelief
 
     if not kernel:
         return
-    _fresh_fused_check(monkeypatch)
     models = [_model(), _model()]
     opts = [
         AdaBelief(models[0].parameters(), lr=1e-2, fused=True),
@@ -618,13 +613,12 @@ def test_class_fused_with_grad_scaler(kernel, monkeypatch):
         assert opts[0].state[pa]["step"].item() == opts[1].state[pb]["step"].item() == 7.0
 
 
-def test_class_fused_complex_parameter(kernel, monkeypatch):
+def test_class_fused_complex_parameter(kernel):
     """Complex parameters go through the kernel as their real view."""
     from adabatch.optim import AdaBelief
 
     if not kernel:
         return
-    _fresh_fused_check(monkeypatch)
     gen = torch.Generator().manual_seed(11)
     start = torch.randn(5, 3, dtype=torch.complex64, generator=gen)
     ps = [torch.nn.Parameter(start.clone()) for _ in range(2)]

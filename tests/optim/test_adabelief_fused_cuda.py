@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from adabatch.optim import adabelief_fused as F
-from adabatch.optim import adabelief_fused_cuda as C
+from adabatch.optim import fused as F
+from adabatch.optim.fused import cuda as C
 from tests.optim.test_adabelief_fused import (
     CONFIGS,
     HP,
@@ -51,7 +51,7 @@ def to_dev(lists):
 def triton_step(params, grads, m, s, smax, steps, hp, **kw):
     """One step through the Triton path (the dispatcher's checks included)."""
     hp = {k: v for k, v in hp.items() if k not in ("capturable", "differentiable")}
-    F._fused_cuda(params, grads, m, s, smax if hp["amsgrad"] else [], steps, **hp, **kw)
+    C.step(params, grads, m, s, smax if hp["amsgrad"] else [], steps, **hp, **kw)
 
 
 def dev_grads(params, k, **kw):
@@ -98,7 +98,6 @@ def test_matches_reference(triton, name, dtype):
 def test_block_map():
     table = C._block_map([0, 5, 2 * 64 + 1, 64], torch.device("cpu"), 64)
     assert table.tolist() == [[1, 0], [2, 0], [2, 64], [2, 128], [3, 0]]
-    assert C._block_map([0, 5, 2 * 64 + 1, 64], torch.device("cpu"), 64) is table  # cached
     assert C._block_map([0], torch.device("cpu"), 64).shape == (0, 2)
 
 
@@ -158,11 +157,11 @@ def test_low_precision_float32_state(triton, dtype, name):
     assert exact >= 0.97 * total
 
 
-def test_cached_tables_follow_lr_and_gradient_changes(triton, monkeypatch):
+def test_cached_tables_follow_lr_and_gradient_changes(triton):
     """The tables kept between steps: a new lr or new gradient tensors reach the kernel."""
     if not triton:
         return
-    monkeypatch.setattr(F, "_PLANS", {})
+    plans = F.PlanCache()
     hp = {**HP, "rectify": False}
     params, m, s, _, steps = to_dev(make(torch.float32, seed=2))
     params, m, s, steps = params[:-1], m[:-1], s[:-1], steps[:-1]  # contiguous: a plan
@@ -174,12 +173,17 @@ def test_cached_tables_follow_lr_and_gradient_changes(triton, monkeypatch):
                 g.copy_(new)
         elif k > 1:
             grads = dev_grads(params, k)  # new tensors
-        triton_step(params, grads, m, s, [], steps, {**hp, "lr": lr})
+        triton_step(params, grads, m, s, [], steps, {**hp, "lr": lr}, plans=plans)
+        if k == 1:
+            plan = plans.plan
+            static = plan.backend[(torch.float32, C.BLOCK)][:2]  # static table, block map
+        assert plans.plan is plan is not None  # the plan and its tables were kept
+        kept = plan.backend[(torch.float32, C.BLOCK)][:2]
+        assert all(a is b for a, b in zip(kept, static))
         for i in range(len(params)):
             rp[i], rm[i], rs[i], rv[i] = reference_step(
                 rp[i], grads[i].cpu(), rm[i], rs[i], rv[i], k, {**hp, "lr": lr}
             )
-    assert len(F._PLANS) == 1
     for i in range(len(params)):
         assert rel(params[i].cpu(), rp[i]) <= 1e-5 and rel(m[i].cpu(), rm[i]) <= 1e-5
 
@@ -228,11 +232,9 @@ def test_errors(triton, monkeypatch):
         C.fused_adabelief_cuda(params, g, m, s, [], steps, **KERNEL_HP)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="grad_scale must be a one-element tensor"):
-        C.fused_adabelief_cuda(
-            params, g, m, s, [], steps, **KERNEL_HP, grad_scale=torch.ones(2)
-        )
+        C.fused_adabelief_cuda(params, g, m, s, [], steps, **KERNEL_HP, grad_scale=torch.ones(2))
     with pytest.raises(RuntimeError, match="state_steps must be float32 scalars on cpu"):
-        F._fused_cuda(params, g, m, s, [], [t.double() for t in steps], **KERNEL_HP)
+        C.step(params, g, m, s, [], [t.double() for t in steps], **KERNEL_HP)
     assert all(t.item() == 0.0 for t in steps)  # errors come before anything changes
 
 
@@ -240,7 +242,6 @@ def test_without_triton_fused_true_on_cuda_is_a_clear_error(monkeypatch):
     from adabatch.optim import adabelief
 
     monkeypatch.setattr(C, "triton", None)
-    monkeypatch.setattr(adabelief, "_FUSED_CACHE", {})
     assert not F.fused_available("cuda")
     with pytest.raises(RuntimeError, match=r"fused=True requires .*needs Triton"):
         adabelief._require_fused(torch.device("cuda"))
@@ -261,8 +262,9 @@ def _train(models, opts, steps=20, scalers=None, inf_at=None):
     for k in range(steps):
         for j, (model, opt) in enumerate(zip(models, opts)):
             opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x.to(model[0].weight.dtype)), y.to(
-                model[0].weight.dtype))
+            loss = torch.nn.functional.mse_loss(
+                model(x.to(model[0].weight.dtype)), y.to(model[0].weight.dtype)
+            )
             if k == inf_at:
                 loss = loss * math.inf
             if scalers is None:
@@ -277,10 +279,9 @@ def _train(models, opts, steps=20, scalers=None, inf_at=None):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", ["default", "amsgrad-rectify", "l2", "fixed", "maximize"])
-def test_class_fused_cuda_matches_for_loop(monkeypatch, name, dtype):
-    from adabatch.optim import AdaBelief, adabelief
+def test_class_fused_cuda_matches_for_loop(name, dtype):
+    from adabatch.optim import AdaBelief
 
-    monkeypatch.setattr(adabelief, "_FUSED_CACHE", {})
     cfg = dict(CONFIGS[name])
     betas = (cfg.pop("beta1", 0.9), cfg.pop("beta2", 0.999))
     models = [_model(dtype), _model(dtype)]
@@ -303,10 +304,9 @@ def test_class_fused_cuda_matches_for_loop(monkeypatch, name, dtype):
 
 
 @needs_gpu
-def test_class_fused_cuda_with_grad_scaler(monkeypatch):
-    from adabatch.optim import AdaBelief, adabelief
+def test_class_fused_cuda_with_grad_scaler():
+    from adabatch.optim import AdaBelief
 
-    monkeypatch.setattr(adabelief, "_FUSED_CACHE", {})
     models = [_model(), _model()]
     opts = [
         AdaBelief(models[0].parameters(), lr=1e-2, fused=True),
@@ -321,12 +321,11 @@ def test_class_fused_cuda_with_grad_scaler(monkeypatch):
 
 
 @needs_gpu
-def test_fused_none_and_state_dict_from_foreach(monkeypatch):
+def test_fused_none_and_state_dict_from_foreach():
     """After a build, fused=None picks the kernel; a foreach state dict (CPU counters) loads."""
-    from adabatch.optim import AdaBelief, adabelief
+    from adabatch.optim import AdaBelief
 
     F.build(DEV)
-    monkeypatch.setattr(adabelief, "_FUSED_CACHE", {})
     models = [_model(), _model()]
     plain = AdaBelief(models[0].parameters(), lr=1e-2, foreach=True, fused=False)
     _train(models[:1], [plain], steps=5)

@@ -2,25 +2,30 @@ r"""AdaBelief (Zhuang et al., NeurIPS 2020) with the numerics of ``adabelief-pyt
 
 The class does the bookkeeping (parameter groups, state, ``state_dict``); the math lives in the
 functional cores :func:`_single_tensor_adabelief` (a for-loop over tensors) and
-:func:`_multi_tensor_adabelief` (``torch._foreach_*`` ops grouped by device and dtype). A fused
-core, when installed, lives in :mod:`adabatch.optim.adabelief_fused`; all three share one
-signature (see :func:`adabelief`).
+:func:`_multi_tensor_adabelief` (``torch._foreach_*`` ops grouped by device and dtype). The
+fused core lives in the package :mod:`adabatch.optim.fused` (C++ on CPU, Triton on CUDA); all
+three share one signature (see :func:`adabelief`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
+from adabatch._validation import LOW_PRECISION, check_mapping
+
+if TYPE_CHECKING:
+    from adabatch.optim.fused import PlanCache
+
 __all__ = ["AdaBelief", "adabelief"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_KEYS = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
 _FLAGS = (
     "amsgrad",
@@ -40,49 +45,39 @@ Implementation = Literal["fused", "foreach", "for-loop"]
 
 def _state_dtype(p: Tensor) -> torch.dtype:
     """float16/bfloat16 parameters keep float32 state; everything else keeps its own dtype."""
-    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+    return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
 
 
-_FUSED_CACHE: dict[Any, Any] = {}
-
-
+@functools.cache
 def _fused_module() -> Any | None:
-    """The optional fused kernel module, or None when it is not installed (cached)."""
-    if "module" not in _FUSED_CACHE:
-        try:
-            from adabatch.optim import adabelief_fused
-        except ImportError:
-            adabelief_fused = None
-        _FUSED_CACHE["module"] = adabelief_fused
-    return _FUSED_CACHE["module"]
+    """The fused kernel package, or None when it does not import (asked once per process)."""
+    try:
+        from adabatch.optim import fused
+    except ImportError:
+        return None
+    return fused
 
 
-def _fused_ok(device: torch.device) -> bool:
-    """Whether the fused kernel can run on ``device`` (asked once per device)."""
+def _fused_available(device: torch.device) -> bool:
+    """Whether the fused kernel can run on ``device`` now, without compiling anything."""
     module = _fused_module()
-    if module is None:
-        return False
-    if device not in _FUSED_CACHE:
-        _FUSED_CACHE[device] = bool(module.fused_available(device))
-    return _FUSED_CACHE[device]
+    return module is not None and bool(module.fused_available(device))
 
 
 def _require_fused(device: torch.device) -> None:
     """For ``fused=True``: make the kernel available on ``device`` (building it) or raise."""
     module = _fused_module()
-    reason = "the module adabatch.optim.adabelief_fused is not installed"
+    reason = "the package adabatch.optim.fused does not import"
     if module is not None:
-        if _fused_ok(device):
+        if module.fused_available(device):
             return
         reason = f"it is not available for device {device}"
-        build = getattr(module, "build", None)
-        if build is not None and device.type in ("cpu", "cuda"):
+        if device.type in ("cpu", "cuda"):
             try:
-                build(device)
+                module.build(device)
             except (RuntimeError, OSError) as err:
                 reason = f"building it failed: {err}"
-            _FUSED_CACHE.pop(device, None)
-            if _fused_ok(device):
+            if module.fused_available(device):
                 return
     raise RuntimeError(
         f"fused=True requires the fused AdaBelief kernel, but {reason}; "
@@ -91,15 +86,20 @@ def _require_fused(device: torch.device) -> None:
 
 
 def _choose_implementation(
-    params: list[Tensor], *, foreach: bool | None, fused: bool | None, differentiable: bool
+    params: list[Tensor],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    differentiable: bool,
+    available: Callable[[torch.device], bool] = _fused_available,
 ) -> Implementation:
     """Pick the functional core for one parameter group.
 
     ``fused=True`` -> fused (availability is checked at construction); ``fused=None`` -> fused
-    when the fused module imports and says it is available on every device of the group and
-    nothing asks otherwise (``foreach`` unset, not differentiable, not inside
-    ``torch.compile``); then ``foreach`` (default:
-    on for plain CPU/CUDA tensors, unlike torch, which defaults to the for-loop on CPU: our
+    when ``available`` (default: the fused package imports and says the kernel is built) says
+    so for the one device of the group and nothing asks otherwise (``foreach`` unset, not
+    differentiable, not inside ``torch.compile``); then ``foreach`` (default: on for plain
+    CPU/CUDA tensors, unlike torch, which defaults to the for-loop on CPU: our
     foreach path is the fast one on both); else the for-loop.
     """
     if fused:
@@ -109,7 +109,7 @@ def _choose_implementation(
         # kernel is an opaque call that Dynamo cannot trace
         devices = {p.device for p in params}
         # one launch covers one device: a group spread over devices keeps foreach
-        if not torch.compiler.is_compiling() and len(devices) == 1 and _fused_ok(devices.pop()):
+        if not torch.compiler.is_compiling() and len(devices) == 1 and available(devices.pop()):
             return "fused"
     if foreach is None:
         foreach = not differentiable and all(
@@ -117,6 +117,77 @@ def _choose_implementation(
             for p in params
         )
     return "foreach" if foreach else "for-loop"
+
+
+def _check_hyperparameters(lr: float | Tensor, betas: Any, eps: float, weight_decay: float) -> None:
+    """The constructor's checks of its numbers (ValueError for a value out of range)."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    if len(betas) != 2:
+        raise ValueError(
+            f"Invalid betas: {tuple(betas)} (must be a pair (beta1, beta2), got {len(betas)})"
+        )
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+    if betas[0] == 0.0:
+        warnings.warn(
+            "AdaBelief with beta1 == 0: the residual g_t - m_t is always 0, so the step "
+            "divides the gradient by about sqrt(eps / (1 - beta2))",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _merge_groups(
+    groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The loaded groups without 0.2.1's ``buffer``, with the flags they lack taken from this
+    optimizer's ``groups``."""
+    if len(groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    new_groups = []
+    for group, saved in zip(groups, saved_groups):
+        saved = {k: v for k, v in saved.items() if k != "buffer"}
+        for key, value in group.items():
+            if key != "params" and key not in saved:
+                saved[key] = value
+        new_groups.append(saved)
+    return new_groups
+
+
+def _convert_state(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any, Any]:
+    """The loaded per-parameter state, checked (every key AdaBelief needs) and with tensor
+    step counters (0.2.1 stores integers)."""
+    amsgrad_of = {pid: g["amsgrad"] for g in groups for pid in g["params"]}
+    new_state: dict[Any, Any] = {}
+    for pid, pstate in state.items():
+        if len(pstate) == 0:
+            new_state[pid] = pstate
+            continue
+        required = ["step", "exp_avg", "exp_avg_var"]
+        if amsgrad_of.get(pid, False):
+            required.append("max_exp_avg_var")
+        missing = [k for k in required if k not in pstate]
+        if missing:
+            raise ValueError(
+                "loaded state dict is not an AdaBelief state dict: the state of parameter "
+                f"{pid} lacks {missing} (it has {sorted(map(str, pstate))})"
+            )
+        pstate = dict(pstate)
+        if not torch.is_tensor(pstate["step"]):
+            pstate["step"] = torch.tensor(float(pstate["step"]), dtype=torch.float32)
+        new_state[pid] = pstate
+    return new_state
 
 
 class AdaBelief(Optimizer):
@@ -211,9 +282,13 @@ class AdaBelief(Optimizer):
         capturable: keep the step counters on the parameters' device and never synchronise
             with the host (CUDA graphs).
         differentiable: run the step under autograd (for-loop path).
-        fused: use the fused kernel: C++ on CPU (:mod:`adabatch.optim.adabelief_fused`),
-            Triton on CUDA (:mod:`adabatch.optim.adabelief_fused_cuda`). ``None``: when it is
-            available without compiling anything (built earlier on this machine).
+        fused: use the fused kernel: C++ on CPU (:mod:`adabatch.optim.fused.cpu`), Triton
+            on CUDA (:mod:`adabatch.optim.fused.cuda`). ``None``: when it is available
+            without compiling anything (built earlier on this machine).
+
+    The optimizer owns the fused path's caches: whether the kernel is available, per device
+    (asked once per optimizer), and the checked plan of each parameter group's fused step
+    (:class:`adabatch.optim.fused.PlanCache`). Neither is part of ``state_dict``.
     """
 
     def __init__(
@@ -235,26 +310,7 @@ class AdaBelief(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (must be in [0, 1))")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]} (must be in [0, 1))")
-        if betas[0] == 0.0:
-            warnings.warn(
-                "AdaBelief with beta1 == 0: the residual g_t - m_t is always 0, so the step "
-                "divides the gradient by about sqrt(eps / (1 - beta2))",
-                UserWarning,
-                stacklevel=2,
-            )
+        _check_hyperparameters(lr, betas, eps, weight_decay)
         if fused and foreach:
             raise ValueError("`fused` and `foreach` cannot be `True` together.")
         if fused and differentiable:
@@ -275,17 +331,30 @@ class AdaBelief(Optimizer):
             differentiable=differentiable,
             fused=fused,
         )
+        self._fused_ok: dict[torch.device, bool] = {}
+        self._fused_plans: dict[int, PlanCache] = {}
         super().__init__(params, defaults)
-        if fused:
-            for group in self.param_groups:
+        self._require_fused_groups(self.param_groups)
+        self._declare_amp_scaling()
+
+    def _require_fused_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Build (or check) the fused kernel for every device of the ``fused=True`` groups;
+        raise before anything changes when it is not available."""
+        for group in groups:
+            if group["fused"]:
                 for device in {p.device for p in group["params"]}:
                     _require_fused(device)
+        self._fused_ok.clear()  # a build may have made the kernel available
+
+    def _declare_amp_scaling(self) -> None:
         # GradScaler passes grad_scale/found_inf only to optimizers that declare this.
         if any(self._implementation(g) == "fused" for g in self.param_groups):
             self._step_supports_amp_scaling = True
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._fused_ok = {}
+        self._fused_plans = {}
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("weight_decouple", True)
@@ -313,7 +382,15 @@ class AdaBelief(Optimizer):
             foreach=group["foreach"],
             fused=group["fused"],
             differentiable=group["differentiable"],
+            available=self._fused_available,
         )
+
+    def _fused_available(self, device: torch.device) -> bool:
+        """Whether the fused kernel is available on ``device`` (asked once per optimizer)."""
+        ok = self._fused_ok.get(device)
+        if ok is None:
+            ok = self._fused_ok[device] = _fused_available(device)
+        return ok
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -326,52 +403,29 @@ class AdaBelief(Optimizer):
         optimizer (for example ``torch.optim.Adam``) raises ``ValueError`` naming what is
         missing.
         """
-        groups = self.param_groups
-        saved_groups = state_dict["param_groups"]
-        if len(groups) != len(saved_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        new_groups = []
-        for group, saved in zip(groups, saved_groups):
-            saved = {k: v for k, v in saved.items() if k != "buffer"}
-            for key, value in group.items():
-                if key != "params" and key not in saved:
-                    saved[key] = value
-            new_groups.append(saved)
-        amsgrad_of = {pid: g["amsgrad"] for g in new_groups for pid in g["params"]}
-        new_state: dict[Any, Any] = {}
-        for pid, pstate in state_dict["state"].items():
-            if len(pstate) == 0:
-                new_state[pid] = pstate
-                continue
-            required = ["step", "exp_avg", "exp_avg_var"]
-            if amsgrad_of.get(pid, False):
-                required.append("max_exp_avg_var")
-            missing = [k for k in required if k not in pstate]
-            if missing:
-                raise ValueError(
-                    "loaded state dict is not an AdaBelief state dict: the state of parameter "
-                    f"{pid} lacks {missing} (it has {sorted(map(str, pstate))})"
-                )
-            pstate = dict(pstate)
-            if not torch.is_tensor(pstate["step"]):
-                pstate["step"] = torch.tensor(float(pstate["step"]), dtype=torch.float32)
-            new_state[pid] = pstate
+        check_mapping("state_dict", state_dict)
+        missing = [k for k in ("state", "param_groups") if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"Invalid state_dict: it lacks {missing} (must be the state_dict() of an optimizer)"
+            )
+        new_groups = _merge_groups(self.param_groups, state_dict["param_groups"])
+        new_state = _convert_state(state_dict["state"], new_groups)
         full = dict(state_dict)
         full["param_groups"] = new_groups
         full["state"] = new_state
-        for group, saved in zip(groups, new_groups):  # fail before anything is loaded
-            if saved["fused"]:
-                for device in {p.device for p in group["params"]}:
-                    _require_fused(device)
+        self._require_fused_groups(  # fail before anything is loaded
+            [{**saved, "params": g["params"]} for g, saved in zip(self.param_groups, new_groups)]
+        )
         super().load_state_dict(full)
-        if any(self._implementation(g) == "fused" for g in self.param_groups):
-            self._step_supports_amp_scaling = True
+        self._fused_plans.clear()
+        self._declare_amp_scaling()
         # torch casts floating state to the parameter's dtype; low-precision parameters keep
         # float32 state here, so restore it from the (float32) saved values.
         saved_ids = [pid for g in new_groups for pid in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
-            if p.dtype in _LOW_PRECISION and pid in new_state:
+            if p.dtype in LOW_PRECISION and pid in new_state:
                 for key in _STATE_KEYS:
                     if key in new_state[pid]:
                         self.state[p][key] = (
@@ -450,13 +504,17 @@ class AdaBelief(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             with torch.set_grad_enabled(group["differentiable"]):
-                self._step_group(group, grad_scale, found_inf)
+                self._step_group(index, group, grad_scale, found_inf)
         return loss
 
     def _step_group(
-        self, group: dict[str, Any], grad_scale: Tensor | None, found_inf: Tensor | None
+        self,
+        index: int,
+        group: dict[str, Any],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
     ) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
@@ -478,6 +536,11 @@ class AdaBelief(Optimizer):
                 grads = [g / grad_scale.to(g.device) for g in grads]
             grad_scale = found_inf = None
         beta1, beta2 = group["betas"]
+        extra: dict[str, Any] = {}
+        if impl == "fused":
+            extra["plans"] = self._fused_plans.get(index)
+            if extra["plans"] is None:
+                extra["plans"] = self._fused_plans[index] = _fused_module().PlanCache()
         adabelief(
             params,
             grads,
@@ -501,6 +564,7 @@ class AdaBelief(Optimizer):
             differentiable=group["differentiable"],
             grad_scale=grad_scale,
             found_inf=found_inf,
+            **extra,
         )
 
 
@@ -524,12 +588,13 @@ def adabelief(
     differentiable, grad_scale=None, found_inf=None)``; the lists hold only parameters that
     have gradients (complex ones as :func:`torch.view_as_real`), ``max_exp_avg_vars`` is
     empty unless ``amsgrad``, and ``state_steps`` are scalar float32 tensors that the core
-    increments.
+    increments. The fused core also takes ``plans``, the caller's
+    :class:`adabatch.optim.fused.PlanCache` (the optimizer keeps one per parameter group).
     """
     if implementation == "fused":
-        from adabatch.optim.adabelief_fused import _fused_adabelief
+        from adabatch.optim.fused import fused_adabelief
 
-        fn: Callable[..., None] = _fused_adabelief
+        fn: Callable[..., None] = fused_adabelief
     elif implementation == "foreach":
         fn = _multi_tensor_adabelief
     else:

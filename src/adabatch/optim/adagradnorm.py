@@ -61,14 +61,14 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
 
-__all__ = ["AdaGradNorm", "adagradnorm"]
+from adabatch._validation import LOW_PRECISION
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+__all__ = ["AdaGradNorm", "adagradnorm"]
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
     """The real dtype in which the math for ``p`` is done."""
-    if p.dtype in _LOW_PRECISION:
+    if p.dtype in LOW_PRECISION:
         return torch.float32
     if p.is_complex():
         return p.real.dtype

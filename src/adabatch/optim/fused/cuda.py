@@ -1,8 +1,9 @@
 r"""Fused AdaBelief step on CUDA: one Triton kernel launch for all parameters of a dtype.
 
-This is the CUDA side of ``AdaBelief(fused=True)``; :mod:`adabatch.optim.adabelief_fused`
-dispatches CUDA tensors here and CPU tensors to its C++ kernel. The arithmetic is the same,
-element by element and in the same order (see that module's docstring for the math): each
+This is the CUDA side of ``AdaBelief(fused=True)``; :mod:`adabatch.optim.fused` dispatches
+CUDA tensors here and CPU tensors to the C++ kernel of :mod:`adabatch.optim.fused.cpu`. The
+arithmetic is the same, element by element and in the same order (see that module's
+docstring for the math): each
 element reads :math:`p, g, m, s` (and :math:`s^{max}` under amsgrad) once and writes
 :math:`p, m, s` (and :math:`s^{max}`) once, the memory traffic of torch's
 ``Adam(fused=True)``.
@@ -16,11 +17,11 @@ How one step runs
 - Three int64 tables on the device describe the launch. The static table holds, per tensor,
   the addresses of :math:`p, m, s, s^{max}` and of the step counter and the element count;
   the block table maps each program to (tensor, first element). Both are built once and
-  reused while the tensors keep their addresses (the caller's cache, see
-  :func:`adabatch.optim.adabelief_fused._cached_plan`). The per-step table holds the
-  hyperparameters (the bits of float64 values) and the gradients' addresses; it is copied to
-  the device only when it differs from the previous step's (a learning-rate schedule, or new
-  gradient tensors).
+  reused while the tensors keep their addresses (in the caller's
+  :class:`adabatch.optim.fused.common.PlanCache`, one per parameter group). The per-step
+  table holds the hyperparameters (the bits of float64 values) and the gradients' addresses;
+  it is copied to the device only when it differs from the previous step's (a learning-rate
+  schedule, or new gradient tensors).
 - One launch per (device, dtype): each program handles ``BLOCK`` elements of one tensor. It
   computes the step's scalars from its tensor's counter in float64 (the bias corrections
   :math:`1-\beta^t` as :math:`1 - 2^{t \log_2 \beta}`, :math:`\log_2\beta` from the host;
@@ -66,7 +67,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adabatch.optim.adabelief_fused import _STATE_DTYPE, _default_cache_root
+from adabatch.optim.fused.common import (
+    CACHE_FOLDER,
+    STATE_DTYPE,
+    PlanCache,
+    check_lengths,
+    default_cache_root,
+)
 
 try:  # Triton is optional: it comes with torch's CUDA wheels on Linux
     import triton
@@ -75,7 +82,16 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["BLOCK", "NUM_WARPS", "available", "build", "compile_seconds", "triton_available"]
+__all__ = [
+    "BLOCK",
+    "NUM_WARPS",
+    "available",
+    "build",
+    "compile_seconds",
+    "fused_adabelief_cuda",
+    "step",
+    "triton_available",
+]
 
 BLOCK = 1024
 """Elements per program (and per block of the launch)."""
@@ -247,26 +263,14 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------- tables
-_BLOCK_MAPS: dict[tuple[Any, ...], Tensor] = {}
-_BLOCK_MAPS_MAX = 16
-
-
 def _block_map(numels: list[int], device: torch.device, block: int) -> Tensor:
-    """[programs, 2] int64 on ``device``: (tensor index, first element) per program (cached)."""
-    key = (device, block, tuple(numels))
-    found = _BLOCK_MAPS.get(key)
-    if found is not None:
-        return found
+    """[programs, 2] int64 on ``device``: (tensor index, first element) per program."""
     counts = torch.tensor([(n + block - 1) // block for n in numels], dtype=torch.int64)
     total = int(counts.sum())
     tensor_idx = torch.repeat_interleave(torch.arange(len(numels)), counts)
     first_block = torch.cumsum(counts, 0) - counts
     within = torch.arange(total, dtype=torch.int64) - first_block[tensor_idx]
-    table = torch.stack([tensor_idx, within * block], dim=1).contiguous().to(device)
-    if len(_BLOCK_MAPS) >= _BLOCK_MAPS_MAX:
-        _BLOCK_MAPS.pop(next(iter(_BLOCK_MAPS)))
-    _BLOCK_MAPS[key] = table
-    return table
+    return torch.stack([tensor_idx, within * block], dim=1).contiguous().to(device)
 
 
 def _log2(beta: float) -> float:
@@ -303,13 +307,16 @@ def _header(
 
 # ---------------------------------------------------------------------------- compile marker
 _lock = threading.Lock()
+# Seconds of the first launch of each kernel variant in this process. Process-wide, like
+# Triton's in-memory cache of compiled kernels that it describes; keyed by the variant tuple
+# of fused_adabelief_cuda (dtype, then flags and launch shape).
 _compile_seconds: dict[tuple[Any, ...], float] = {}
 
 
 def _marker() -> Path:
     key = hashlib.sha256(Path(__file__).read_bytes())
     key.update(str(getattr(triton, "__version__", "none")).encode())
-    return _default_cache_root() / "adabatch_adabelief_fused" / f"triton_{key.hexdigest()[:16]}.ok"
+    return default_cache_root() / CACHE_FOLDER / f"triton_{key.hexdigest()[:16]}.ok"
 
 
 def available(device: torch.device | str) -> bool:
@@ -362,6 +369,84 @@ def build(device: torch.device | str = "cuda") -> Path:
 
 
 # ---------------------------------------------------------------------------- the step
+def _scaler_scalars(
+    grad_scale: Tensor | None, found_inf: Tensor | None, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """float32 0-dim copies of ``grad_scale`` and ``found_inf`` (checked: one element each,
+    on ``device``)."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.device != device or t.numel() != 1):
+            raise RuntimeError(f"fused AdaBelief: {name} must be a one-element tensor on {device}")
+    scale32 = grad_scale.detach().reshape(()).to(torch.float32) if grad_scale is not None else None
+    found32 = found_inf.detach().reshape(()).to(torch.float32) if found_inf is not None else None
+    return scale32, found32
+
+
+def _check_launch_device(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the CUDA fused AdaBelief cannot be captured in a CUDA graph (its tables are "
+            "copied from the host at each step); use foreach=True with capturable=True"
+        )
+    if device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"the CUDA fused AdaBelief got tensors on {device}")
+
+
+def _meta_table(
+    last: list[Any], header: list[float], grads: list[Tensor], idx: list[int], device: torch.device
+) -> Tensor:
+    """The per-step table (hyperparameters, then the grads' addresses) on ``device``; copied
+    only when it differs from the previous step's (kept in ``last``: [bytes, tensor])."""
+    packed = struct.pack(f"<{_HEADER}d{len(idx)}q", *header, *[grads[i].data_ptr() for i in idx])
+    if last[0] != packed:
+        last[0], last[1] = packed, torch.frombuffer(bytearray(packed), dtype=torch.int64).to(device)
+    return last[1]
+
+
+def _launch(
+    tables: tuple[Tensor, Tensor, Tensor],
+    dtype: torch.dtype,
+    scale32: Tensor | None,
+    found32: Tensor | None,
+    flags: tuple[bool, bool, bool, bool],
+    block: int,
+) -> None:
+    """One kernel launch over ``tables`` (static, block map, per-step); the first launch of a
+    variant is timed (compilation included) into ``_compile_seconds``."""
+    table, blocks, meta = tables
+    amsgrad, rectify, sgd, l2 = flags
+    device = table.device
+    on_cuda = device.type == "cuda"
+    variant = (dtype, amsgrad, rectify, sgd, l2, scale32 is None, found32 is None, block,
+               NUM_WARPS)  # fmt: skip
+    first = variant not in _compile_seconds
+    start = time.perf_counter() if first else 0.0
+    switch = on_cuda and torch.cuda.current_device() != device.index
+    with torch.cuda.device(device) if switch else _nullcontext():
+        _adabelief_kernel[(blocks.shape[0],)](
+            table,
+            meta,
+            blocks,
+            scale32 if scale32 is not None else meta,
+            found32 if found32 is not None else meta,
+            P=_TL_DTYPE[dtype],
+            S=_TL_DTYPE[STATE_DTYPE[dtype]],
+            AMSGRAD=amsgrad,
+            RECTIFY=rectify,
+            SGD=sgd,
+            L2=l2,
+            HAS_SCALE=scale32 is not None,
+            HAS_FOUND=found32 is not None,
+            F64=dtype == torch.float64,
+            BLOCK=block,
+            num_warps=NUM_WARPS,
+        )
+    if first:
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        _compile_seconds[variant] = time.perf_counter() - start
+
+
 def fused_adabelief_cuda(
     params: list[Tensor],
     grads: list[Tensor],
@@ -370,26 +455,18 @@ def fused_adabelief_cuda(
     max_exp_avg_vars: list[Tensor],
     state_steps: list[Tensor],
     *,
-    beta1: float,
-    beta2: float,
-    lr: float | Tensor,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    weight_decouple: bool,
-    fixed_decay: bool,
-    rectify: bool,
-    degenerated_to_sgd: bool,
-    maximize: bool,
+    beta1: float, beta2: float, lr: float | Tensor, eps: float, weight_decay: float,
+    amsgrad: bool, weight_decouple: bool, fixed_decay: bool, rectify: bool,
+    degenerated_to_sgd: bool, maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     block: int | None = None,
     groups: dict[torch.dtype, list[int]] | None = None,
     cache: dict[Any, Any] | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """One fused step over parallel lists of same-device, contiguous tensors, checked by the
-    caller (:func:`adabatch.optim.adabelief_fused._fused_adabelief`). CUDA tensors normally;
-    CPU tensors only under Triton's interpreter (the tests).
+    caller (:func:`step`). CUDA tensors normally; CPU tensors only under Triton's interpreter
+    (the tests).
 
     ``groups`` (dtype -> indices) saves the grouping; ``cache`` is a dict that keeps the
     static tables between calls, valid only while the parameters, states and counters keep
@@ -398,40 +475,22 @@ def fused_adabelief_cuda(
     """
     if triton is None:
         raise RuntimeError(_NO_TRITON)
-    n = len(params)
-    if n == 0:
+    if not params:
         return
     block = BLOCK if block is None else block
     device = params[0].device
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "the CUDA fused AdaBelief cannot be captured in a CUDA graph (its tables are "
-            "copied from the host at each step); use foreach=True with capturable=True"
-        )
-    if device.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"the CUDA fused AdaBelief got tensors on {device}")
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if t is not None and (t.device != device or t.numel() != 1):
-            raise RuntimeError(
-                f"fused AdaBelief: {name} must be a one-element tensor on {device}"
-            )
-    scale32 = grad_scale.detach().reshape(()).to(torch.float32) if grad_scale is not None else None
-    found32 = found_inf.detach().reshape(()).to(torch.float32) if found_inf is not None else None
-
+    _check_launch_device(device)
+    scale32, found32 = _scaler_scalars(grad_scale, found_inf, device)
     torch._foreach_add_(state_steps, 1.0)
-    lr_f = float(lr)
     header = _header(
-        beta1, beta2, lr_f, eps, weight_decay, weight_decouple, fixed_decay, maximize
+        beta1, beta2, float(lr), eps, weight_decay, weight_decouple, fixed_decay, maximize
     )
     if groups is None:
         groups = {}
         for i, p in enumerate(params):
             groups.setdefault(p.dtype, []).append(i)
-    if cache is None:
-        cache = {}
-    l2 = not weight_decouple and weight_decay != 0
-    on_cuda = device.type == "cuda"
-    switch = on_cuda and torch.cuda.current_device() != device.index
+    cache = {} if cache is None else cache
+    flags = (amsgrad, rectify, degenerated_to_sgd, not weight_decouple and weight_decay != 0)
     for dtype, idx in groups.items():
         static = cache.get((dtype, block))
         if static is None:
@@ -442,43 +501,47 @@ def fused_adabelief_cuda(
         table, blocks, last = static
         if blocks.shape[0] == 0:
             continue
-        packed = struct.pack(
-            f"<{_HEADER}d{len(idx)}q", *header, *[grads[i].data_ptr() for i in idx]
-        )
-        if last[0] == packed:
-            meta = last[1]
-        else:
-            meta = torch.frombuffer(bytearray(packed), dtype=torch.int64).to(device)
-            last[0], last[1] = packed, meta
-        variant = (dtype, amsgrad, rectify, degenerated_to_sgd, l2, scale32 is None,
-                   found32 is None, block, NUM_WARPS)  # fmt: skip
-        first = variant not in _compile_seconds
-        start = time.perf_counter() if first else 0.0
-        with torch.cuda.device(device) if switch else _nullcontext():
-            _adabelief_kernel[(blocks.shape[0],)](
-                table,
-                meta,
-                blocks,
-                scale32 if scale32 is not None else meta,
-                found32 if found32 is not None else meta,
-                P=_TL_DTYPE[dtype],
-                S=_TL_DTYPE[_STATE_DTYPE[dtype]],
-                AMSGRAD=amsgrad,
-                RECTIFY=rectify,
-                SGD=degenerated_to_sgd,
-                L2=l2,
-                HAS_SCALE=scale32 is not None,
-                HAS_FOUND=found32 is not None,
-                F64=dtype == torch.float64,
-                BLOCK=block,
-                num_warps=NUM_WARPS,
-            )
-        if first:
-            if on_cuda:
-                torch.cuda.synchronize(device)
-            _compile_seconds[variant] = time.perf_counter() - start
+        meta = _meta_table(last, header, grads, idx, device)
+        _launch((table, blocks, meta), dtype, scale32, found32, flags, block)
     if found32 is not None:
-        torch._foreach_sub_(state_steps, [found32] * n)
+        torch._foreach_sub_(state_steps, [found32] * len(params))
+
+
+def step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    plans: PlanCache | None = None,
+    **kwargs: Any,
+) -> None:
+    """One checked fused step (the checks of :mod:`adabatch.optim.fused.common`, kept in
+    ``plans`` between steps), then :func:`fused_adabelief_cuda`. ``kwargs``: the
+    hyperparameters and flags of :func:`fused_adabelief_cuda`."""
+    check_lengths(params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad)
+    if not params:
+        return
+    plan, work, copies, groups = (plans if plans is not None else PlanCache()).lookup(
+        params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, amsgrad
+    )
+    if plan is not None:
+        fused_adabelief_cuda(
+            params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps,
+            amsgrad=amsgrad, groups=groups, cache=plan.backend, **kwargs,
+        )  # fmt: skip
+        return
+    assert work is not None
+    cols = [[w[k] for w in work] for k in range(5 if amsgrad else 4)]
+    fused_adabelief_cuda(
+        cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [], state_steps,
+        amsgrad=amsgrad, groups=groups, **kwargs,
+    )  # fmt: skip
+    for original, c in copies:
+        original.copy_(c)
 
 
 def _static_tables(

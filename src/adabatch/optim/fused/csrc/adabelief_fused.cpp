@@ -1,4 +1,4 @@
-// Fused AdaBelief step for CPU tensors (adabatch.optim.adabelief_fused).
+// Fused AdaBelief step for CPU tensors (adabatch.optim.fused.cpu).
 //
 // One pass per parameter reads p, g, m, s (and s_max under amsgrad) and writes p, m, s
 // (and s_max): the same memory traffic as torch's fused Adam.  The library has a plain C ABI
