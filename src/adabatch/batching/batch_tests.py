@@ -65,6 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adabatch._validation import check_positive
 from adabatch.batching.stats import GradientStats
 
 __all__ = [
@@ -90,15 +91,6 @@ _REDUCTIONS = ("max", "quantile", "mean")
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name}: {value!r} (must be a real number)")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"Invalid {name}: {value} (must be finite and > 0)")
-    return value
 
 
 def _scalar(stats: GradientStats, field: str, test: str) -> float:
@@ -209,13 +201,12 @@ def _coord_ratios(stats: GradientStats, eta: float) -> list[Tensor] | None:
     test = "coordinate_norm_test"
     variances = stats.coord_variance
     means = stats.mean_grad
-    for field, value in (("coord_variance", variances), ("mean_grad", means)):
-        if value is None:
-            raise ValueError(
-                f"{test} needs the statistic {field!r} but it is None; "
-                f"create the estimator with needs=test.needs"
-            )
-    assert variances is not None and means is not None
+    if variances is None or means is None:
+        field = "coord_variance" if variances is None else "mean_grad"
+        raise ValueError(
+            f"{test} needs the statistic {field!r} but it is None; "
+            f"create the estimator with needs=test.needs"
+        )
     if len(variances) != len(means):
         raise ValueError(
             f"{test}: coord_variance has {len(variances)} tensors but mean_grad has "
@@ -253,9 +244,9 @@ def _coord_ratio(stats: GradientStats, eta: float, reduce: str, q: float | None)
     flat = torch.cat(ratios)
     if reduce == "mean":
         return float(flat.mean())
-    assert q is not None
+    assert q is not None  # invariant: _parse_reduce gives "quantile" a q in (0, 1]
     k = ceil_batch(q * n)
-    assert isinstance(k, int)
+    assert isinstance(k, int)  # invariant: q * n is finite and > 0
     return float(torch.kthvalue(flat, min(k, n)).values)
 
 
@@ -270,7 +261,7 @@ def norm_test(stats: GradientStats, eta: float) -> int | float | None:
     Passes for a batch of b samples when V/b ≤ η²·G. Returns an int >= 1, ``math.inf`` or
     ``None`` (G ≤ 0 or a non-finite statistic); see the module docstring.
     """
-    eta = _check_positive("eta", eta)
+    eta = check_positive("eta", eta)
     return ceil_batch(_norm_ratio(stats, eta))
 
 
@@ -279,7 +270,7 @@ def inner_product_test(stats: GradientStats, theta: float) -> int | float | None
 
     Passes for a batch of b samples when W/b ≤ θ²·G².
     """
-    theta = _check_positive("theta", theta)
+    theta = check_positive("theta", theta)
     return ceil_batch(_ip_ratio(stats, theta))
 
 
@@ -288,7 +279,7 @@ def orthogonality_test(stats: GradientStats, nu: float) -> int | float | None:
 
     Passes for a batch of b samples when O/b ≤ ν²·G.
     """
-    nu = _check_positive("nu", nu)
+    nu = check_positive("nu", nu)
     return ceil_batch(_orth_ratio(stats, nu))
 
 
@@ -300,8 +291,8 @@ def augmented_inner_product_test(
     Required batch size max(⌈W/(θ²G²)⌉, ⌈O/(ν²G)⌉): passes when both the inner-product
     condition W/b ≤ θ²·G² and the orthogonality condition O/b ≤ ν²·G hold.
     """
-    theta = _check_positive("theta", theta)
-    nu = _check_positive("nu", nu)
+    theta = check_positive("theta", theta)
+    nu = check_positive("nu", nu)
     return ceil_batch(_aip_ratio(stats, theta, nu))
 
 
@@ -320,7 +311,7 @@ def coordinate_norm_test(
     ``reduce=("quantile", q)``) and ``reduce="mean"`` are robust variants *beyond the paper*
     (see the module docstring).
     """
-    eta = _check_positive("eta", eta)
+    eta = check_positive("eta", eta)
     reduce, q = _parse_reduce(reduce, q)
     return ceil_batch(_coord_ratio(stats, eta, reduce, q))
 
@@ -402,7 +393,7 @@ class NormTest(BatchTest):
     needs = frozenset({"grad_sq_norm", "variance_trace"})
 
     def __init__(self, eta: float) -> None:
-        self.eta = _check_positive("eta", eta)
+        self.eta = check_positive("eta", eta)
 
     def ratio(self, stats: GradientStats) -> float | None:
         return _norm_ratio(stats, self.eta)
@@ -418,7 +409,7 @@ class InnerProductTest(BatchTest):
     needs = frozenset({"grad_sq_norm", "ip_variance"})
 
     def __init__(self, theta: float) -> None:
-        self.theta = _check_positive("theta", theta)
+        self.theta = check_positive("theta", theta)
 
     def ratio(self, stats: GradientStats) -> float | None:
         return _ip_ratio(stats, self.theta)
@@ -434,7 +425,7 @@ class OrthogonalityTest(BatchTest):
     needs = frozenset({"grad_sq_norm", "orth_variance"})
 
     def __init__(self, nu: float) -> None:
-        self.nu = _check_positive("nu", nu)
+        self.nu = check_positive("nu", nu)
 
     def ratio(self, stats: GradientStats) -> float | None:
         return _orth_ratio(stats, self.nu)
@@ -450,8 +441,8 @@ class AugmentedInnerProductTest(BatchTest):
     needs = frozenset({"grad_sq_norm", "ip_variance", "orth_variance"})
 
     def __init__(self, theta: float, nu: float) -> None:
-        self.theta = _check_positive("theta", theta)
-        self.nu = _check_positive("nu", nu)
+        self.theta = check_positive("theta", theta)
+        self.nu = check_positive("nu", nu)
 
     def ratio(self, stats: GradientStats) -> float | None:
         return _aip_ratio(stats, self.theta, self.nu)
@@ -473,7 +464,7 @@ class CoordinateNormTest(BatchTest):
     def __init__(
         self, eta: float, reduce: str | tuple[str, float] = "max", q: float | None = None
     ) -> None:
-        self.eta = _check_positive("eta", eta)
+        self.eta = check_positive("eta", eta)
         self.reduce, self.q = _parse_reduce(reduce, q)
 
     def ratio(self, stats: GradientStats) -> float | None:
