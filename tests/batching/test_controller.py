@@ -18,6 +18,7 @@ from adabatch.batching.controller import (
     ConstantSchedule,
     LinearSchedule,
     StagewiseSchedule,
+    apply_lr,
 )
 from adabatch.batching.stats import GradientStats
 
@@ -135,45 +136,85 @@ def _optimizer(lr=0.1):
     return torch.optim.SGD([{"params": [p]}, {"params": [q], "lr": 2 * lr}], lr=lr)
 
 
+def _lrs(opt):
+    return [float(g["lr"]) for g in opt.param_groups]
+
+
 @pytest.mark.parametrize("mode,f", [("linear", lambda r: r), ("sqrt", math.sqrt)])
 def test_lr_scaling(mode, f):
+    """The controller keeps the factor; apply_lr is the one place that sets the rates."""
     opt = _optimizer(0.1)
-    c = BatchSizeController(NormTest(1.0), 4, 64, lr_scaling=mode, optimizer=opt)
+    base = _lrs(opt)
+    c = BatchSizeController(NormTest(1.0), 4, 64, lr_scaling=mode)
     c.update(norm_stats(4, V=3.0))  # passes: no change
-    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+    assert c.lr_factor == 1.0
     c.update(norm_stats(4, V=16.0))  # 4 -> 16
     c.update(norm_stats(16, V=40.0))  # 16 -> 40
     assert c.lr_factor == pytest.approx(f(40 / 4))
+    assert _lrs(opt) == [0.1, 0.2]  # the controller never touches an optimizer
+    apply_lr(opt, base, 1.0, c.lr_factor)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * f(10))
     assert opt.param_groups[1]["lr"] == pytest.approx(0.2 * f(10))
 
 
-def test_lr_scaling_composes_with_chainable_scheduler():
+def test_apply_lr_composes_schedule_and_factor():
+    """lr = base × schedule × factor, from the base rates every time (a step never compounds
+    the previous one), exactly as the trainer computes it; and the factor composes with a
+    scheduler that sets lr from its base_lrs."""
     opt = _optimizer(1.0)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    c = BatchSizeController(NormTest(1.0), 2, 8, lr_scaling="linear", optimizer=opt)
-    opt.step()
-    sched.step()                       # lr 0.5
-    c.update(norm_stats(2, V=8.0))     # ×4 -> 2.0
-    opt.step()
-    sched.step()                       # ×0.5 -> 1.0: the scaling is kept
-    assert opt.param_groups[0]["lr"] == pytest.approx(1.0 * 0.5 * 4 * 0.5)
+    base = _lrs(opt)
+    c = BatchSizeController(NormTest(1.0), 2, 8, lr_scaling="linear")
+    c.update(norm_stats(2, V=8.0))     # ×4
+    for _ in range(2):
+        apply_lr(opt, base, 0.5, c.lr_factor)
+        assert _lrs(opt) == [1.0 * 0.5 * 4.0, 2.0 * 0.5 * 4.0]
+    apply_lr(opt, base, 0.3, 1.7)
+    assert _lrs(opt) == [1.0 * 0.3 * 1.7, 2.0 * 0.3 * 1.7]  # left to right, bit for bit
+    apply_lr(opt, base)
+    assert _lrs(opt) == base
+    with pytest.raises(ValueError, match=r"apply_lr: 1 base learning rates for 2 param"):
+        apply_lr(opt, base[:1], 1.0, 1.0)
+    opt2 = _optimizer(1.0)
+    c2 = BatchSizeController(NormTest(1.0), 2, 8, lr_scaling="linear")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 0.5**s * c2.lr_factor)
+    opt2.step()
+    c2.update(norm_stats(2, V=8.0))    # ×4
+    sched.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1.0 * 0.5 * 4)
 
 
 def test_no_lr_scaling_by_default():
-    opt = _optimizer(0.1)
-    c = BatchSizeController(NormTest(1.0), 2, 8, optimizer=opt)
+    c = BatchSizeController(NormTest(1.0), 2, 8)
     c.update(norm_stats(2, V=8.0))
-    assert c.batch_size == 8 and opt.param_groups[0]["lr"] == 0.1 and c.lr_factor == 1.0
+    assert c.batch_size == 8 and c.lr_factor == 1.0
 
 
-def test_lr_scaling_tensor_lr():
+def test_apply_lr_tensor_lr():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.Adam([p], lr=torch.tensor(0.01))
-    c = BatchSizeController(NormTest(1.0), 2, 8, lr_scaling="sqrt", optimizer=opt)
+    lr = opt.param_groups[0]["lr"]
+    c = BatchSizeController(NormTest(1.0), 2, 8, lr_scaling="sqrt")
     c.update(norm_stats(2, V=8.0))
-    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    apply_lr(opt, [0.01], 1.0, c.lr_factor)
+    assert opt.param_groups[0]["lr"] is lr  # filled in place
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.02)
+
+
+def test_optimizer_is_no_longer_a_controller_argument():
+    with pytest.raises(TypeError, match="optimizer"):
+        BatchSizeController(NormTest(1.0), 2, 8, lr_scaling="linear",
+                            optimizer=_optimizer())  # type: ignore[call-arg]
+
+
+def test_state_of_an_older_version_loads():
+    """A controller state written by a version that scaled the optimizer in place (the same
+    keys; anything extra is ignored) restores batch size and factor."""
+    c = BatchSizeController(NormTest(1.0), 2, 8, lr_scaling="linear")
+    c.update(norm_stats(2, V=8.0))
+    old = {**c.state_dict(), "optimizer_lrs": [0.4]}
+    d = BatchSizeController(NormTest(1.0), 2, 8, lr_scaling="linear")
+    d.load_state_dict(old)
+    assert d.batch_size == 8 and d.lr_factor == 4.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +240,7 @@ def _drive(c, seq):
 def test_resume_midway_gives_identical_decisions():
     seq = _stats_sequence(30)
     make = lambda opt: BatchSizeController(  # noqa: E731
-        NormTest(0.8), 4, 400, interval=2, granularity=4, lr_scaling="linear", optimizer=opt)
+        NormTest(0.8), 4, 400, interval=2, granularity=4, lr_scaling="linear")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt_a = _optimizer()
@@ -217,7 +258,7 @@ def test_resume_midway_gives_identical_decisions():
         _drive(c, seq[13:])
     assert c.state_dict() == a.state_dict()
     assert c.history == a.history and c.warnings == a.warnings > 0
-    assert opt_c.param_groups[0]["lr"] == pytest.approx(opt_a.param_groups[0]["lr"])
+    assert c.lr_factor == a.lr_factor > 1
     assert a.batch_size > 4  # the scenario actually grew
 
 
@@ -278,9 +319,8 @@ def test_validation_messages():
     with pytest.raises(TypeError, match=r"Invalid initial: 2.0 \(must be an int\)"):
         BatchSizeController(t, 2.0, 4)
     with pytest.raises(ValueError, match=r"Invalid lr_scaling: 'cubic'"):
-        BatchSizeController(t, 1, 4, lr_scaling="cubic", optimizer=_optimizer())
-    with pytest.raises(ValueError, match=r"lr_scaling='linear' needs an optimizer"):
-        BatchSizeController(t, 1, 4, lr_scaling="linear")
+        BatchSizeController(t, 1, 4, lr_scaling="cubic")
+    assert BatchSizeController(t, 1, 4, lr_scaling="linear").lr_factor == 1.0  # no optimizer
     with pytest.raises(TypeError, match=r"test must be a BatchTest"):
         BatchSizeController(0.1, 1, 4)
 
@@ -356,8 +396,10 @@ def test_schedule_validation():
 
 def test_schedules_resume_and_scale_lr():
     opt = _optimizer(0.1)
-    full = StagewiseSchedule([10, 20, 40], [30, 60], lr_scaling="linear", optimizer=opt)
+    full = StagewiseSchedule([10, 20, 40], [30, 60], lr_scaling="linear")
     sizes = _run(full, 12)
+    assert full.lr_factor == 4.0
+    apply_lr(opt, [0.1, 0.2], 1.0, full.lr_factor)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.4)
     half = StagewiseSchedule([10, 20, 40], [30, 60])
     first = _run(half, 5)
@@ -381,6 +423,7 @@ def test_exports():
     assert B.ConstantSchedule is ConstantSchedule
     assert B.LinearSchedule is LinearSchedule
     assert B.StagewiseSchedule is StagewiseSchedule
+    assert B.apply_lr is apply_lr
 
 
 def test_fractional_requirement_from_a_custom_test_rounds_up():

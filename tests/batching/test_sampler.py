@@ -166,6 +166,37 @@ def test_validation_messages():
         s.micro_batches(7)
 
 
+@pytest.mark.parametrize("world, m", [(1, 1), (1, 4), (2, 1), (3, 2)])
+def test_take_batch_is_this_ranks_micro_batches_in_one_tensor(world, m):
+    """take_batch(B) gives the indices of take(B) concatenated, advances the same, and the
+    shares of all ranks make up the global batch (the trainer's whole-batch case: m = 1)."""
+    sizes = [world * m, 3 * world * m, 2 * world * m, 5 * world * m]
+    shares = []
+    for rank in range(world):
+        a = AdaptiveBatchSampler(23, m, seed=4, rank=rank, world_size=world)
+        b = AdaptiveBatchSampler(23, m, seed=4, rank=rank, world_size=world)
+        mine = []
+        for B in sizes:
+            expected = torch.cat(a.take(B))
+            got = b.take_batch(B)
+            assert got.dtype == torch.long and got.dim() == 1
+            assert torch.equal(got, expected)
+            assert b.samples_consumed == a.samples_consumed
+            mine.append(got)
+        shares.append(mine)
+    ref = AdaptiveBatchSampler(23, m, seed=4)
+    for k, B in enumerate(sizes):
+        whole = ref.global_batch(B)
+        ref.advance(B)
+        assert sorted(torch.cat([shares[r][k] for r in range(world)]).tolist()) == \
+            sorted(whole.tolist())
+        if m == 1:  # rank r takes every world-th index of the global batch
+            for r in range(world):
+                assert shares[r][k].tolist() == whole[r::world].tolist()
+    with pytest.raises(ValueError, match=r"must be a positive multiple"):
+        AdaptiveBatchSampler(23, m, world_size=world).take_batch(0)
+
+
 # --------------------------------------------------------------------------------------------
 # iterable form
 # --------------------------------------------------------------------------------------------

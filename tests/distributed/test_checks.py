@@ -12,7 +12,6 @@ import torch
 from adabatch.batching import AdaptiveBatchSampler
 from adabatch.cli import _strip_launch_flags, main
 from adabatch.train.distributed import Dist, StepReducer, check_world_size
-from adabatch.train.loop import _micro_batches
 
 TINY = ["--steps", "1", "--threads", "1", "--quiet", "--no-plots"]
 
@@ -101,7 +100,7 @@ def test_whole_batches_are_sharded_without_overlap(world):
     for rank in range(world):
         s = AdaptiveBatchSampler(100, 1, seed=3, rank=rank, world_size=world)
         s.take(12 * world)
-        (idx,) = _micro_batches(s, 6 * world, whole=True)
+        idx = s.take_batch(6 * world)  # what the trainer forwards without --micro-batch
         assert len(idx) == 6
         shares.append(idx)
     ref = AdaptiveBatchSampler(100, 1, seed=3)

@@ -22,11 +22,14 @@ import pytest
 import torch
 
 from adabatch.cli import main
+from tests._fault_runner import Faults, run_train
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*could not decide:RuntimeWarning")]
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+ROOT = Path(__file__).resolve().parents[2]
+SRC = str(ROOT / "src")
+RUNNER = str(ROOT / "tests" / "_fault_runner.py")  # adabatch train + faults via callbacks
 # batch sizes are multiples of 16 in both runs (--batch-granularity), micro-batches of 8:
 # 1 process accumulates B/8 micro-batches, 2 processes B/16 each (the same micro-batches)
 FLAGS = ["--epochs", "4", "--micro-batch", "8", "--batch-granularity", "16",
@@ -36,19 +39,19 @@ NAN_STEP = "3"  # the last rank sends NaN statistics at this step
 KILL_STEP = "10"  # rank 1 kills itself (SIGKILL) during this step, first attempt only
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADABATCH_DEBUG")}
-    env.update(extra)
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def _torchrun(args: list[str], env: dict[str, str], *, max_restarts: int = 0
-              ) -> subprocess.CompletedProcess:
+def _torchrun(faults: list[str], args: list[str], env: dict[str, str], *,
+              max_restarts: int = 0) -> subprocess.CompletedProcess:
+    """2 processes of ``adabatch train ARGS`` with ``faults`` (tests/_fault_runner.py)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", "2", "--max-restarts", str(max_restarts),
-           "-m", "adabatch", "train", *args]
+           RUNNER, *faults, "--", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -76,12 +79,10 @@ def _decisions(history: list[dict]) -> list[tuple]:
 
 def _one_process(out: Path, *extra: str, nan: bool = False) -> Path:
     with pytest.MonkeyPatch.context() as mp:
-        for k in list(os.environ):
-            if k.startswith("ADABATCH_DEBUG") or k in ("WORLD_SIZE", "RANK"):
-                mp.delenv(k)
-        if nan:
-            mp.setenv("ADABATCH_DEBUG_NAN_AT_STEP", NAN_STEP)
-        assert main(["train", *FLAGS, *extra, "--quiet", "--out", str(out)]) == 0
+        for k in ("WORLD_SIZE", "RANK"):
+            mp.delenv(k, raising=False)
+        faults = Faults(nan_at=int(NAN_STEP) if nan else None)
+        assert run_train([*FLAGS, *extra, "--quiet", "--out", str(out)], faults) == 0
     return out
 
 
@@ -91,10 +92,9 @@ def faulty_pair(tmp_path_factory) -> dict[str, Path]:
     killed at step 10 and NaN statistics from rank 1 at step 3; and 1 process with the NaN."""
     tmp = tmp_path_factory.mktemp("ps")
     two, decisions = tmp / "two", tmp / "decisions"
-    proc = _torchrun([*FLAGS, "--out", str(two)],
-                     _env(ADABATCH_DEBUG_KILL_RANK="1", ADABATCH_DEBUG_KILL_AT_STEP=KILL_STEP,
-                          ADABATCH_DEBUG_NAN_AT_STEP=NAN_STEP,
-                          ADABATCH_DEBUG_DECISIONS=str(decisions)), max_restarts=1)
+    proc = _torchrun(["--kill-rank", "1", "--kill-at", KILL_STEP, "--nan-at", NAN_STEP,
+                      "--decisions", str(decisions)], [*FLAGS, "--out", str(two)], _env(),
+                     max_restarts=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = _one_process(tmp / "one", nan=True)
     return {"two": two, "one": one, "decisions": decisions, "log": proc.stdout + proc.stderr,
@@ -152,12 +152,8 @@ def test_run_of_two_processes_continues_in_one(faulty_pair, tmp_path):
 
     run = tmp_path / "cont"
     shutil.copytree(faulty_pair["two"], run)
-    with pytest.MonkeyPatch.context() as mp:
-        for k in list(os.environ):
-            if k.startswith("ADABATCH_DEBUG"):
-                mp.delenv(k)
-        assert main(["train", "--resume", str(run), "--epochs", "5", "--quiet",
-                     "--threads", "1"]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "5", "--quiet",
+                 "--threads", "1"]) == 0
     ref = _one_process(tmp_path / "ref", "--epochs", "5", nan=True)
     assert [r["batch_size"] for r in _steps(run)] == [r["batch_size"] for r in _steps(ref)]
     assert json.loads((run / "summary.json").read_text())["world_size"] == 1
@@ -167,19 +163,25 @@ def test_run_of_two_processes_continues_in_one(faulty_pair, tmp_path):
 def test_two_processes_match_one_process_micro_batch(tmp_path, monkeypatch):
     """The micro-batch estimator: each (rank, accumulation step) gradient is one micro-batch,
     the same micro-batches as 1 process accumulating micro-batches of 8. Launched with
-    ``adabatch train --nproc 2``."""
-    for k in list(os.environ):
-        if k.startswith("ADABATCH_DEBUG"):
-            monkeypatch.delenv(k)
+    torchrun as ``adabatch train --nproc 2`` launches it (the decisions recorded through the
+    callbacks of tests/_fault_runner.py); ``--nproc 2`` itself is checked to give the same
+    run."""
     decisions = tmp_path / "decisions"
     flags = [*FLAGS, "--estimator", "micro-batch", "--eta", "0.4"]
     one = tmp_path / "one"
     assert main(["train", *flags, "--quiet", "--out", str(one)]) == 0
     two = tmp_path / "two"
+    proc = _torchrun(["--decisions", str(decisions)], [*flags, "--quiet", "--out", str(two)],
+                     _env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setenv("ADABATCH_DEBUG_DECISIONS", str(decisions))
-    assert main(["train", "--nproc", "2", *flags, "--quiet", "--out", str(two)]) == 0
+    launched = tmp_path / "launched"  # one epoch: the first steps of the same run
+    assert main(["train", "--nproc", "2", *flags, "--epochs", "1", "--quiet", "--out",
+                 str(launched)]) == 0
+    short = _steps(launched)
+    assert len(short) > 3
+    assert short == [{**r, "time": a["time"]} for r, a in zip(_steps(two), short)]
     a, b = _steps(one), _steps(two)
     assert [r["batch_size"] for r in a] == [r["batch_size"] for r in b]
     assert len({r["batch_size"] for r in a}) > 3

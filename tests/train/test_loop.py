@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from adabatch.train.callbacks import Callbacks
 from adabatch.train.config import ConfigError, TrainConfig, build_config
 from adabatch.train.logging import Progress
 from adabatch.train.loop import lr_multiplier, train
@@ -276,3 +277,62 @@ def test_metrics_rows_are_json_with_non_finite_as_strings(tmp_path):
     w.close()
     assert [json.loads(x)["step"] for x in (tmp_path / "m.jsonl").read_text().splitlines()] == [
         1, 3]
+
+
+class _Recorder(Callbacks):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_step_start(self, run) -> None:
+        self.events.append(("start", run.step, run.samples))
+
+    def before_optimizer_step(self, run) -> None:
+        grads = [p.grad for p in run.model.parameters()]
+        self.events.append(("before", run.step, all(g is not None and bool(g.any())
+                                                    for g in grads)))
+
+    def on_step_end(self, run) -> None:
+        self.events.append(("end", run.step, run.samples, run.stop.signum))
+
+    def on_train_end(self, run) -> None:
+        self.events.append(("train_end", run.step))
+
+
+@pytest.mark.parametrize("batch_test", ["none", "norm"])
+def test_callbacks_see_every_step_in_order(tmp_path, batch_test):
+    """Callbacks are the loop's only hooks: each event once per step, in order, with the
+    gradients in place before the optimizer step; the same path with and without an
+    estimator."""
+    rec = _Recorder()
+    cfg = _cfg(tmp_path, batch_test=batch_test, initial_batch=16, max_batch=16 if
+               batch_test == "none" else 64, micro_batch=8, steps=3)
+    result = train(cfg, callbacks=rec)
+    B = [r["batch_size"] for r in _rows(result.run_dir)[0]]
+    seen = [0, B[0], B[0] + B[1], sum(B)]
+    expected = []
+    for k in range(3):
+        expected += [("start", k, seen[k]), ("before", k, True), ("end", k + 1, seen[k + 1],
+                                                                   None)]
+    assert rec.events == [*expected, ("train_end", 3)]
+
+
+def test_plain_callbacks_change_nothing(tmp_path):
+    a = train(_cfg(tmp_path, out=str(tmp_path / "a"), micro_batch=8, initial_batch=16))
+    b = train(_cfg(tmp_path, out=str(tmp_path / "b"), micro_batch=8, initial_batch=16),
+              callbacks=Callbacks())
+    sa = torch.load(a.run_dir / "final.pt", weights_only=True)
+    sb = torch.load(b.run_dir / "final.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_log_every_is_retired_and_ignored(tmp_path):
+    """``log_every`` was validated but never read: a config file or a saved run that still
+    sets it is accepted, and the key is gone from the configuration."""
+    path = tmp_path / "run.toml"
+    path.write_text("log_every = 5\nsteps = 2\n")
+    cfg = build_config({}, path)
+    assert cfg.steps == 2 and not hasattr(cfg, "log_every")
+    assert "log_every" not in cfg.to_dict()
+    assert TrainConfig.from_dict({**cfg.to_dict(), "log_every": 0}) == cfg
+    with pytest.raises(ConfigError, match="unknown key 'log_everyy'"):
+        TrainConfig.from_dict({"log_everyy": 0})

@@ -53,18 +53,22 @@ def reference(tmp_path_factory) -> Path:
     return ref
 
 
-def _spawn(run: Path, env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, **env_extra}
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "adabatch", "train", *FLAGS, "--out",
-                             str(run)], env=env, stdout=subprocess.PIPE,
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spawn(run: Path, faults: list[str]) -> subprocess.Popen:
+    """``adabatch train FLAGS --out RUN`` in a subprocess, with faults injected through the
+    trainer's callbacks (tests/_fault_runner.py)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "_fault_runner.py"), *faults,
+                             "--", *FLAGS, "--out", str(run)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
 def test_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, reference):
     run = tmp_path / "run"
-    proc = _spawn(run, {"ADABATCH_DEBUG_KILL_AT_STEP": "6"})
+    proc = _spawn(run, ["--kill-at", "6"])
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err
     # killed during step 6: the newest checkpoint is step 4, and only the last 2 are kept
@@ -76,7 +80,7 @@ def test_sigkill_mid_step_then_resume_is_bitwise_exact(tmp_path, reference):
 
 def test_sigterm_writes_checkpoint_exits_cleanly_and_resumes(tmp_path, reference):
     run = tmp_path / "run"
-    proc = _spawn(run, {"ADABATCH_DEBUG_PAUSE_AT_STEP": "3"})
+    proc = _spawn(run, ["--pause-at", "3"])
     assert proc.stdout.readline().strip() == "paused at step 3"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -124,3 +128,22 @@ def test_incompatible_resume_is_refused(tmp_path, capsys):
     # not a run directory
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a run directory (no config.json)" in capsys.readouterr().err
+
+
+def test_run_written_by_an_older_version_resumes(tmp_path, reference):
+    """A run whose config and checkpoints hold the retired key ``log_every`` and whose
+    controller state holds an extra key (as older versions wrote them) resumes, bitwise."""
+    run = tmp_path / "run"
+    proc = _spawn(run, ["--kill-at", "6"])
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    config = json.loads((run / "config.json").read_text())
+    assert "log_every" not in config
+    (run / "config.json").write_text(json.dumps({**config, "log_every": 0}))
+    for path in list_checkpoints(run):
+        state = torch.load(path, weights_only=True)
+        state["config"]["log_every"] = 0
+        state["controller"]["optimizer_lrs"] = [0.1]
+        write_atomic(state, path)
+    assert main(["train", "--resume", str(run), "--quiet", "--threads", "1"]) == 0
+    _assert_same_run(run, reference)

@@ -7,7 +7,8 @@
   step, one per micro-batch, ``stats()``).
 - :mod:`~adabatch.batching.batch_tests`: pure functions GradientStats -> required batch size, and
   the classes that carry their hyperparameters.
-- :mod:`~adabatch.batching.controller`: :class:`BatchSizeController` and the fixed schedules.
+- :mod:`~adabatch.batching.controller`: :class:`BatchSizeController`, the fixed schedules
+  and :func:`apply_lr` (the one place a loop sets the learning rate).
 - :mod:`~adabatch.batching.sampler`: a resumable sampler that yields batches of the current
   size.
 
@@ -41,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "ConstantSchedule": "controller",
     "LinearSchedule": "controller",
     "StagewiseSchedule": "controller",
+    "apply_lr": "controller",
     "AdaptiveBatchSampler": "sampler",
 }
 

@@ -31,15 +31,13 @@ decide, and measuring statistics costs time): :meth:`wants_stats` says whether t
 update is such a step, so the loop measures statistics only then.
 
 **Learning-rate coupling** (``lr_scaling``; default ``None`` as in the AdAdaGrad paper). When
-the batch grows from b to b', every param group's ``lr`` of ``optimizer`` is multiplied by
-b'/b (``"linear"``) or √(b'/b) (``"sqrt"``), so the learning rate relative to the one at the
-initial batch is ``lr_factor`` = B/B_0 or √(B/B_0). With an LR scheduler: the *chainable*
-torch schedulers, which compute the next lr from the current one (StepLR, MultiStepLR,
-ExponentialLR, CosineAnnealingLR, ...), keep the factor; schedulers that set lr from their
-``base_lrs`` (LambdaLR, OneCycleLR, ...) overwrite it; with those, leave ``lr_scaling=None``
-and multiply your schedule by ``controller.lr_factor`` yourself. The factor is part of
-``state_dict``; the learning rates themselves are restored by the optimizer's own
-``load_state_dict`` (the controller never rewrites them when it is loaded).
+the batch grows from b to b', ``lr_factor`` is multiplied by b'/b (``"linear"``) or √(b'/b)
+(``"sqrt"``), so it is B/B_0 or √(B/B_0): the learning rate relative to the one at the
+initial batch. The controller never touches an optimizer: the loop owns the learning rate and
+sets it once per step with :func:`apply_lr` (``base_lr × schedule × controller.lr_factor``),
+or folds the factor into a scheduler that sets lr from its ``base_lrs``
+(``LambdaLR(optimizer, lambda s: schedule(s) * controller.lr_factor)``). The factor is part
+of ``state_dict``.
 
 **Fixed schedules** (the ramp-up baselines of the AdAdaGrad authors' code,
 https://github.com/timlautk/AdAdaGrad, ``main.py``):
@@ -74,6 +72,7 @@ __all__ = [
     "ConstantSchedule",
     "LinearSchedule",
     "StagewiseSchedule",
+    "apply_lr",
 ]
 
 _LR_SCALINGS = (None, "linear", "sqrt")
@@ -113,7 +112,6 @@ class _BatchPolicy:
         *,
         granularity: int = 1,
         lr_scaling: str | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         initial = _check_int("initial", initial)
         maximum = _check_int("maximum", maximum)
@@ -126,13 +124,10 @@ class _BatchPolicy:
             raise ValueError(
                 f"Invalid lr_scaling: {lr_scaling!r} (choose from {list(_LR_SCALINGS)})"
             )
-        if lr_scaling is not None and optimizer is None:
-            raise ValueError(f"lr_scaling={lr_scaling!r} needs an optimizer")
         self.initial = initial
         self.maximum = maximum
         self.granularity = granularity
         self.lr_scaling = lr_scaling
-        self.optimizer = optimizer
         self.batch_size: int = initial
         self.step: int = 0
         self.samples: int = 0
@@ -182,17 +177,10 @@ class _BatchPolicy:
     # -- learning-rate coupling -------------------------------------------------------------
 
     def _scale_lr(self, old: int, new: int) -> None:
-        if self.lr_scaling is None or self.optimizer is None:
+        if self.lr_scaling is None:
             return
         ratio = new / old
-        factor = ratio if self.lr_scaling == "linear" else math.sqrt(ratio)
-        for group in self.optimizer.param_groups:
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                lr.mul_(factor)
-            else:
-                group["lr"] = lr * factor
-        self.lr_factor *= factor
+        self.lr_factor *= ratio if self.lr_scaling == "linear" else math.sqrt(ratio)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -232,7 +220,7 @@ class _BatchPolicy:
         Only what would break the invariants is checked (the policy type, a batch size in
         [initial, maximum] that is a multiple of granularity, counters >= 0): resuming with
         other hyperparameters (a new η, a larger maximum) is allowed and takes effect from
-        the next decision. Learning rates are not touched (see the module docstring).
+        the next decision. Keys that older versions saved beside these are ignored.
         """
         required = ("batch_size", "step", "samples", "warnings", "lr_factor", "history")
         missing = [k for k in required if k not in state]
@@ -287,9 +275,9 @@ class BatchSizeController(_BatchPolicy):
         maximum: the largest batch size (a multiple of ``granularity``).
         interval: run the test every ``interval`` steps (steps 0, interval, 2·interval, ...).
         granularity: batch sizes are multiples of it (micro-batch size × world size).
-        lr_scaling: ``None`` (default, the paper), ``"linear"`` or ``"sqrt"``: multiply the
-            optimizer's learning rates by the growth factor (or its square root).
-        optimizer: the optimizer whose ``param_groups`` are scaled (needed with lr_scaling).
+        lr_scaling: ``None`` (default, the paper), ``"linear"`` or ``"sqrt"``: multiply
+            ``lr_factor`` by the growth factor (or its square root); apply it with
+            :func:`apply_lr`.
 
     History rows (one per test step): ``step`` (0-based index of the step that was
     measured), ``samples`` (samples seen including that step), ``batch_size`` (that step's
@@ -307,15 +295,13 @@ class BatchSizeController(_BatchPolicy):
         interval: int = 1,
         granularity: int = 1,
         lr_scaling: str | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if not (callable(test) and isinstance(getattr(test, "needs", None), frozenset)):
             raise TypeError(
                 f"test must be a BatchTest (callable with a frozenset `needs`), got {test!r}"
             )
         self.interval = _check_int("interval", interval)
-        super().__init__(initial, maximum, granularity=granularity, lr_scaling=lr_scaling,
-                         optimizer=optimizer)
+        super().__init__(initial, maximum, granularity=granularity, lr_scaling=lr_scaling)
         self.test = test
 
     @property
@@ -358,6 +344,27 @@ class BatchSizeController(_BatchPolicy):
         return config
 
 
+def apply_lr(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float],
+             schedule: float = 1.0, lr_factor: float = 1.0) -> None:
+    """Set every param group's learning rate to ``base_lr × schedule × lr_factor``.
+
+    The one place a loop writes the learning rate: ``base_lrs`` are the groups' rates as
+    created (``[g["lr"] for g in optimizer.param_groups]`` before the first step),
+    ``schedule`` the loop's warmup/decay multiplier of the step and ``lr_factor`` the batch
+    policy's (``controller.lr_factor``). A tensor ``lr`` is filled in place.
+    """
+    groups = optimizer.param_groups
+    if len(base_lrs) != len(groups):
+        raise ValueError(f"apply_lr: {len(base_lrs)} base learning rates for "
+                         f"{len(groups)} param groups")
+    for group, base in zip(groups, base_lrs):
+        lr = base * schedule * lr_factor
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 class ConstantSchedule(_BatchPolicy):
     """A constant batch size (the baseline): ``update`` always returns ``batch_size``."""
 
@@ -388,12 +395,10 @@ class LinearSchedule(_BatchPolicy):
         interval: int = 1,
         granularity: int = 1,
         lr_scaling: str | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.increment = _check_int("increment", increment)
         self.interval = _check_int("interval", interval)
-        super().__init__(initial, maximum, granularity=granularity, lr_scaling=lr_scaling,
-                         optimizer=optimizer)
+        super().__init__(initial, maximum, granularity=granularity, lr_scaling=lr_scaling)
 
     def _decide(self, stats: GradientStats | None) -> tuple[int, dict[str, Any] | None]:
         grown = self.initial + self.increment * ((self.step + 1) // self.interval)
@@ -427,7 +432,6 @@ class StagewiseSchedule(_BatchPolicy):
         *,
         granularity: int = 1,
         lr_scaling: str | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         sizes = list(batch_sizes)
         if not sizes:
@@ -447,8 +451,7 @@ class StagewiseSchedule(_BatchPolicy):
             )
         for budget in budgets:
             _check_int("stage samples", budget)
-        super().__init__(sizes[0], sizes[-1], granularity=granularity, lr_scaling=lr_scaling,
-                         optimizer=optimizer)
+        super().__init__(sizes[0], sizes[-1], granularity=granularity, lr_scaling=lr_scaling)
         for size in sizes:
             _check_multiple("batch size", size, granularity)
         self.batch_sizes = sizes
@@ -465,7 +468,6 @@ class StagewiseSchedule(_BatchPolicy):
         factor: float = 2.0,
         granularity: int = 1,
         lr_scaling: str | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
     ) -> StagewiseSchedule:
         """Stages ``initial·factor^s`` (rounded up to ``granularity``) until ``maximum``."""
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
@@ -478,8 +480,7 @@ class StagewiseSchedule(_BatchPolicy):
         while sizes[-1] < maximum:
             nxt = int(_round_up(math.ceil(sizes[-1] * factor), granularity))
             sizes.append(min(max(nxt, sizes[-1] + granularity), maximum))
-        return cls(sizes, stage_samples, granularity=granularity, lr_scaling=lr_scaling,
-                   optimizer=optimizer)
+        return cls(sizes, stage_samples, granularity=granularity, lr_scaling=lr_scaling)
 
     def _decide(self, stats: GradientStats | None) -> tuple[int, dict[str, Any] | None]:
         samples = self.samples + self.batch_size  # including the step being recorded

@@ -19,12 +19,13 @@ round. A step with global batch size B (a multiple of ``world_size · micro_batc
   into the next epoch's permutation (epochs are counted in samples, nothing is dropped).
 
 **Use.** ``sampler.take(B)`` returns this rank's micro-batches (a list of LongTensors) and
-advances. With a :class:`torch.utils.data.DataLoader` (worker processes, prefetching), use
-the sampler as ``batch_sampler``: iterating it yields this rank's fixed-size micro-batches
-from the current position on, and the loop takes as many as its batch needs, then calls
-``sampler.advance(B)`` so that ``samples_consumed`` (and ``state_dict``) follow. Since the
-micro-batches do not depend on the batch size, prefetching cannot lag behind or drift from a
-batch-size change::
+advances; ``sampler.take_batch(B)`` returns the same indices as one tensor (a loop without
+gradient accumulation) and advances. With a :class:`torch.utils.data.DataLoader` (worker
+processes, prefetching), use the sampler as ``batch_sampler``: iterating it yields this
+rank's fixed-size micro-batches from the current position on, and the loop takes as many as
+its batch needs, then calls ``sampler.advance(B)`` so that ``samples_consumed`` (and
+``state_dict``) follow. Since the micro-batches do not depend on the batch size, prefetching
+cannot lag behind or drift from a batch-size change::
 
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2)
     batches = iter(loader)
@@ -185,6 +186,21 @@ class AdaptiveBatchSampler:
             block = block.view(rounds, self.world_size, self.micro_batch)[:, self.rank].clone()
         self.samples_consumed += batch_size
         return list(block.view(rounds, self.micro_batch).unbind(0))
+
+    def take_batch(self, batch_size: int) -> Tensor:
+        """This rank's share of one step of global batch ``batch_size`` as one LongTensor
+        (its micro-batches of :meth:`take`, concatenated); advance.
+
+        For a loop that forwards the whole share at once (no gradient accumulation): with
+        ``micro_batch=1`` rank r gets every ``world_size``-th index of the global batch.
+        """
+        rounds = self._check_batch(batch_size) // self.round_size
+        block = self.stream(self.samples_consumed, batch_size)
+        if self.world_size > 1:
+            block = block.view(rounds, self.world_size, self.micro_batch)[:, self.rank]
+            block = block.reshape(-1)
+        self.samples_consumed += batch_size
+        return block
 
     def advance(self, batch_size: int) -> None:
         """Record a step of ``batch_size`` samples taken through the iterable form."""

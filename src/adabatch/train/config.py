@@ -36,6 +36,7 @@ __all__ = [
     "PRECISIONS",
     "PRESETS",
     "RESUME_MUTABLE",
+    "RETIRED_KEYS",
     "ConfigError",
     "TrainConfig",
     "build_config",
@@ -64,10 +65,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 RESUME_MUTABLE = frozenset(
     {
         "epochs", "samples", "steps", "eval_every", "eval_batch", "checkpoint_every",
-        "keep_checkpoints", "log_every", "quiet", "device", "threads", "tensorboard", "plots",
+        "keep_checkpoints", "quiet", "device", "threads", "tensorboard", "plots",
         "data_dir", "out", "resume", "config",
     }
 )
+
+#: Keys of older versions that this one retired: accepted and ignored wherever a config is
+#: read (a saved run's config.json, a checkpoint, a config file), so that older runs resume.
+#: ``log_every`` was validated but never read (metrics are written every step).
+RETIRED_KEYS = frozenset({"log_every"})
 
 
 class ConfigError(ValueError):
@@ -137,7 +143,6 @@ class TrainConfig:
     eval_batch: int = 1024
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
-    log_every: int = 0
     seed: int = 0
     out: str | None = None
     resume: str | None = None
@@ -207,7 +212,7 @@ _INT_KEYS = {
     "initial_batch", "max_batch", "micro_batch", "batch_granularity", "test_interval",
     "samples", "steps",
     "warmup_samples", "eval_every", "eval_batch", "checkpoint_every", "keep_checkpoints",
-    "log_every", "seed", "threads", "ramp_increment", "stage_samples",
+    "seed", "threads", "ramp_increment", "stage_samples",
 }
 _FLOAT_KEYS = {"lr", "eps", "weight_decay", "b0", "momentum", "eta", "theta", "nu", "epochs",
                "min_lr_ratio", "coord_q", "stage_factor"}
@@ -309,6 +314,8 @@ def apply_layer(cfg: TrainConfig, layer: dict[str, Any], *, source: str) -> None
     normalized: dict[str, Any] = {}
     for raw_key, value in layer.items():
         key = str(raw_key).replace("-", "_")
+        if key in RETIRED_KEYS:
+            continue
         if key not in _FIELDS:
             raise ConfigError(f"{source}: unknown key {raw_key!r}")
         normalized[key] = _coerce(key, value)
@@ -442,7 +449,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         _positive(cfg, key)
     for key in ("micro_batch", "batch_granularity", "threads", "samples", "steps", "epochs"):
         _positive(cfg, key, allow_none=True)
-    for key in ("eval_every", "checkpoint_every", "warmup_samples", "log_every"):
+    for key in ("eval_every", "checkpoint_every", "warmup_samples"):
         _positive(cfg, key, allow_zero=True)
     for key in ("eta", "theta", "nu"):
         _positive(cfg, key)

@@ -1,0 +1,106 @@
+"""A run's checkpoint: what is saved, what must match on resume, and the restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adabatch.train.build import Run, one_line
+from adabatch.train.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    restore_rng,
+    save_checkpoint,
+)
+from adabatch.train.config import RESUME_MUTABLE, RETIRED_KEYS, TrainConfig
+from adabatch.train.distributed import check_world_size
+
+__all__ = ["check_compatible", "checkpoint_state", "restore", "write_checkpoint"]
+
+
+def checkpoint_state(run: Run, rng_ranks: list[Any] | None = None) -> dict[str, Any]:
+    from adabatch import __version__
+
+    state = {
+        "adabatch_version": __version__,
+        "config": run.cfg.to_dict(),
+        "step": run.step,
+        "samples": run.samples,
+        "elapsed": run.elapsed,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "controller": run.controller.state_dict(),
+        "sampler": run.sampler.state_dict(),
+        "rng": capture_rng(run.augment_gen),
+        "metrics_offset": run.metrics_offset,
+        "extra": run.extra,
+    }
+    if rng_ranks is not None:  # every rank's RNG states (augmentation), rank order
+        state["rng_ranks"] = rng_ranks
+    return state
+
+
+def write_checkpoint(run: Run, writer: Any) -> Path | None:
+    """Rank 0 writes the checkpoint (atomically); with several ranks every rank's RNG states
+    travel to it first (one all_gather of small objects)."""
+    d = run.dist
+    rng_ranks = d.gather_objects(capture_rng(run.augment_gen)) if d.enabled else None
+    if not d.is_main:
+        return None
+    run.metrics_offset = writer.flush()
+    return save_checkpoint(run.run_dir, checkpoint_state(run, rng_ranks),
+                           keep=run.cfg.keep_checkpoints)
+
+
+def check_compatible(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
+    """Raise CheckpointError when ``cfg`` differs from the checkpoint's config in a key that
+    changes the run (anything but budget, logging, device and the like). Keys that older
+    versions wrote and this one retired (``RETIRED_KEYS``) are ignored."""
+    current = cfg.to_dict()
+    for key in sorted(current):
+        if key in RESUME_MUTABLE or key not in saved:
+            continue
+        if saved[key] != current[key]:
+            raise CheckpointError(
+                f"checkpoint {where} is incompatible: it was written with "
+                f"{key}={saved[key]!r}, this run has {key}={current[key]!r}"
+            )
+    missing = sorted(set(saved) - set(current) - RETIRED_KEYS)
+    if missing:
+        raise CheckpointError(f"checkpoint {where} has unknown config keys {missing}")
+
+
+def _check_world(run: Run, state: dict[str, Any], path: Path) -> None:
+    saved_world = (state.get("extra") or {}).get("world_size", 1)
+    try:
+        check_world_size(int(state["controller"]["batch_size"]),
+                         run.cfg.effective_micro_batch() or 1, run.dist.world_size,
+                         saved_world, path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    except (KeyError, TypeError):
+        pass  # a malformed controller state is reported by load_state_dict
+
+
+def restore(run: Run, state: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's state into ``run`` (CheckpointError, one line, when it cannot)."""
+    check_compatible(state["config"], run.cfg, path)
+    d = run.dist
+    _check_world(run, state, path)
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.controller.load_state_dict(state["controller"])
+        run.sampler.load_state_dict(state["sampler"])
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"cannot restore {path}: {one_line(e)}") from None
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == d.world_size:
+        restore_rng(ranks[d.rank], run.augment_gen)
+    else:  # another world size: rank 0 continues rank 0's stream, the others reseed
+        restore_rng(state["rng"], run.augment_gen if d.rank == 0 else None)
+        if d.rank != 0:
+            run.augment_gen.manual_seed(run.cfg.seed + 1 + 7919 * d.rank + 104729 * state["step"])
+    run.step, run.samples, run.elapsed = state["step"], state["samples"], state["elapsed"]
+    run.metrics_offset = state["metrics_offset"]
+    run.extra = {**dict(state.get("extra") or {}), "world_size": d.world_size}

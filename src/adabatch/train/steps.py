@@ -1,0 +1,281 @@
+"""The training steps of a built :class:`~adabatch.train.build.Run` (see
+:mod:`adabatch.train.loop` for what a step does). One path whatever the estimator: every
+step is ``with est.step(measure) as step`` and every micro-batch ``with
+step.micro_batch(n)`` (:mod:`adabatch.batching.protocol`); a policy without statistics gets a
+no-op estimator whose steps never measure."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adabatch.batching.controller import apply_lr
+from adabatch.batching.protocol import StepScope
+from adabatch.train.build import Run
+from adabatch.train.callbacks import Callbacks
+from adabatch.train.config import TrainConfig
+from adabatch.train.data import task_loss
+from adabatch.train.distributed import Dist, average_gradients
+from adabatch.train.state import write_checkpoint
+
+__all__ = ["StopFlag", "evaluate", "lr_multiplier", "run_steps"]
+
+
+def lr_multiplier(cfg: TrainConfig, samples: int, step: int, budget_kind: str,
+                  budget: int) -> float:
+    """Warmup (linear, in samples) times cosine decay (in samples, or steps for a step
+    budget) down to ``min_lr_ratio``. ``samples``/``step``: seen before the step."""
+    factor = 1.0
+    if cfg.warmup_samples > 0:
+        factor = min(1.0, (samples + 1) / cfg.warmup_samples)
+    if cfg.lr_schedule == "cosine":
+        if budget_kind == "steps":
+            progress = step / max(1, budget)
+        else:
+            span = max(1, budget - cfg.warmup_samples)
+            progress = max(0, samples - cfg.warmup_samples) / span
+        progress = min(1.0, progress)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        factor *= cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+    return factor
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 1024,
+             autocast: contextlib.AbstractContextManager | None = None,
+             dist: Dist | None = None) -> tuple[float, float | None]:
+    """Mean test loss and accuracy (None for regression) over ``x, y``.
+
+    With ``dist`` (several ranks) each rank evaluates a contiguous shard of ``x, y`` and the
+    sums of losses, correct predictions and samples are all-reduced (one small all-reduce).
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, correct, n = 0.0, 0, len(x)
+    lo, hi = 0, n
+    if dist is not None and dist.enabled:
+        lo, hi = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
+    try:
+        for start in range(lo, hi, batch):
+            xb, yb = x[start:min(hi, start + batch)], y[start:min(hi, start + batch)]
+            with autocast if autocast is not None else contextlib.nullcontext():
+                out = model(xb)
+            total_loss += float(task_loss(task, out, yb, reduction="sum"))
+            if task != "regression":
+                correct += int((out.argmax(dim=-1) == yb).sum())
+    finally:
+        model.train(was_training)
+    if dist is not None and dist.enabled:
+        import torch.distributed as tdist
+
+        sums = torch.tensor([total_loss, float(correct)], dtype=torch.float64,
+                            device=x.device if x.device.type == "cuda" else "cpu")
+        tdist.all_reduce(sums)
+        total_loss, correct = float(sums[0]), round(float(sums[1]))
+    return total_loss / max(1, n), (None if task == "regression" else correct / max(1, n))
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set ``signum``; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _NoEstimator:
+    """The estimator of a policy that needs no statistics: its steps never measure."""
+
+    needs: frozenset[str] = frozenset()
+    needs_local_grads = False
+
+    @contextlib.contextmanager
+    def step(self, measure: bool = True) -> Iterator[StepScope]:
+        yield StepScope(False, lambda n: contextlib.nullcontext(), lambda n: None)
+
+    def stats(self) -> Any:
+        raise RuntimeError("no statistics: the batch policy needs none")
+
+
+def done(run: Run) -> bool:
+    if run.budget_kind == "steps":
+        return run.step >= run.budget
+    return run.samples >= run.budget
+
+
+def eval_row(run: Run, writer: Any, progress: Any) -> dict[str, Any]:
+    """Evaluate on the test split, write the row and a progress line; return the row."""
+    loss, acc = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.task,
+                         batch=run.cfg.eval_batch, autocast=autocast(run.cfg, run.device),
+                         dist=run.dist)
+    row = {"eval": True, "step": run.step, "samples": run.samples, "test_loss": loss,
+           "test_accuracy": acc, "time": run.elapsed}
+    writer.write(row)
+    writer.flush()
+    acc_text = f" test_accuracy={acc:.4f}" if acc is not None else ""
+    progress.write(f"eval step={run.step} samples={run.samples} test_loss={loss:.4f}"
+                   f"{acc_text} batch_size={run.controller.batch_size}")
+    return row
+
+
+class _Steps:
+    """The loop over steps; the constants of the run are read once here."""
+
+    def __init__(self, run: Run, writer: Any, progress: Any, stop: StopFlag,
+                 callbacks: Callbacks) -> None:
+        self.run, self.writer, self.progress, self.stop = run, writer, progress, stop
+        self.callbacks = callbacks
+        self.est = run.estimator if run.estimator is not None else _NoEstimator()
+        self.forward = run.forward if run.forward is not None else run.model
+        self.autocast = autocast(run.cfg, run.device)
+        self.move = run.device.type != "cpu"  # the sampler's indices live on the CPU
+        self.params = [p for p in run.model.parameters() if p.requires_grad]
+        sampler = run.sampler
+        if run.cfg.effective_micro_batch() is None:  # the whole share in one pass
+            self.take = lambda B: [sampler.take_batch(B)]
+        else:
+            self.take = sampler.take
+        opt = run.optimizer
+        # zero_grad(set_to_none=True) is `p.grad = None` for every parameter of the
+        # optimizer; done here directly (torch's adds a profiler range), unless the optimizer
+        # overrides it
+        self.plain_zero_grad = type(opt).zero_grad is torch.optim.Optimizer.zero_grad
+        self.opt_params = [p for group in opt.param_groups for p in group["params"]]
+
+    def zero_grad(self) -> None:
+        if self.plain_zero_grad:
+            for p in self.opt_params:
+                p.grad = None
+        else:
+            self.run.optimizer.zero_grad(set_to_none=True)
+
+    def gradients(self, B: int, measure: bool) -> tuple[Tensor, bool]:
+        """Forward and backward over this rank's share of a step of B samples: p.grad is the
+        mean gradient (averaged over the ranks). Returns the local loss and whether the
+        estimator measured."""
+        run, d = self.run, self.run.dist
+        B_local = B // d.world_size  # this rank's share; DDP averages the ranks' gradients
+        data, loss_fn, forward = run.data, run.loss_fn, self.forward
+        batches = self.take(B)
+        # an estimator that needs each rank's local gradients: no DDP sync, one by hand
+        manual_sync = d.enabled and measure and self.est.needs_local_grads
+        last = len(batches) - 1
+        loss_sum: Tensor | None = None
+        with self.est.step(measure) as step:
+            for k, idx in enumerate(batches):
+                if self.move:
+                    idx = idx.to(run.device, non_blocking=True)
+                x = data.x_train.index_select(0, idx)  # = x_train[idx]
+                y = data.y_train.index_select(0, idx)
+                if data.augment is not None:
+                    x = data.augment(x, run.augment_gen)
+                no_sync = d.enabled and (k < last or manual_sync)
+                with (forward.no_sync() if no_sync  # type: ignore[operator]
+                      else contextlib.nullcontext()), step.micro_batch(len(idx)):
+                    with self.autocast:
+                        loss = loss_fn(forward(x), y)
+                    if len(idx) != B_local:
+                        loss = loss * (len(idx) / B_local)  # micro-batch losses sum to the mean
+                    loss.backward()
+                loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if manual_sync:
+            average_gradients(self.params, d)
+        assert loss_sum is not None
+        return loss_sum, step.measuring
+
+    def reduce(self, loss_sum: Tensor, measuring: bool) -> tuple[float, Any, bool]:
+        """The statistics, the mean loss over the ranks and whether any rank asked to stop
+        (one small all-reduce carries them all)."""
+        reducer, stop = self.run.reducer, self.stop
+        if reducer is None:
+            return float(loss_sum), (self.est.stats() if measuring else None), False
+        reducer.attach(loss_sum, stop.signum is not None)
+        stats = self.est.stats() if measuring else None
+        loss_value, stop_any = reducer.finish()
+        if stop_any and stop.signum is None:
+            stop.signum = signal.SIGTERM  # another rank was signalled: stop together
+        return loss_value, stats, stop_any
+
+    def record(self, B: int, loss_value: float, lr: float, t0: float) -> None:
+        """Count the step, write its metrics row and progress, evaluate when due."""
+        run, cfg, history = self.run, self.run.cfg, self.run.controller.history
+        run.step += 1
+        run.samples += B
+        run.elapsed = time.perf_counter() - t0
+        test = history[-1] if history and history[-1]["step"] == run.step - 1 else None
+        self.writer.write_step(run.step, run.samples, B, loss_value, lr, run.elapsed, test)
+        if not cfg.quiet:
+            self.progress.update(run.step if run.budget_kind == "steps" else run.samples,
+                                 {"step": run.step, "B": B, "loss": f"{loss_value:.4f}"})
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and not done(run):
+            eval_row(run, self.writer, self.progress)
+
+    def one_step(self, t0: float) -> bool:
+        """One training step; True when the loop must stop (after a checkpoint)."""
+        run, policy, opt, cb = self.run, self.run.controller, self.run.optimizer, self.callbacks
+        cb.on_step_start(run)
+        B = policy.batch_size
+        apply_lr(opt, run.base_lrs, lr_multiplier(run.cfg, run.samples, run.step,
+                                                  run.budget_kind, run.budget),
+                 policy.lr_factor)
+        self.zero_grad()
+        loss_sum, measuring = self.gradients(B, policy.wants_stats())
+        loss_value, stats, stop_any = self.reduce(loss_sum, measuring)
+        lr = float(opt.param_groups[0]["lr"])
+        if not math.isfinite(loss_value):  # stop before the step spoils the model
+            raise FloatingPointError(f"the loss is {loss_value} at step {run.step + 1}; "
+                                     "try a smaller --lr")
+        cb.before_optimizer_step(run)
+        opt.step()
+        policy.update(stats)
+        self.record(B, loss_value, lr, t0)
+        cb.on_step_end(run)
+        d = run.dist
+        if self.stop.signum is not None and (run.reducer is None or not d.enabled or stop_any):
+            write_checkpoint(run, self.writer)
+            return True
+        if run.cfg.checkpoint_every and run.step % run.cfg.checkpoint_every == 0:
+            write_checkpoint(run, self.writer)
+        return False
+
+
+def run_steps(run: Run, writer: Any, progress: Any, stop: StopFlag,
+              callbacks: Callbacks | None = None) -> None:
+    """Train until the budget is spent or a signal stops the run (with a checkpoint)."""
+    steps = _Steps(run, writer, progress, stop,
+                   callbacks if callbacks is not None else Callbacks())
+    run.stop = stop
+    t0 = time.perf_counter() - run.elapsed
+    run.model.train()
+    while not done(run):
+        if steps.one_step(t0):
+            return

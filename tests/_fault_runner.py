@@ -1,0 +1,107 @@
+"""``adabatch train`` with faults injected through callbacks (the tests' launcher).
+
+Run as a script, alone or under torchrun, with the fault options first and the usual
+``adabatch train`` flags after ``--``::
+
+    python tests/_fault_runner.py --kill-at 6 -- --steps 9 --out RUN ...
+    python -m torch.distributed.run --nproc-per-node 2 tests/_fault_runner.py \\
+        --kill-at 10 --kill-rank 1 --nan-at 3 --decisions DIR -- FLAGS...
+
+Faults (steps count from 1, as in metrics.jsonl):
+
+- ``--kill-at N``: SIGKILL this process during step N, before its optimizer step; with
+  ``--kill-rank R`` only rank R, and only on torchrun's first attempt.
+- ``--pause-at N``: after step N print ``paused at step N`` and wait for SIGINT/SIGTERM.
+- ``--nan-at N``: the last rank sends NaN statistics at step N (the sample counts stay).
+- ``--decisions DIR``: every rank writes its batch-size decisions to ``DIR/rank<r>.json``.
+
+The exit code is the CLI's: 0, or 128 + the signal number when stopped by a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from adabatch.train.callbacks import Callbacks
+from adabatch.train.distributed import restart_count
+
+
+class Faults(Callbacks):
+    """The faults above as training-loop events."""
+
+    def __init__(self, *, kill_at: int | None = None, kill_rank: int | None = None,
+                 pause_at: int | None = None, nan_at: int | None = None,
+                 decisions: str | None = None) -> None:
+        self.kill_at, self.kill_rank, self.pause_at = kill_at, kill_rank, pause_at
+        self.nan_at, self.decisions = nan_at, decisions
+        # NaN partial sums go through the step reducer, also in one process
+        self.reduce_statistics = nan_at is not None
+
+    def on_step_start(self, run: Any) -> None:
+        d = run.dist
+        if self.nan_at == run.step + 1 and d.rank == d.world_size - 1:
+            # [N, K, S, s1, s2]: keep both sample counts, NaN the sums (any estimator)
+            run.reducer.debug_nan = 2
+
+    def before_optimizer_step(self, run: Any) -> None:
+        if self.kill_at != run.step + 1:
+            return
+        if self.kill_rank is not None and (self.kill_rank != run.dist.rank
+                                           or restart_count() > 0):
+            return  # kill one rank, on the first attempt only
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_step_end(self, run: Any) -> None:
+        if self.pause_at == run.step:
+            print(f"paused at step {run.step}", flush=True)
+            while run.stop.signum is None:
+                time.sleep(0.01)
+
+    def on_train_end(self, run: Any) -> None:
+        if not self.decisions:
+            return
+        policy = run.controller
+        record = {"rank": run.dist.rank, "world_size": run.dist.world_size,
+                  "history": policy.history, "final_batch_size": policy.batch_size,
+                  "warnings": getattr(policy, "warnings", 0), "step": run.step}
+        Path(self.decisions).mkdir(parents=True, exist_ok=True)
+        Path(self.decisions, f"rank{run.dist.rank}.json").write_text(
+            json.dumps(record, default=str) + "\n")
+
+
+def run_train(flags: list[str], faults: Faults) -> int:
+    """``adabatch train FLAGS`` with ``faults``; the CLI's exit code."""
+    from adabatch.cli import build_parser
+    from adabatch.train.config import build_config
+    from adabatch.train.loop import train
+
+    ns = build_parser().parse_args(["train", *flags])
+    given = {k: v for k, v in vars(ns).items() if k != "command"}
+    for key in ("data_options", "model_options", "optimizer_options"):
+        if key in given:
+            given[key] = dict(given[key])
+    file = given.pop("config", None)
+    result = train(build_config(given, file), callbacks=faults)
+    return 128 + result.interrupted if result.interrupted is not None else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    cut = args.index("--") if "--" in args else len(args)
+    p = argparse.ArgumentParser(prog="_fault_runner")
+    for name in ("--kill-at", "--kill-rank", "--pause-at", "--nan-at"):
+        p.add_argument(name, type=int)
+    p.add_argument("--decisions")
+    ns = p.parse_args(args[:cut])
+    return run_train(args[cut + 1:], Faults(**vars(ns)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
