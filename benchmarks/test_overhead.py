@@ -127,6 +127,110 @@ def make_model(name: str) -> nn.Module:
                          nn.ReLU(), nn.Linear(256, 10))
 
 
+def estimator_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   opt: torch.optim.Optimizer, est) -> Callable[[], object]:
+    """A training step measured by a per-sample estimator; returns its statistics."""
+    def step():
+        opt.zero_grad()
+        with est.measure():
+            F.cross_entropy(model(x), y).backward()
+        s = est.stats()
+        opt.step()
+        return s
+    return step
+
+
+def micro_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               opt: torch.optim.Optimizer, kind: str, mb_cls) -> Callable[[], object]:
+    """MICRO accumulated micro-batches: ``plain×4`` (no statistics), ``micro`` /
+    ``micro-hooks`` (MicroBatchStats, parameter or hook tracking) or ``micro-floor`` (one
+    dot product per gradient, the least work of the micro-batch norm test)."""
+    b = len(x)
+    mest = (mb_cls(model, needs=NEEDS["norm"]) if kind == "micro"
+            else mb_cls(model, needs=NEEDS["norm"], track="hooks")
+            if kind == "micro-hooks" else None)
+    xs, ys = x.chunk(MICRO), y.chunk(MICRO)
+    sq: list[torch.Tensor] = []
+    if kind == "micro-floor":
+        def dot_hook(grad: torch.Tensor) -> None:
+            flat = grad.reshape(-1)
+            sq.append(torch.dot(flat, flat))
+
+        for p in model.parameters():
+            p.register_hook(dot_hook)
+
+    def step():
+        sq.clear()
+        opt.zero_grad()
+        for xk, yk in zip(xs, ys):
+            (F.cross_entropy(model(xk), yk) * (len(xk) / b)).backward()
+            if mest is not None:
+                mest.accumulate(len(xk))
+        s = mest.stats() if mest is not None else (
+            torch.stack(sq).sum().item() if sq else None)
+        opt.step()
+        return s
+    return step
+
+
+def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               opt: torch.optim.Optimizer) -> Callable[[], float]:
+    """The ``floor`` row: keep the layers' inputs and output gradients (what per-sample
+    statistics need) and compute ‖ḡ‖² only."""
+    kept: list[torch.Tensor] = []
+
+    def keep(module, args, out):
+        kept.append(args[0].detach())
+        out.register_hook(kept.append)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.register_forward_hook(keep)
+
+    def step():
+        kept.clear()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
+                         for p in model.parameters()]).sum().item()
+        opt.step()
+        return G
+    return step
+
+
+def vmap_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              opt: torch.optim.Optimizer) -> Callable[[], tuple[float, float]]:
+    """The ``vmap`` row: per-sample gradients with torch.func; returns (V, G)."""
+    from torch.func import functional_call, grad, vmap
+
+    def sample_loss(params, xi, yi):
+        return F.cross_entropy(functional_call(model, params, (xi.unsqueeze(0),)),
+                               yi.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        grads = per_sample(params, x, y)
+        V = sum(float(g.var(0, correction=1).sum()) for g in grads.values())
+        G = sum(float(g.mean(0).square().sum()) for g in grads.values())
+        opt.step()
+        return V, G
+    return step
+
+
+def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """The ``plain`` row: a training step without statistics."""
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
 def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[], object]:
     """A closure running one training step of the configuration; returns its statistics."""
     torch.manual_seed(seed)
@@ -142,95 +246,12 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
     if kind in NEEDS:
         est = (ps_cls(model, needs=NEEDS[kind], fuse_conv_grad=False) if unfused
                else ps_cls(model, needs=NEEDS[kind]))
-
-        def step():
-            opt.zero_grad()
-            with est.measure():
-                F.cross_entropy(model(x), y).backward()
-            s = est.stats()
-            opt.step()
-            return s
-        return step
-
+        return estimator_step(model, x, y, opt, est)
     if kind in ("plain×4", "micro", "micro-hooks", "micro-floor"):
-        mest = (mb_cls(model, needs=NEEDS["norm"]) if kind == "micro"
-                else mb_cls(model, needs=NEEDS["norm"], track="hooks")
-                if kind == "micro-hooks" else None)
-        xs, ys = x.chunk(MICRO), y.chunk(MICRO)
-        sq: list[torch.Tensor] = []
-        if kind == "micro-floor":
-            def dot_hook(grad: torch.Tensor) -> None:
-                flat = grad.reshape(-1)
-                sq.append(torch.dot(flat, flat))
-
-            for p in model.parameters():
-                p.register_hook(dot_hook)
-
-        def step():
-            sq.clear()
-            opt.zero_grad()
-            for xk, yk in zip(xs, ys):
-                (F.cross_entropy(model(xk), yk) * (len(xk) / b)).backward()
-                if mest is not None:
-                    mest.accumulate(len(xk))
-            s = mest.stats() if mest is not None else (
-                torch.stack(sq).sum().item() if sq else None)
-            opt.step()
-            return s
-        return step
-
-    if kind == "ip-floor":
-        return ip_floor_step(model, x, y, opt)
-
-    if kind == "floor":
-        kept: list[torch.Tensor] = []
-
-        def keep(module, args, out):
-            kept.append(args[0].detach())
-            out.register_hook(kept.append)
-
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.register_forward_hook(keep)
-
-        def step():
-            kept.clear()
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
-                             for p in model.parameters()]).sum().item()
-            opt.step()
-            return G
-        return step
-
-    if kind == "vmap":
-        from torch.func import functional_call, grad, vmap
-
-        def sample_loss(params, xi, yi):
-            return F.cross_entropy(functional_call(model, params, (xi.unsqueeze(0),)),
-                                   yi.unsqueeze(0))
-
-        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-
-        def step():
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            params = {k: v.detach() for k, v in model.named_parameters()}
-            grads = per_sample(params, x, y)
-            V = sum(float(g.var(0, correction=1).sum()) for g in grads.values())
-            G = sum(float(g.mean(0).square().sum()) for g in grads.values())
-            opt.step()
-            return V, G
-        return step
-
-    if kind == "backpack":
-        return backpack_step(model, x, y, opt)
-
-    def step():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
+        return micro_step(model, x, y, opt, kind, mb_cls)
+    builders = {"ip-floor": ip_floor_step, "floor": floor_step, "vmap": vmap_step,
+                "backpack": backpack_step}
+    return builders.get(kind, plain_step)(model, x, y, opt)
 
 
 def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
