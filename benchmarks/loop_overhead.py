@@ -3,8 +3,10 @@
 Both do the same work per step: the same model (initialised from the same seed), the same
 data (digits, whole tensors, index gathers), the same optimizer (AdaGrad-Norm), a fixed batch
 size, no statistics, one ``loss.item()`` per step. The trainer additionally runs its batch
-policy (ConstantSchedule), the resumable sampler, the per-step metrics row (``metrics.jsonl``)
-and the progress bookkeeping; checkpoints and evaluation are off (``--checkpoint-every 0``
+policy (ConstantSchedule), the resumable sampler, the estimator protocol's step and
+micro-batch contexts (a no-op estimator here: the trainer has one path for every estimator),
+one ``apply_lr`` per step, the per-step metrics row (``metrics.jsonl``) and the progress
+bookkeeping; checkpoints and evaluation are off (``--checkpoint-every 0``
 writes one at the end, outside the timed steps).
 
 Trainer time: from its metrics rows, ``time`` of the last step minus ``time`` of the first
@@ -17,7 +19,7 @@ summed (best-of-many at step granularity, robust on a shared, noisy machine). Go
 The trainer gathers batches with ``index_select`` and clears gradients with ``p.grad = None``
 (the same results as ``x[idx]`` and ``optimizer.zero_grad()``, cheaper). The last column
 compares it with a hand-written loop that uses the same two tricks ("tuned"), so what is left
-there is the trainer's own bookkeeping (batch policy, sampler, metrics row).
+there is the trainer's own bookkeeping (batch policy, sampler, step contexts, metrics row).
 
     python benchmarks/loop_overhead.py [--rounds 7] [--steps 200] [--batch 128] [--threads 1]
 """
