@@ -335,7 +335,9 @@ class PerSampleStats:
                       ) -> None:
         if not self._active:
             return
-        first = self._first_input(module, args, kwargs)
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        if first is None or first.dim() == 0 or first.shape[0] != self._pass_n:
+            first = self._first_input(module, args, kwargs)  # the checks, off the common path
         n = first.shape[0]
         if not self._per_sample:
             return
@@ -351,7 +353,8 @@ class PerSampleStats:
         saved_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         kw = ({k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
               if kwargs else {})
-        rec = LayerCall.new(module, rule, saved_args, kw, n, len(outs))
+        k = len(outs)
+        rec = LayerCall(module, rule, saved_args, kw, n, [None] * k, k, rule.names)
         uses = self._uses
         for pid in rule.pids:
             uses[pid] = uses.get(pid, 0) + 1
@@ -387,40 +390,36 @@ class PerSampleStats:
             pids = rec.rule.pids
             if any(uses[pid] > 1 for pid in pids):
                 return  # a shared parameter: the per-pass path sums its uses
+            a, D = rec.inputs[0], rec.deltas[0]
+            # inputs and output gradients may differ in dtype under autocast: reduce both in
+            # their common type, at least float32
+            dt = torch.promote_types(torch.promote_types(a.dtype, D.dtype), torch.float32)
+            bias = len(pids) == 2
             with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-                self._flat_linear(rec, pids)
+                gram = None
+                if self._need_ip:
+                    n = a.shape[0]
+                    out_f, in_f = D.shape[1], a.shape[1]
+                    if n * (in_f + out_f) < in_f * out_f and self._gram_allowed(rec.rule):
+                        gram, diag = linear_gram(a, D, bias, dt, self._need_norm)
+                        if diag is not None:
+                            self._norm_parts.append(diag)
+                    self._pass_ip.append(
+                        WeightBiasProducts(pids[0], pids[1] if bias else None, rec, gram))
+                need_norm = self._need_norm and gram is None
+                if need_norm or self._need_coord:
+                    parts, coord_w, coord_b = flat_linear_sums(a, D, bias, need_norm,
+                                                               self._need_coord, dt)
+                    self._norm_parts += parts
+                    if coord_w is not None:
+                        self._add(pids[0], None, coord_w)
+                        if coord_b is not None:
+                            self._add(pids[1], None, coord_b)
             self._seen.update(pids)
             rec.done = True
             if not self._need_ip:
                 rec.inputs, rec.deltas = (), []
         return hook
-
-    def _flat_linear(self, rec: LayerCall, pids: tuple[int, ...]) -> None:
-        a, D = rec.inputs[0], rec.deltas[0]
-        assert D is not None
-        # inputs and output gradients may differ in dtype under autocast: reduce both in
-        # their common type, at least float32
-        dt = torch.promote_types(torch.promote_types(a.dtype, D.dtype), torch.float32)
-        bias = len(pids) == 2
-        gram = None
-        if self._need_ip:
-            n = a.shape[0]
-            out_f, in_f = D.shape[1], a.shape[1]
-            if n * (in_f + out_f) < in_f * out_f and self._gram_allowed(rec.rule):
-                gram, diag = linear_gram(a, D, bias, dt, self._need_norm)
-                if diag is not None:
-                    self._norm_parts.append(diag)
-            self._pass_ip.append(WeightBiasProducts(pids[0], pids[1] if bias else None, rec,
-                                                    gram))
-        need_norm = self._need_norm and gram is None
-        if need_norm or self._need_coord:
-            parts, coord_w, coord_b = flat_linear_sums(a, D, bias, need_norm,
-                                                       self._need_coord, dt)
-            self._norm_parts += parts
-            if coord_w is not None:
-                self._add(pids[0], None, coord_w)
-                if coord_b is not None:
-                    self._add(pids[1], None, coord_b)
 
     def _gram_allowed(self, rule: LayerRule) -> bool:
         """Whether p.grad of the rule's parameters will be this layer call's gradient in

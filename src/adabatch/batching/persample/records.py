@@ -46,20 +46,15 @@ class LayerCall:
     inputs: tuple
     kwargs: dict
     n: int
-    deltas: list[Tensor | None]
-    pending: int
-    names: tuple[str, ...]
+    deltas: list[Tensor | None]  # one slot per output tensor
+    pending: int  # output gradients still to arrive
+    names: tuple[str, ...]  # the measured parameters (rule.names)
     done: bool = False
     #: the call ran through the fused convolution (see fused_conv.py): the per-sample weight
     #: (and bias) gradients summed here replace the backend's batch gradients
     fuse: bool = False
     wsum: Tensor | None = None
     bsum: Tensor | None = None
-
-    @classmethod
-    def new(cls, module: nn.Module, rule: LayerRule, inputs: tuple, kwargs: dict, n: int,
-            n_outputs: int) -> LayerCall:
-        return cls(module, rule, inputs, kwargs, n, [None] * n_outputs, n_outputs, rule.names)
 
     def release(self) -> None:
         """Drop the kept tensors (nothing later needs them)."""
