@@ -2,9 +2,11 @@
 
 ``adabatch train`` with no arguments runs the embedded default (AdAdaGradNorm: AdaGrad-Norm +
 the norm test on scikit-learn's digits with a small MLP). Every flag has the same key in a
-TOML/YAML file given with ``--config``; flags override the file. Invalid values exit with
-code 2 and one line on stderr; an interrupted run (SIGINT/SIGTERM) writes a checkpoint and
-exits with 128 + the signal number; ``--resume RUN`` continues it.
+TOML/YAML file given with ``--config``; flags override the file. ``KEY=VALUE`` options take
+the type their optimizer, dataset or model declares (booleans: true/false/yes/no/1/0; see
+:mod:`adabatch.train.options`). Invalid values exit with code 2 and one line on stderr; an
+interrupted run (SIGINT/SIGTERM) writes a checkpoint and exits with 128 + the signal number;
+``--resume RUN`` continues it.
 """
 
 from __future__ import annotations
