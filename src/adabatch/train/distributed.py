@@ -158,9 +158,12 @@ class StepReducer:
     step then all-reduces ``[partial sums..., loss, stop]`` together and keeps the last two
     entries. On steps without statistics, :meth:`finish` reduces ``[loss, stop]`` alone.
     Later calls in the same step (the per-coordinate sums of the coordinate-wise test) are
-    plain sum all-reduces. ``debug_nan``: a test hook; when set to k, the next call replaces
-    this rank's partial sums after the first k entries (the sample counts) by NaN, as a rank
-    with non-finite gradients would send (the decision must stay identical on all ranks).
+    plain sum all-reduces. ``debug_nan``: fault injection for the tests (set by a training
+    callback, ``tests/_fault_runner.py``); when set to k, the next call replaces this rank's
+    partial sums after the first k entries by NaN, as a rank with non-finite gradients would
+    send (the decision must stay identical on all ranks). Both estimators send
+    ``[N, K, S, s1, s2]`` (:func:`adabatch.batching.stats.stats_from_sums`), so k = 2 keeps
+    the sample counts whatever the estimator.
     """
 
     def __init__(self, d: Dist, device: torch.device) -> None:
