@@ -130,8 +130,10 @@ def test_micro_hooks_equal_grad_tracking(kind, needs):
 def test_micro_hooks_contract_errors_and_enabled_flag():
     model = make("mlp")
     x, y = data(4)
-    with pytest.raises(ValueError, match="track must be 'grad' or 'hooks', got 'x'"):
+    with pytest.raises(ValueError, match=r"Invalid track: 'x' \(must be one of 'grad', 'hooks'\)"):
         MicroBatchStats(model, track="x")
+    with pytest.raises(TypeError, match="Invalid reduce"):
+        MicroBatchStats(model, reduce="sum")
     est = MicroBatchStats(model, track="hooks")
     with pytest.raises(RuntimeError, match="no backward pass reached the parameters"):
         est.accumulate(4)

@@ -165,8 +165,12 @@ def test_fewer_than_two_micro_batches_give_nan_not_an_exception():
 def test_validation_and_reset():
     model, x, y = model_and_data(4)
     est = MicroBatchStats(model)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match=r"Invalid batch_size: 0 \(must be >= 1\)"):
         est.accumulate(0)
+    with pytest.raises(TypeError, match="Invalid batch_size"):
+        est.accumulate(2.0)
+    with pytest.raises(TypeError, match="Invalid batch_size"):
+        est.accumulate(True)
     with pytest.raises(RuntimeError, match="nothing accumulated"):
         est.stats()
     with pytest.raises(ValueError, match="unknown statistics"):

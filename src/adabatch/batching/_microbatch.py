@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adabatch._validation import check_callable, check_choice, check_int
 from adabatch.batching.protocol import StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
@@ -117,15 +118,13 @@ class MicroBatchStats:
                 seen.add(id(p))
                 self.params.append(p)
         self.needs = check_needs(frozenset(needs))
-        if reduce is not None and not callable(reduce):
-            raise TypeError("reduce must be a callable(flat_tensor) -> flat_tensor")
+        if reduce is not None:
+            check_callable("reduce", reduce)
         self.reduce = reduce
         self._need_coord = "coord_variance" in self.needs
         self._need_ip = bool(self.needs & {"ip_variance", "orth_variance"})
         self._need_var = bool(self.needs - {"grad_sq_norm", "mean_grad"})
-        if track not in ("grad", "hooks"):
-            raise ValueError(f"track must be 'grad' or 'hooks', got {track!r}")
-        self.track = track
+        self.track = check_choice("track", track, ("grad", "hooks"))
         self.enabled = True
         self._handles: list[Any] = []
         self._pend_norms: list[Tensor | None] = [None] * len(self.params)
@@ -139,7 +138,16 @@ class MicroBatchStats:
                     raise ValueError("MicroBatchStats(track='hooks') needs parameters that "
                                      "require gradients")
                 self._handles.append(p.register_hook(self._make_hook(i)))
-        self.reset()
+        # the step (see reset()); the snapshot of p.grad and the coordinate sums are kept
+        # across steps (allocated once)
+        self._fresh = True
+        self._n = 0
+        self._m = 0
+        # (n_k, per-tensor ‖Δ_k‖ (track="grad") or ‖Δ_k‖² (track="hooks"))
+        self._sq_parts: list[tuple[int, list[Tensor]]] = []
+        self._prev: list[Tensor] | None = None
+        self._coord: list[Tensor] | None = None
+        self._incs: list[tuple[int, list[Tensor]]] = []
 
     @contextlib.contextmanager
     def step(self, measure: bool = True) -> Iterator[StepScope]:
@@ -203,17 +211,11 @@ class MicroBatchStats:
         self._fresh = True  # the snapshot buffers are kept across steps, not zeroed
         self._n = 0
         self._m = 0
-        # (n_k, per-tensor ‖Δ_k‖ (track="grad") or ‖Δ_k‖² (track="hooks"))
-        self._sq_parts: list[tuple[int, list[Tensor]]] = []
-        if not hasattr(self, "_prev"):
-            self._prev: list[Tensor] | None = None
-        if getattr(self, "_coord", None) is not None:
+        self._sq_parts = []
+        if self._coord is not None:
             torch._foreach_zero_(self._coord)
-        else:
-            self._coord: list[Tensor] | None = None
-        self._incs: list[tuple[int, list[Tensor]]] = []
-        if hasattr(self, "_pend_fired"):
-            self._clear_pending()
+        self._incs = []
+        self._clear_pending()
 
     def _clear_pending(self) -> None:
         n = len(self.params)
@@ -273,8 +275,7 @@ class MicroBatchStats:
         temporaries: the snapshot of the previous p.grad is turned into the increment in
         place, measured, and overwritten with the new p.grad.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         if self.track == "hooks":
             self._accumulate_hooked(batch_size)
             self._n += batch_size
