@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from adabatch.batching.estimators import PerSampleStats, Tuning
+from adabatch.batching.estimators import PerSampleStats, PerSampleTuning
 from adabatch.batching.stats import STAT_NAMES
 
 DT = torch.float64
@@ -310,7 +310,7 @@ def test_conv3d_and_1d_padding_modes():
 def test_conv_weight_gradient_paths_agree(im2col, fuse):
     # per-sample conv weight gradients by im2col + bmm or by one grouped convolution, with the
     # batch weight gradient fused from them or not: the same statistics and the same p.grad
-    tuning = Tuning(im2col_max_cin=64 if im2col else 0)
+    tuning = PerSampleTuning(im2col_max_cin=64 if im2col else 0)
     torch.manual_seed(12)
     model = nn.Sequential(
         nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=(1, 1, 0), dilation=(1, 1, 2),
@@ -397,6 +397,12 @@ def test_validation_messages():
         PerSampleStats(mlp(), budget="big")
     with pytest.raises(TypeError, match="Invalid reduce"):
         PerSampleStats(mlp(), reduce=3)
+    with pytest.raises(ValueError, match="Invalid im2col_max_cin"):
+        PerSampleTuning(im2col_max_cin=-1)
+    with pytest.raises(ValueError, match="Invalid grouped_max_chunk"):
+        PerSampleTuning(grouped_max_chunk=0)
+    with pytest.raises(TypeError, match="Invalid gram_form"):
+        PerSampleTuning(gram_form=1)
     with pytest.raises(TypeError, match="Invalid tuning"):
         PerSampleStats(mlp(), tuning={"im2col_max_cin": 0})
     with pytest.raises(TypeError, match=r"needs an nn\.Module"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adabatch.batching.estimators import MicroBatchStats, PerSampleStats, Tuning
+from adabatch.batching.estimators import MicroBatchStats, PerSampleStats, PerSampleTuning
 from adabatch.batching.stats import STAT_NAMES
 
 DT = torch.float64
@@ -405,11 +405,11 @@ def test_linear_gram_form_is_not_used_when_p_grad_is_not_the_pass_gradient(case,
 
 
 def test_gram_form_can_be_turned_off(monkeypatch):
-    # Tuning(gram_form=False): every Linear takes the direct form, with the same statistics
+    # PerSampleTuning(gram_form=False): every Linear takes the direct form, with the same statistics
     model = gram_mlp()
     x, y = gram_inputs()
     calls = count_direct_ip(monkeypatch)
-    est = PerSampleStats(model, needs=IP_NEEDS, tuning=Tuning(gram_form=False))
+    est = PerSampleStats(model, needs=IP_NEEDS, tuning=PerSampleTuning(gram_form=False))
     model.zero_grad()
     with est.measure():
         F.cross_entropy(model(x), y).backward()
@@ -422,7 +422,7 @@ def test_gram_form_can_be_turned_off(monkeypatch):
 
 @pytest.mark.parametrize("im2col", [False, True])
 def test_grouped_chunk_bound_is_a_tuning_option(im2col, monkeypatch):
-    """Tuning.grouped_max_chunk bounds the samples per grouped weight-gradient convolution
+    """PerSampleTuning.grouped_max_chunk bounds the samples per grouped weight-gradient convolution
     (not the im2col path's chunks); the statistics do not depend on it."""
     from adabatch.batching.persample.conv import ConvRule
 
@@ -440,7 +440,7 @@ def test_grouped_chunk_bound_is_a_tuning_option(im2col, monkeypatch):
     needs = frozenset({"variance_trace", "coord_variance"})
     ref, _ = cnn_stats(model, [(x, y)], needs, fuse=False)
     monkeypatch.setattr(ConvRule, "weight_grads", spy)
-    tuning = Tuning(grouped_max_chunk=2, im2col_max_cin=64 if im2col else 0)
+    tuning = PerSampleTuning(grouped_max_chunk=2, im2col_max_cin=64 if im2col else 0)
     est = PerSampleStats(model, needs=needs, fuse_conv_grad=False, tuning=tuning)
     model.zero_grad()
     with est.measure():

@@ -20,6 +20,6 @@ a small float64 tensor of partial sums, plus once on the per-coordinate sums onl
 from __future__ import annotations
 
 from adabatch.batching._microbatch import MicroBatchStats
-from adabatch.batching.persample import DEFAULT_BUDGET, PerSampleStats, Tuning
+from adabatch.batching.persample import DEFAULT_BUDGET, PerSampleStats, PerSampleTuning
 
-__all__ = ["DEFAULT_BUDGET", "MicroBatchStats", "PerSampleStats", "Tuning"]
+__all__ = ["DEFAULT_BUDGET", "MicroBatchStats", "PerSampleStats", "PerSampleTuning"]

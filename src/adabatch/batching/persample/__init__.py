@@ -55,7 +55,7 @@ estimator raises in :meth:`~PerSampleStats.stats`. Modules must take batch-first
 (BatchNorm in training mode) raise a :class:`ValueError`.
 
 Modules: ``records`` (the kept layer calls, the per-parameter sums, the inner-product work
-items, :class:`Tuning`), ``layers`` and ``conv`` (the rule of each layer type),
+items, :class:`PerSampleTuning`), ``layers`` and ``conv`` (the rule of each layer type),
 ``fused_conv`` (``fuse_conv_grad``), ``estimator`` (:class:`PerSampleStats`: hooks and
 bookkeeping).
 """
@@ -63,6 +63,6 @@ bookkeeping).
 from __future__ import annotations
 
 from adabatch.batching.persample.estimator import DEFAULT_BUDGET, PerSampleStats
-from adabatch.batching.persample.records import Tuning
+from adabatch.batching.persample.records import PerSampleTuning
 
-__all__ = ["DEFAULT_BUDGET", "PerSampleStats", "Tuning"]
+__all__ = ["DEFAULT_BUDGET", "PerSampleStats", "PerSampleTuning"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adabatch.batching.persample.layers import LayerRule, Sums, chunked_ghost_norm
-from adabatch.batching.persample.records import Chunking, LayerCall, ParamSums, Tuning
+from adabatch.batching.persample.records import Chunking, LayerCall, ParamSums, PerSampleTuning
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -46,13 +46,13 @@ def conv(m: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None,
 class ConvRule(LayerRule):
     """nn.Conv1d / Conv2d / Conv3d with any stride, padding, dilation and groups."""
 
-    def __init__(self, module: nn.Module, names: tuple[str, ...], tuning: Tuning) -> None:
+    def __init__(self, module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning) -> None:
         super().__init__(module, names, tuning)
         self.dims = module.weight.dim() - 2
         self.pad = explicit_padding(module)
         self.pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         #: per-sample weight gradients by im2col + batched matmul rather than one grouped
-        #: convolution (Tuning.im2col_max_cin)
+        #: convolution (PerSampleTuning.im2col_max_cin)
         self.im2col = module.in_channels // module.groups <= tuning.im2col_max_cin
         self._ws: Tensor | None = None
 

@@ -32,7 +32,7 @@ from adabatch.batching.persample.records import (
     LayerCall,
     ParamSums,
     PassProducts,
-    Tuning,
+    PerSampleTuning,
     WeightBiasProducts,
 )
 from adabatch.batching.protocol import StepScope
@@ -64,7 +64,7 @@ RULES: tuple[tuple[type[nn.Module], type[LayerRule], tuple[str, ...]], ...] = (
 )
 
 
-def rule_for(module: nn.Module, names: tuple[str, ...], tuning: Tuning) -> LayerRule:
+def rule_for(module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning) -> LayerRule:
     """The layer rule of ``module`` whose trainable parameters are ``names``."""
     for cls, rule, known in RULES:
         if type(module) is cls and set(names) <= set(known):
@@ -77,7 +77,7 @@ def has_grad_hooks(p: Tensor) -> bool:
     sits on the parameter: it may change the gradient on its way into p.grad. torch has no
     public accessor for a tensor's hooks; this reads its hook dicts, and treats a torch
     without them as "no hooks" (then a hook that changes p.grad must come with
-    ``Tuning(gram_form=False)``, see :class:`PerSampleStats`)."""
+    ``PerSampleTuning(gram_form=False)``, see :class:`PerSampleStats`)."""
     return bool(getattr(p, "_backward_hooks", None)
                 or getattr(p, "_post_accumulate_grad_hooks", None))
 
@@ -131,7 +131,7 @@ class PerSampleStats:
             attribute ``forward`` (removed when the block ends; a module whose ``forward``
             is already replaced on the instance is left alone); see
             ``adabatch/batching/persample/fused_conv.py``.
-        tuning: how equivalent computations are chosen (:class:`Tuning`: the im2col/grouped
+        tuning: how equivalent computations are chosen (:class:`PerSampleTuning`: the im2col/grouped
             convolution threshold, the grouped chunk size, the Gram form of Linear inner
             products); the defaults suit CPU and GPU.
 
@@ -139,7 +139,7 @@ class PerSampleStats:
     backward hook when that is cheaper (b·(in + out) < in·out) and p.grad will be exactly that
     pass's gradient: the first pass since :meth:`stats`, no ``reduce``, no torch.distributed,
     p.grad None before the backward, and no gradient hook on the parameter (see
-    :func:`has_grad_hooks`; ``Tuning(gram_form=False)`` turns the Gram form off).
+    :func:`has_grad_hooks`; ``PerSampleTuning(gram_form=False)`` turns the Gram form off).
 
     Attributes:
         params: the parameters the statistics are over, aligned with ``mean_grad`` and
@@ -156,7 +156,7 @@ class PerSampleStats:
     def __init__(self, model: nn.Module, needs: Iterable[str] = STAT_NAMES, *,
                  chunk_size: int | None = None, budget: int = DEFAULT_BUDGET,
                  reduce: Reduce | None = None, fuse_conv_grad: bool = True,
-                 tuning: Tuning | None = None) -> None:
+                 tuning: PerSampleTuning | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleStats needs an nn.Module, got {type(model).__name__}")
         self.needs = check_needs(frozenset(needs))
@@ -165,14 +165,14 @@ class PerSampleStats:
         check_int("budget", budget)
         if reduce is not None:
             check_callable("reduce", reduce)
-        if tuning is not None and not isinstance(tuning, Tuning):
-            raise TypeError(f"Invalid tuning: {type(tuning).__name__} (must be a Tuning)")
+        if tuning is not None and not isinstance(tuning, PerSampleTuning):
+            raise TypeError(f"Invalid tuning: {type(tuning).__name__} (must be a PerSampleTuning)")
         self.model = model
         self.chunk_size = chunk_size
         self.budget = budget
         self.reduce = reduce
         self.fuse_conv_grad = bool(fuse_conv_grad)
-        self.tuning = tuning if tuning is not None else Tuning()
+        self.tuning = tuning if tuning is not None else PerSampleTuning()
         self._chunks = Chunking(budget, chunk_size)
         self._need_norm = bool(self.needs & _NORM_STATS)
         self._need_coord = "coord_variance" in self.needs

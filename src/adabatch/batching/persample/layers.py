@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from adabatch.batching.persample.records import Chunking, LayerCall, ParamSums, Tuning
+from adabatch.batching.persample.records import Chunking, LayerCall, ParamSums, PerSampleTuning
 
 Sums = dict[str, ParamSums]
 
@@ -23,7 +23,7 @@ class LayerRule:
     """Per-sample gradient arithmetic for one module type (base: the generic chunked path,
     which materialises the per-sample gradients of :meth:`grads` chunk by chunk)."""
 
-    def __init__(self, module: nn.Module, names: tuple[str, ...], tuning: Tuning) -> None:
+    def __init__(self, module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning) -> None:
         self.module = module
         self.names = names
         self.tuning = tuning

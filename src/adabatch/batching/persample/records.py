@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from adabatch._validation import check_int
+
 if TYPE_CHECKING:
     from adabatch.batching.persample.layers import LayerRule
 
 
 @dataclass(frozen=True)
-class Tuning:
+class PerSampleTuning:
     """How :class:`~adabatch.batching.persample.PerSampleStats` chooses between equivalent
     computations; none of these changes a statistic beyond floating-point rounding.
 
@@ -34,6 +36,12 @@ class Tuning:
     im2col_max_cin: int = 4
     grouped_max_chunk: int = 32
     gram_form: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("im2col_max_cin", self.im2col_max_cin, minimum=0)
+        check_int("grouped_max_chunk", self.grouped_max_chunk)
+        if not isinstance(self.gram_form, bool):
+            raise TypeError(f"Invalid gram_form: {self.gram_form!r} (must be a bool)")
 
 
 @dataclass(slots=True, eq=False)
