@@ -94,3 +94,16 @@ def test_new_run_dir_rule(tmp_path) -> None:
         check_new_run_dir(tmp_path / "file")
     with pytest.raises(ValueError, match="--out is empty"):
         check_new_run_dir("")
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path) -> None:
+    with RunDirLock(tmp_path / "new"):
+        pass
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with RunDirLock(tmp_path / "mine"):
+        pass
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+    with RunDirLock(tmp_path / "run"):
+        (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME, "metrics.jsonl"]

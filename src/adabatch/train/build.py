@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from adabatch.train.config import ConfigError, TrainConfig, replace, validate
 from adabatch.train.distributed import Dist, StepReducer, wrap_ddp
+from adabatch.train.divergence import DivergenceMonitor
 
 __all__ = ["Run", "build", "resolve_device"]
 
@@ -48,6 +49,7 @@ class Run:
     forward: nn.Module | None = None  # the module the training forward runs (DDP wrapper)
     reducer: StepReducer | None = None  # the per-step small all-reduce (distributed runs)
     stop: Any = None  # while the loop runs: its SIGINT/SIGTERM flag (``stop.signum``)
+    divergence: DivergenceMonitor = field(default_factory=DivergenceMonitor)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -218,6 +220,10 @@ def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None, *,
     model = _make_model(cfg, data, device)
     optimizer = _make_optimizer(cfg, model)
     n_train = len(data.x_train)
+    if cfg.max_batch > n_train:
+        raise ConfigError(f"--max-batch {cfg.max_batch} is larger than the training set "
+                          f"({n_train} samples); a step cannot take more samples than there "
+                          f"are")
     budget_kind, budget = _budget(cfg, n_train)
     micro = cfg.effective_micro_batch() or 1  # None: whole batches, any size
     granularity = cfg.batch_granularity or micro * d.world_size

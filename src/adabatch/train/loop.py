@@ -64,12 +64,17 @@ from adabatch.train.callbacks import Callbacks
 from adabatch.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    newest_intact_checkpoint,
+    remove_stale_temporaries,
     write_atomic,
+    write_text_atomic,
 )
 from adabatch.train.config import ConfigError, TrainConfig, replace, validate
 from adabatch.train.distributed import Dist, check_world_size, init_from_env, restart_count
 from adabatch.train.logging import MetricsWriter, Progress
+from adabatch.train.rundir import RunDirBusy, RunDirLock, check_new_run_dir
 from adabatch.train.state import check_compatible, restore, write_checkpoint
 from adabatch.train.steps import StopFlag, eval_row, evaluate, lr_multiplier, run_steps
 
@@ -118,15 +123,47 @@ class _NullWriter:
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    """The run directory: ``--resume``'s, or a new ``--out`` that holds no run and none of
+    the user's files (it must not exist, or be empty)."""
     if cfg.resume is not None:
         return Path(cfg.resume)
     run_dir = Path(cfg.out) if cfg.out is not None else _default_run_dir(cfg)
     if (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume "
                           f"{run_dir} or choose another --out")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} exists and is not a directory")
-    return run_dir
+    try:
+        return check_new_run_dir(run_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+class _Claim:
+    """Rank 0's ownership of the run directory (see :mod:`adabatch.train.rundir`): the lock
+    is taken before the data loads and held until the run ends."""
+
+    def __init__(self) -> None:
+        self.lock: RunDirLock | None = None
+        self.removed: list[Path] = []
+
+    def __call__(self, cfg: TrainConfig) -> Path:
+        run_dir = _prepare_run_dir(cfg)
+        lock = RunDirLock(run_dir)
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            raise ConfigError(str(e)) from None
+        except OSError as e:  # a read-only or unwritable --out: said before any work
+            raise ConfigError(f"cannot use {run_dir} as the run directory: "
+                              f"{e.strerror or e}") from None
+        self.lock = lock
+        if cfg.resume is not None:
+            self.removed = remove_stale_temporaries(run_dir)
+        return run_dir
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> None:
@@ -146,9 +183,9 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
                 f"micro-batch x processes ({micro} x {world_size} = {granularity}) "
                 f"with {world_size} processes")
     if cfg.resume is not None:
-        path = latest_checkpoint(cfg.resume)
-        if path is not None:
-            state = load_checkpoint(path)
+        found = newest_intact_checkpoint(cfg.resume)
+        if found is not None:
+            path, state, _ = found
             check_compatible(state["config"], cfg, path)
             try:
                 check_world_size(int(state["controller"]["batch_size"]), micro, world_size,
@@ -205,19 +242,47 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] | None = None,
         d.close()
 
 
-def _find_checkpoint(cfg: TrainConfig, d: Dist, run_dir: Path
+def _pick_checkpoint(cfg: TrainConfig, run_dir: Path,
+                     say: Callable[[str], None]) -> Path | None:
+    """Rank 0: the newest intact checkpoint (or the one of ``--from-step``), compatible with
+    ``cfg``. Newer damaged ones are renamed ``*.damaged`` (kept for inspection, out of the
+    way of keep-last-K), each with one line; with ``--from-step N`` the newer ones are set
+    aside as ``*.abandoned`` the same way."""
+    from_step = getattr(cfg, "from_step", None)
+    if from_step is not None:
+        return _checkpoint_at(run_dir, int(from_step), cfg, say)
+    found = newest_intact_checkpoint(run_dir)
+    if found is None:
+        return None
+    path, state, skipped = found
+    for bad, why in skipped:
+        os.replace(bad, bad.with_name(bad.name + ".damaged"))
+        say(f"skipped {bad.name} ({why}); kept as {bad.name}.damaged")
+    check_compatible(state["config"], cfg, path)  # checked once, before every rank loads
+    return path
+
+
+def _checkpoint_at(run_dir: Path, step: int, cfg: TrainConfig,
+                   say: Callable[[str], None]) -> Path:
+    paths = {int(p.stem.split("_")[1]): p for p in list_checkpoints(run_dir)}
+    if step not in paths:
+        kept = ", ".join(str(k) for k in sorted(paths)) or "none"
+        raise CheckpointError(f"--from-step {step}: {run_dir} has no checkpoint of step "
+                              f"{step} (kept: {kept})")
+    check_compatible(load_checkpoint(paths[step])["config"], cfg, paths[step])
+    for later in sorted(k for k in paths if k > step):
+        p = paths[later]
+        os.replace(p, p.with_name(p.name + ".abandoned"))
+        say(f"--from-step {step}: set {p.name} aside as {p.name}.abandoned")
+    return paths[step]
+
+
+def _find_checkpoint(cfg: TrainConfig, d: Dist, run_dir: Path, say: Callable[[str], None]
                      ) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint to resume from (checked once, on rank 0) and its state on every rank."""
-
-    def find() -> Path | None:
-        if cfg.resume is None:
-            return None
-        path = latest_checkpoint(run_dir)
-        if path is not None:  # readable and compatible, checked once before all ranks load
-            check_compatible(load_checkpoint(path)["config"], cfg, path)
-        return path
-
-    path = _rank0_first(d, find)
+    """The checkpoint to resume from (chosen once, on rank 0) and its state on every rank."""
+    if cfg.resume is None:
+        return None, None
+    path = _rank0_first(d, lambda: _pick_checkpoint(cfg, run_dir, say))
     return path, (load_checkpoint(path) if path is not None else None)
 
 
@@ -231,11 +296,14 @@ def _check_tensorboard(cfg: TrainConfig, d: Dist) -> None:
 
 
 def _open_run(cfg: TrainConfig, d: Dist, say: Callable[[str], None],
-              callbacks: Callbacks) -> tuple[Run, Any]:
-    """Build the run, restore its checkpoint (on resume) and open its metrics writer."""
+              callbacks: Callbacks, claim: _Claim) -> tuple[Run, Any]:
+    """Claim the run directory, build the run, restore its checkpoint (on resume) and open
+    its metrics writer."""
     restarted = restart_count() > 0
-    run_dir = _rank0_first(d, lambda: _prepare_run_dir(cfg))
-    ckpt_path, ckpt_state = _find_checkpoint(cfg, d, run_dir)
+    run_dir = _rank0_first(d, lambda: claim(cfg))
+    if claim.removed:
+        say(f"removed {len(claim.removed)} temporary file(s) of an interrupted write")
+    ckpt_path, ckpt_state = _find_checkpoint(cfg, d, run_dir, say)
     _check_tensorboard(cfg, d)
     run = build(cfg, run_dir, d, step_reducer=callbacks.reduce_statistics)
     if d.is_main:
@@ -250,7 +318,8 @@ def _open_run(cfg: TrainConfig, d: Dist, say: Callable[[str], None],
         say(f"no checkpoint in {run_dir}; starting it from the beginning")
     writer: Any = _NullWriter()
     if d.is_main:
-        cfg.save(run_dir / "config.json")
+        write_text_atomic(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n",
+                          run_dir / "config.json")
         writer = MetricsWriter(
             run_dir / "metrics.jsonl",
             truncate_at=run.metrics_offset if ckpt_state is not None else None,
@@ -264,7 +333,16 @@ def _train(cfg: TrainConfig, d: Dist, say: Callable[[str], None] | None,
     quiet = cfg.quiet or not d.is_main
     tell: Callable[[str], None] = say if say is not None and d.is_main else (
         lambda line: None if quiet else print(line, flush=True))
-    run, writer = _open_run(cfg, d, tell, callbacks)
+    claim = _Claim()
+    try:
+        return _train_claimed(cfg, d, tell, quiet, callbacks, claim)
+    finally:
+        claim.release()
+
+
+def _train_claimed(cfg: TrainConfig, d: Dist, tell: Callable[[str], None], quiet: bool,
+                   callbacks: Callbacks, claim: _Claim) -> TrainResult:
+    run, writer = _open_run(cfg, d, tell, callbacks, claim)
     unit = "step" if run.budget_kind == "steps" else "sample"
     progress = Progress(run.budget, unit, quiet=quiet,
                         start=run.step if unit == "step" else run.samples)
@@ -284,13 +362,25 @@ def _train(cfg: TrainConfig, d: Dist, say: Callable[[str], None] | None,
             d.barrier()
             return TrainResult(run.run_dir, {"step": run.step, "samples": run.samples},
                                interrupted=stop.signum, rank=d.rank)
-        final = eval_row(run, writer, progress)
-        write_checkpoint(run, writer)
+        final = _final_eval(run, writer, progress)
     finally:
         progress.close()
         writer.close()
     callbacks.on_train_end(run)
     return _finish(run, final)
+
+
+def _final_eval(run: Run, writer: Any, progress: Any) -> dict[str, Any]:
+    """The final evaluation row, written once: a resumed run whose last checkpoint already
+    holds it (a finished run, or one killed between that checkpoint and ``final.pt``) reuses
+    it instead of writing a second row for the same step."""
+    saved = run.extra.get("final_eval")
+    if isinstance(saved, dict) and saved.get("step") == run.step:
+        return saved
+    final = eval_row(run, writer, progress)
+    run.extra["final_eval"] = final
+    write_checkpoint(run, writer)
+    return final
 
 
 def _finish(run: Run, final: dict[str, Any]) -> TrainResult:
@@ -316,8 +406,6 @@ def _finish(run: Run, final: dict[str, Any]) -> TrainResult:
     }
     if d.is_main:
         write_atomic(run.model.state_dict(), run.run_dir / "final.pt")
-        tmp = run.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run.run_dir / "summary.json")
+        write_text_atomic(json.dumps(summary, indent=2) + "\n", run.run_dir / "summary.json")
     d.barrier()  # every rank returns once the outputs exist
     return TrainResult(run.run_dir, summary, rank=d.rank)

@@ -58,10 +58,12 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_NAME
         self.took_over: int | None = None
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> RunDirLock:
         if self._fd is not None:
             raise RuntimeError(f"the lock of {self.run_dir} is already held by this object")
+        self._created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = self._read_owner()
         fd = self._lock_flock() if fcntl is not None else self._lock_exclusive(previous)
@@ -105,14 +107,20 @@ class RunDirLock:
                           "to finish or choose another --out")
 
     def release(self) -> None:
-        """Give the directory up (the lock file stays; it is free once unlocked)."""
+        """Give the directory up. The lock file stays (it is free once unlocked), unless
+        nothing else was written: then the lock file goes, and the directory too when this
+        lock created it, so a run that failed before writing leaves nothing behind."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        if fcntl is None:  # pragma: no cover
+        alone = [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]
+        if alone or fcntl is None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         os.close(fd)  # closing the descriptor releases the flock
+        if alone and self._created:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
 
     def __enter__(self) -> RunDirLock:
         return self.acquire()

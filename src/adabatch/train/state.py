@@ -34,6 +34,7 @@ def checkpoint_state(run: Run, rng_ranks: list[Any] | None = None) -> dict[str, 
         "rng": capture_rng(run.augment_gen),
         "metrics_offset": run.metrics_offset,
         "extra": run.extra,
+        "divergence": run.divergence.state_dict(),
     }
     if rng_ranks is not None:  # every rank's RNG states (augmentation), rank order
         state["rng_ranks"] = rng_ranks
@@ -83,7 +84,18 @@ def _check_world(run: Run, state: dict[str, Any], path: Path) -> None:
 
 
 def restore(run: Run, state: dict[str, Any], path: Path) -> None:
-    """Load a checkpoint's state into ``run`` (CheckpointError, one line, when it cannot)."""
+    """Load a checkpoint's state into ``run`` (CheckpointError, one line, when it cannot: an
+    incompatible configuration, a missing key, a state that does not fit, a bad RNG state)."""
+    try:
+        _restore(run, state, path)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else one_line(e)
+        raise CheckpointError(f"cannot restore {path}: {what}") from None
+
+
+def _restore(run: Run, state: dict[str, Any], path: Path) -> None:
     check_compatible(state["config"], run.cfg, path)
     d = run.dist
     _check_world(run, state, path)
@@ -92,7 +104,9 @@ def restore(run: Run, state: dict[str, Any], path: Path) -> None:
         run.optimizer.load_state_dict(state["optimizer"])
         run.controller.load_state_dict(state["controller"])
         run.sampler.load_state_dict(state["sampler"])
-    except (ValueError, RuntimeError, KeyError) as e:
+        if "divergence" in state:  # checkpoints of 0.1.0 before the rule have none
+            run.divergence.load_state_dict(state["divergence"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot restore {path}: {one_line(e)}") from None
     ranks = state.get("rng_ranks")
     if ranks is not None and len(ranks) == d.world_size:
@@ -101,6 +115,10 @@ def restore(run: Run, state: dict[str, Any], path: Path) -> None:
         restore_rng(state["rng"], run.augment_gen if d.rank == 0 else None)
         if d.rank != 0:
             run.augment_gen.manual_seed(run.cfg.seed + 1 + 7919 * d.rank + 104729 * state["step"])
-    run.step, run.samples, run.elapsed = state["step"], state["samples"], state["elapsed"]
-    run.metrics_offset = state["metrics_offset"]
+    try:
+        run.step, run.samples = int(state["step"]), int(state["samples"])
+        run.elapsed, run.metrics_offset = float(state["elapsed"]), state["metrics_offset"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot restore {path}: missing or bad counter "
+                              f"({one_line(e)})") from None
     run.extra = {**dict(state.get("extra") or {}), "world_size": d.world_size}

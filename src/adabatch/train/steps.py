@@ -24,6 +24,7 @@ from adabatch.train.callbacks import Callbacks
 from adabatch.train.config import TrainConfig
 from adabatch.train.data import task_loss
 from adabatch.train.distributed import Dist, average_gradients
+from adabatch.train.divergence import Diverged
 from adabatch.train.state import write_checkpoint
 
 __all__ = ["StopFlag", "evaluate", "lr_multiplier", "run_steps"]
@@ -63,9 +64,12 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 
     With ``dist`` (several ranks) each rank evaluates a contiguous shard of ``x, y`` and the
     sums of losses, correct predictions and samples are all-reduced (one small all-reduce).
     """
+    n = len(x)
+    if n == 0:
+        raise ValueError("evaluate(): the test set is empty")
     was_training = model.training
     model.eval()
-    total_loss, correct, n = 0.0, 0, len(x)
+    total_loss, correct = 0.0, 0
     lo, hi = 0, n
     if dist is not None and dist.enabled:
         lo, hi = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
@@ -86,7 +90,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 
                             device=x.device if x.device.type == "cuda" else "cpu")
         tdist.all_reduce(sums)
         total_loss, correct = float(sums[0]), round(float(sums[1]))
-    return total_loss / max(1, n), (None if task == "regression" else correct / max(1, n))
+    return total_loss / n, (None if task == "regression" else correct / n)
 
 
 class StopFlag:
@@ -133,7 +137,17 @@ def done(run: Run) -> bool:
 
 
 def eval_row(run: Run, writer: Any, progress: Any) -> dict[str, Any]:
-    """Evaluate on the test split, write the row and a progress line; return the row."""
+    """Evaluate on the test split, write the row and a progress line; return the row.
+
+    Without a test set nothing is measured: the row's ``test_loss`` and ``test_accuracy`` are
+    None (null in ``metrics.jsonl`` and ``summary.json``), never a made-up 0."""
+    if len(run.data.x_test) == 0:
+        row = {"eval": True, "step": run.step, "samples": run.samples, "test_loss": None,
+               "test_accuracy": None, "time": run.elapsed, "test_samples": 0}
+        writer.write(row)
+        writer.flush()
+        progress.write(f"eval step={run.step}: no test set, nothing evaluated")
+        return row
     loss, acc = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.task,
                          batch=run.cfg.eval_batch, autocast=autocast(run.cfg, run.device),
                          dist=run.dist)
@@ -251,9 +265,11 @@ class _Steps:
         loss_sum, measuring = self.gradients(B, policy.wants_stats())
         loss_value, stats, stop_any = self.reduce(loss_sum, measuring)
         lr = float(opt.param_groups[0]["lr"])
-        if not math.isfinite(loss_value):  # stop before the step spoils the model
-            raise FloatingPointError(f"the loss is {loss_value} at step {run.step + 1}; "
-                                     "try a smaller --lr")
+        try:  # before the step spoils the model (a NaN/inf loss, or a finite blow-up)
+            run.divergence.check(loss_value, run.step + 1)
+        except Diverged as e:
+            raise Diverged(f"{e}; try a smaller --lr (continue from an earlier checkpoint "
+                           f"with --resume {run.run_dir} --from-step N)") from None
         cb.before_optimizer_step(run)
         opt.step()
         policy.update(stats)
