@@ -879,16 +879,26 @@ def _multi_tensor_adabelief(
             ]
             _foreach_update(*lists, coefs=coefs, kinds=None, **hyper)  # type: ignore[arg-type]
             continue
-        kinds = [
-            _float_coefficients(_scalar(st), beta1, beta2, rectify, degenerated_to_sgd)
-            for st in b_steps
-        ]
+        coefficients = functools.cache(
+            functools.partial(
+                _float_coefficients,
+                beta1=beta1, beta2=beta2, rectify=rectify, degenerated_to_sgd=degenerated_to_sgd,
+            )
+        )  # fmt: skip
+        kinds = [coefficients(t) for t in torch.stack(b_steps).tolist()]
         if device.type != "cpu":
             _foreach_update(*lists, coefs=None, kinds=kinds, **hyper)  # type: ignore[arg-type]
             continue
+        # the step count is usually the same for every tensor: then one kind for all waves,
+        # and the per-wave work is only the tensor operations
+        uniform = kinds[0] if all(k == kinds[0] for k in kinds) else None
+        consts = (
+            torch.tensor(eps / (1 - beta2), dtype=lists[2][0].dtype),
+            torch.tensor(eps, dtype=lists[2][0].dtype),
+        )
         for owners, pieces in _cpu_waves(lists):
-            wave_kinds = [kinds[o] for o in owners]
-            _foreach_update(*pieces, coefs=None, kinds=wave_kinds, **hyper)  # type: ignore[arg-type]
+            wave_kinds = uniform if uniform is not None else [kinds[o] for o in owners]
+            _foreach_update(*pieces, coefs=None, kinds=wave_kinds, consts=consts, **hyper)  # type: ignore[arg-type]
 
 
 def _foreach_update(
@@ -899,7 +909,8 @@ def _foreach_update(
     max_exp_avg_vars: list[Tensor] | None = None,
     *,
     coefs: list[tuple[Tensor, Tensor, Tensor]] | None,
-    kinds: list[tuple[str, float, float]] | None,
+    kinds: list[tuple[str, float, float]] | tuple[str, float, float] | None,
+    consts: tuple[Tensor, Tensor] | None = None,
     beta1: float,
     beta2: float,
     lr: float | Tensor,
@@ -910,7 +921,12 @@ def _foreach_update(
     fixed_decay: bool,
     maximize: bool,
 ) -> None:
-    """One foreach pass sequence over aligned lists of one device and dtype (steps done)."""
+    """One foreach pass sequence over aligned lists of one device and dtype (steps done).
+
+    ``kinds``: the host coefficients per tensor, or one tuple for every tensor; ``consts``:
+    the 0-dim tensors ``eps / (1 - beta2)`` and ``eps`` of the state dtype on the lists'
+    device (made here when not given).
+    """
     state_dtype = exp_avgs[0].dtype
     low = params[0].dtype != state_dtype
     work = [p.to(state_dtype) for p in params] if low else params
@@ -920,7 +936,7 @@ def _foreach_update(
             torch._foreach_neg_(grads)
     elif maximize:
         grads = torch._foreach_neg(grads)
-    private_grads = low or maximize
+    private_grads = low or maximize  # grads is a list of our own tensors
 
     if weight_decouple:
         if weight_decay != 0:
@@ -930,12 +946,22 @@ def _foreach_update(
             torch._foreach_add_(grads, work, alpha=weight_decay)
         else:
             grads = torch._foreach_add(grads, work, alpha=weight_decay)
+            private_grads = True
 
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    tmp = torch._foreach_sub(grads, exp_avgs)  # residual r = g - m
+    if private_grads:  # residual r = g - m, in place where grads is ours: no new tensors
+        torch._foreach_sub_(grads, exp_avgs)
+        tmp = grads
+    else:
+        tmp = torch._foreach_sub(grads, exp_avgs)
     del grads
     # tmp = eps/(1-beta2) + r*r; then s + (1-beta2)(tmp - s) = beta2 s + (1-beta2) r^2 + eps
-    floor = torch.tensor(eps / (1 - beta2), dtype=tmp[0].dtype, device=tmp[0].device)
+    if consts is None:
+        consts = (
+            torch.tensor(eps / (1 - beta2), dtype=tmp[0].dtype, device=tmp[0].device),
+            torch.tensor(eps, dtype=tmp[0].dtype, device=tmp[0].device),
+        )
+    floor = consts[0]
     for t in tmp:
         torch.addcmul(floor, t, t, out=t)
     torch._foreach_lerp_(exp_avg_vars, tmp, 1 - beta2)
@@ -957,7 +983,10 @@ def _foreach_update(
         torch._foreach_add_(work, update)
     else:
         assert kinds is not None
-        _apply_float_update(work, exp_avgs, denom, kinds, float(lr), eps)
+        if isinstance(kinds, tuple):
+            _apply_uniform_update(work, exp_avgs, denom, kinds, float(lr), eps, consts[1])
+        else:
+            _apply_float_update(work, exp_avgs, denom, kinds, float(lr), eps, consts[1])
     if low:
         torch._foreach_copy_(params, work)
 
@@ -969,8 +998,10 @@ def _apply_float_update(
     kinds: list[tuple[str, float, float]],
     lr: float,
     eps: float,
+    eps_t: Tensor,
 ) -> None:
-    """The host-coefficient update of the foreach core (kinds usually all equal)."""
+    """The host-coefficient update of the foreach core (``eps_t``: ``eps`` as a 0-dim tensor
+    of the state dtype on the tensors' device)."""
     by_kind: dict[str, list[int]] = {}
     for i, (kind, _, _) in enumerate(kinds):
         by_kind.setdefault(kind, []).append(i)
@@ -985,12 +1016,52 @@ def _apply_float_update(
             continue
         ds = denom if whole else [denom[i] for i in idx]
         if kind == "adam":
-            eps_t = torch.tensor(eps, dtype=ds[0].dtype, device=ds[0].device)
-            for i, d in zip(idx, ds):
-                inv = torch.tensor(1.0 / kinds[i][2], dtype=d.dtype, device=d.device)
-                torch.addcmul(eps_t, d, inv, out=d)  # sqrt(v)/sqrt(bc2) + eps in one pass
+            _adam_denominator(ds, [kinds[i][2] for i in idx], eps_t)
             values = [-(lr / kinds[i][1]) for i in idx]
         else:
             torch._foreach_add_(ds, eps)
             values = [-kinds[i][1] * lr for i in idx]
         torch._foreach_addcdiv_(ps, ms, ds, values)
+
+
+def _apply_uniform_update(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    denom: list[Tensor],
+    kind: tuple[str, float, float],
+    lr: float,
+    eps: float,
+    eps_t: Tensor,
+) -> None:
+    """:func:`_apply_float_update` when every tensor has the same coefficients ``kind``: the
+    same operations with one scalar for all tensors."""
+    name, step_size, bc2_sqrt = kind
+    if name == "skip":
+        return
+    if name == "sgd":
+        torch._foreach_add_(params, torch._foreach_mul(exp_avgs, -step_size * lr))
+        return
+    if name == "adam":
+        _adam_denominator(denom, [bc2_sqrt] * len(denom), eps_t)
+        value = -(lr / step_size)
+    else:
+        torch._foreach_add_(denom, eps)
+        value = -step_size * lr
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value)
+
+
+def _adam_denominator(denom: list[Tensor], bc2_sqrts: list[float], eps_t: Tensor) -> None:
+    """``d <- sqrt(v)/sqrt(bc2) + eps`` in place, in one pass per tensor.
+
+    Computed as ``eps + d * (1/sqrt(bc2))`` with a single rounding (a fused multiply-add) on
+    every device. On CPU ``add(eps, d, alpha=1/sqrt(bc2))`` does it with eps as the only
+    broadcast operand, so the kernel stays vectorized; ``addcmul`` with two broadcast scalars
+    (used on other devices) gives the same numbers through the element-by-element loop.
+    """
+    if denom[0].is_cpu:
+        for d, bc2_sqrt in zip(denom, bc2_sqrts):
+            torch.add(eps_t, d, alpha=1.0 / bc2_sqrt, out=d)
+        return
+    for d, bc2_sqrt in zip(denom, bc2_sqrts):
+        inv = torch.tensor(1.0 / bc2_sqrt, dtype=d.dtype, device=d.device)
+        torch.addcmul(eps_t, d, inv, out=d)
