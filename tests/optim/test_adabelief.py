@@ -374,7 +374,8 @@ FOREACH_CONFIGS = {
 @pytest.mark.parametrize("config", list(FOREACH_CONFIGS))
 def test_foreach_matches_for_loop(config: str) -> None:
     gen = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (0,), (5,), (2, 3, 2), (300_000,)]  # one empty, one cut into CPU blocks
+    # one empty, one cut into 3 CPU pieces
+    shapes = [(3, 4), (0,), (5,), (2, 3, 2), (2 * ab._CPU_BLOCK + 37,)]
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     waves = ab._cpu_waves([start])
     assert [owners for owners, _ in waves] == [[0, 1, 2, 3, 4], [4], [4]]  # cut in 3 pieces
