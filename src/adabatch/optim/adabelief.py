@@ -933,23 +933,12 @@ def _foreach_update(
     state_dtype = exp_avgs[0].dtype
     low = params[0].dtype != state_dtype
     work = [p.to(state_dtype) for p in params] if low else params
-    if low:
-        grads = [g.to(state_dtype) for g in grads]
-        if maximize:
-            torch._foreach_neg_(grads)
-    elif maximize:
-        grads = torch._foreach_neg(grads)
-    private_grads = low or maximize  # grads is a list of our own tensors
-
-    if weight_decouple:
-        if weight_decay != 0:
-            torch._foreach_mul_(work, 1 - (weight_decay if fixed_decay else lr * weight_decay))
-    elif weight_decay != 0:
-        if private_grads:
-            torch._foreach_add_(grads, work, alpha=weight_decay)
-        else:
-            grads = torch._foreach_add(grads, work, alpha=weight_decay)
-            private_grads = True
+    grads, private_grads = _foreach_grads(
+        work, grads, state_dtype, low=low, maximize=maximize, weight_decay=weight_decay,
+        l2=not weight_decouple,
+    )  # fmt: skip
+    if weight_decouple and weight_decay != 0:
+        torch._foreach_mul_(work, 1 - (weight_decay if fixed_decay else lr * weight_decay))
 
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     if private_grads:  # residual r = g - m, in place where grads is ours: no new tensors
@@ -992,6 +981,35 @@ def _foreach_update(
             _apply_float_update(work, exp_avgs, denom, kinds, float(lr), eps, consts[1])
     if low:
         torch._foreach_copy_(params, work)
+
+
+def _foreach_grads(
+    work: list[Tensor],
+    grads: list[Tensor],
+    state_dtype: torch.dtype,
+    *,
+    low: bool,
+    maximize: bool,
+    weight_decay: float,
+    l2: bool,
+) -> tuple[list[Tensor], bool]:
+    """The gradients the foreach update uses: in the state dtype, negated under maximize, plus
+    the L2 term ``weight_decay * p`` (``l2``). Returns them and whether they are new tensors
+    (ours to overwrite) rather than the caller's ``p.grad``."""
+    if low:
+        grads = [g.to(state_dtype) for g in grads]
+        if maximize:
+            torch._foreach_neg_(grads)
+    elif maximize:
+        grads = torch._foreach_neg(grads)
+    private = low or maximize
+    if l2 and weight_decay != 0:
+        if private:
+            torch._foreach_add_(grads, work, alpha=weight_decay)
+        else:
+            grads = torch._foreach_add(grads, work, alpha=weight_decay)
+            private = True
+    return grads, private
 
 
 def _apply_float_update(
