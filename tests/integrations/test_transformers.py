@@ -32,7 +32,7 @@ def test_steps_equal_the_handwritten_loop_and_are_logged(tmp_path):
     logs = got["logs"]
     assert [row["step"] for row in logs] == list(range(1, 9))
     sizes = [len(b) for b in want["batches"]]
-    assert [row["adabatch/batch_size"] for row in logs] == sizes[1:] + [sizes[-1]]
+    assert [row["adabatch/batch_size"] for row in logs] == [*sizes[1:], sizes[-1]]
     assert [row.get("adabatch/required") for row in logs[:len(want["history"])]] == \
         [h["required"] for h in want["history"]]
     assert logs[-1]["adabatch/epoch"] == pytest.approx(sum(sizes) / c.N)
@@ -74,7 +74,7 @@ def test_refuses_what_would_silently_go_wrong(tmp_path):
     with pytest.raises(ValueError, match="at least 2 micro-batches"):
         _trainer(tmp_path, one_micro).train()
     (tmp_path / "checkpoint-1").mkdir()
-    with pytest.raises(FileNotFoundError, match="adabatch_state.pt"):
+    with pytest.raises(FileNotFoundError, match=r"adabatch_state\.pt"):
         _trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert torch.is_grad_enabled()
 

@@ -26,7 +26,8 @@ controller and the sampler (``adabatch_state.pt`` in each ``checkpoint-N`` folde
 ``train(resume_from_checkpoint=...)`` continues with the same batches and decisions. The
 training logs gain ``adabatch/batch_size`` (the next step's), ``adabatch/epoch`` (epochs of
 the sample stream; the Trainer's own ``epoch`` counts steps of ``max_steps``) and, on a test
-step, ``adabatch/required``, ``adabatch/statistic`` and ``adabatch/passed``. The loss reported is the step's mean loss.
+step, ``adabatch/required``, ``adabatch/statistic`` and ``adabatch/passed``. The loss
+reported is the step's mean loss.
 """
 
 from __future__ import annotations
