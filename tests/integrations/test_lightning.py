@@ -129,3 +129,22 @@ def torchrun_lightning(tmp_path: Path, estimator: str) -> list[dict]:
     """Lightning's ddp strategy under torchrun (it then uses torchrun's processes)."""
     return torchrun(ROOT / "tests/integrations/_lightning_loop.py", tmp_path / "r", "8",
                     estimator, "2")
+
+
+def test_gradient_clip_val_clips_the_step():
+    """gradient_clip_val clips each global step's gradient (after the statistics, which
+    stay those of the unclipped gradient): SGD then moves the weights by at most lr·clip."""
+    callback = AdaptiveBatchSize(c.controller(), micro_batch=c.MICRO, seed=c.SEED,
+                                 gradient_clip_val=1e-3)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", callbacks=[callback], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    module = Module()
+    before = torch.tensor(c.flat_params(module.net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module)
+    moved = torch.tensor(c.flat_params(module.net)) - before
+    assert 0 < moved.norm() <= 3 * 0.1 * 1e-3 * (1 + 1e-5)
+    # the first test saw the unclipped gradient of the same weights
+    assert callback.controller.history[0] == c.reference(1)["history"][0]

@@ -127,11 +127,15 @@ class GlobalStep:
         sampler: the :class:`~adabatch.batching.AdaptiveBatchSampler` of this rank.
         estimator: an estimator object (the protocol of :mod:`adabatch.batching.protocol`),
             or None for a policy that needs no statistics.
+        params: the parameters whose gradients a step without synchronisation averages by
+            hand (default: the estimator's); give all the model's trainable parameters when
+            the estimator covers only some.
     """
 
     def __init__(self, controller: Any, sampler: AdaptiveBatchSampler,
-                 estimator: Any = None) -> None:
+                 estimator: Any = None, params: Iterable[Tensor] | None = None) -> None:
         check_setup(controller, sampler, estimator)
+        self.params = list(params) if params is not None else None
         self.controller = controller
         self.sampler = sampler
         self.estimator = estimator
@@ -210,7 +214,7 @@ class GlobalStep:
         if self._step_stack is None or self.micro_batch_index != self.local_micro_batches:
             raise RuntimeError("finish_gradients() before the step's last micro-batch")
         if self.manual_sync:
-            params = list(self.estimator.params)
+            params = self.params if self.params is not None else list(self.estimator.params)
             (average or average_gradients)(params)
         stack, self._step_stack = self._step_stack, None
         stack.close()

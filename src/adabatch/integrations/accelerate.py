@@ -93,7 +93,8 @@ class AdaptiveBatch:
             rank=accelerator.process_index, world_size=accelerator.num_processes)
         inner = accelerator.unwrap_model(model)
         est = build_estimator(estimator, inner, frozenset(controller.needs))
-        self.engine = GlobalStep(controller, self.sampler, est)
+        self.engine = GlobalStep(controller, self.sampler, est,
+                                 [p for p in inner.parameters() if p.requires_grad])
         self.controller = controller
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, **loader_kwargs)
         self._batches: Iterator[Any] | None = None

@@ -91,12 +91,15 @@ class AdaptiveBatchSize(pl.Callback):
         max_samples: stop (``trainer.should_stop``) once this many samples were trained on.
         max_epochs: the same in epochs of the stream (``samples / len(dataset)``).
         log: log the batch size and the test's results to the Trainer's loggers.
+        gradient_clip_val: clip the step's gradient to this norm before the optimizer step
+            (after the statistics; ``Trainer(gradient_clip_val=...)`` does not apply to manual
+            optimization).
     """
 
     def __init__(self, controller: Any, *, micro_batch: int, seed: int = 0,
                  shuffle: bool = True, estimator: Any = "per-sample",
                  max_samples: int | None = None, max_epochs: float | None = None,
-                 log: bool = True) -> None:
+                 log: bool = True, gradient_clip_val: float | None = None) -> None:
         self.controller = controller
         self.micro_batch = check_int("micro_batch", micro_batch)
         self.seed = check_int("seed", seed, 0)
@@ -107,9 +110,12 @@ class AdaptiveBatchSize(pl.Callback):
         self.max_epochs = None if max_epochs is None else check_real(
             "max_epochs", max_epochs, minimum=0.0)
         self.log_metrics = bool(log)
+        self.gradient_clip_val = None if gradient_clip_val is None else check_real(
+            "gradient_clip_val", gradient_clip_val, minimum=0.0, strict=True)
         self.engine: GlobalStep | None = None
         self.sampler: AdaptiveBatchSampler | None = None
         self._estimator: Any = None
+        self._params: list[Tensor] = []
         self._rank, self._world = 0, 1
         self._pending: dict[str, Any] | None = None
         self._sync: contextlib.ExitStack | None = None
@@ -140,6 +146,7 @@ class AdaptiveBatchSize(pl.Callback):
         self._rank, self._world = trainer.global_rank, trainer.world_size
         self._estimator = build_estimator(self.estimator_spec, pl_module,
                                           frozenset(self.controller.needs))
+        self._params = [p for p in pl_module.parameters() if p.requires_grad]
 
     def dataloader(self, dataset: Dataset, **loader_kwargs: Any) -> _MicroBatchLoader:
         """The train loader for ``train_dataloader()``: this process's micro-batches of
@@ -152,7 +159,8 @@ class AdaptiveBatchSize(pl.Callback):
             self.sampler = AdaptiveBatchSampler(
                 len(dataset), self.micro_batch, seed=self.seed,  # type: ignore[arg-type]
                 shuffle=self.shuffle, rank=self._rank, world_size=self._world)
-            self.engine = GlobalStep(self.controller, self.sampler, self._estimator)
+            self.engine = GlobalStep(self.controller, self.sampler, self._estimator,
+                                     self._params)
             if self._pending is not None:
                 pending, self._pending = self._pending, None
                 self.engine.load_state_dict(pending)
@@ -193,6 +201,9 @@ class AdaptiveBatchSize(pl.Callback):
         self.stats = engine.finish_gradients()
         optimizers = pl_module.optimizers()
         for opt in optimizers if isinstance(optimizers, list) else [optimizers]:
+            if self.gradient_clip_val is not None:
+                pl_module.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val,
+                                         gradient_clip_algorithm="norm")
             opt.step()
             opt.zero_grad()
         step = self.controller.step

@@ -150,7 +150,8 @@ class AdaptiveBatchTrainer(Trainer):
         assert isinstance(model, nn.Module)
         est = build_estimator(self.estimator_spec, model,
                               frozenset(self.batch_controller.needs))
-        self.engine = GlobalStep(self.batch_controller, self.sampler, est)
+        self.engine = GlobalStep(self.batch_controller, self.sampler, est,
+                                 [p for p in model.parameters() if p.requires_grad])
         if self._resume_state is not None:
             state, self._resume_state = self._resume_state, None
             self.engine.load_state_dict(state)
