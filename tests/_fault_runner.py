@@ -11,11 +11,13 @@ Faults (steps count from 1, as in metrics.jsonl):
 
 - ``--kill-at N``: SIGKILL this process during step N, before its optimizer step; with
   ``--kill-rank R`` only rank R, and only on torchrun's first attempt.
-- ``--pause-at N``: after step N print ``paused at step N`` and wait for SIGINT/SIGTERM.
+- ``--pause-at N``: after step N print ``paused at step N`` and wait for SIGINT/SIGTERM; with
+  ``--pause-rank R`` only rank R (the others go on and wait for it: a stuck, not dead, rank).
 - ``--nan-at N``: the last rank sends NaN statistics at step N (the sample counts stay).
 - ``--decisions DIR``: every rank writes its batch-size decisions to ``DIR/rank<r>.json``.
 
-The exit code is the CLI's: 0, or 128 + the signal number when stopped by a signal.
+The exit code is the CLI's: 0, 128 + the signal number when stopped by a signal, or the code
+of :mod:`adabatch.train.errors` with its one line on stderr.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class Faults(Callbacks):
 
     def __init__(self, *, kill_at: int | None = None, kill_rank: int | None = None,
                  pause_at: int | None = None, nan_at: int | None = None,
-                 decisions: str | None = None) -> None:
+                 decisions: str | None = None, pause_rank: int | None = None) -> None:
         self.kill_at, self.kill_rank, self.pause_at = kill_at, kill_rank, pause_at
+        self.pause_rank = pause_rank
         self.nan_at, self.decisions = nan_at, decisions
         # NaN partial sums go through the step reducer, also in one process
         self.reduce_statistics = nan_at is not None
@@ -59,6 +62,8 @@ class Faults(Callbacks):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def on_step_end(self, run: Any) -> None:
+        if self.pause_rank is not None and self.pause_rank != run.dist.rank:
+            return
         if self.pause_at == run.step:
             print(f"paused at step {run.step}", flush=True)
             while run.stop.signum is None:
@@ -88,7 +93,12 @@ def run_train(flags: list[str], faults: Faults) -> int:
         if key in given:
             given[key] = dict(given[key])
     file = given.pop("config", None)
-    result = train(build_config(given, file), callbacks=faults)
+    try:
+        result = train(build_config(given, file), callbacks=faults)
+    except Exception as e:  # as the CLI does: one line and the exit code of train.errors
+        from adabatch.cli import _fail
+
+        return _fail(e, debug=False)
     return 128 + result.interrupted if result.interrupted is not None else 0
 
 
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     cut = args.index("--") if "--" in args else len(args)
     p = argparse.ArgumentParser(prog="_fault_runner")
-    for name in ("--kill-at", "--kill-rank", "--pause-at", "--nan-at"):
+    for name in ("--kill-at", "--kill-rank", "--pause-at", "--pause-rank", "--nan-at"):
         p.add_argument(name, type=int)
     p.add_argument("--decisions")
     ns = p.parse_args(args[:cut])

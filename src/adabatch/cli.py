@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,18 @@ def _flags_run(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--out", metavar="DIR", default=_S,
                    help="run directory (default runs/<time>-<dataset>-<optimizer>-<test>)")
     g.add_argument("--resume", metavar="RUN", default=_S,
-                   help="continue the run in RUN from its newest checkpoint")
+                   help="continue the run in RUN from its newest intact checkpoint")
+    g.add_argument("--from-step", type=int, default=_S, metavar="N",
+                   help="with --resume: continue from the checkpoint of step N instead (the "
+                        "newer ones are set aside); --lr may then change")
+    g.add_argument("--divergence-factor", type=float, default=_S, metavar="F",
+                   help=f"stop when the loss exceeds F x the mean loss of the first 10 steps "
+                        f"(default {d.divergence_factor:g}; inf: only NaN/inf)")
+    g.add_argument("--dist-timeout", type=float, default=_S, metavar="S",
+                   help=f"seconds a process waits for the others before it reports them "
+                        f"stuck (default {d.dist_timeout:g})")
+    g.add_argument("--debug", action="store_true", default=_S,
+                   help="print the traceback of a failure (default: one line)")
     g.add_argument("--device", default=_S, help="auto (cuda when available), cpu, cuda[:N]")
     g.add_argument("--threads", type=int, default=_S, help="torch intra-op threads")
     g.add_argument("--precision", choices=PRECISIONS, default=_S,
@@ -224,19 +236,44 @@ def _train_config(flags: dict[str, Any]) -> Any:
     resume = flags.get("resume")
     if resume is None:
         return build_config(flags, file)
-    saved = Path(resume) / "config.json"
-    if not saved.is_file():
-        raise ConfigError(f"--resume {resume}: not a run directory (no config.json)")
-    try:
-        cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{saved}: invalid JSON: {e}") from None
+    if flags.get("out") is not None and Path(flags["out"]) != Path(resume):
+        raise ConfigError(f"--out {flags['out']} with --resume {resume}: a resumed run stays "
+                          f"in its own directory (leave --out out)")
+    cfg = TrainConfig.from_dict(_saved_config(Path(resume)))
     if file is not None:
         from adabatch.train.config import load_config_file
 
         apply_layer(cfg, load_config_file(file), source=str(file))
     apply_layer(cfg, flags, source="flags")
     return cfg
+
+
+def _saved_config(run: Path) -> dict[str, Any]:
+    """The configuration of the run in ``run``: its config.json, or, when that is missing or
+    damaged (a crash or a full disk while it was written), the configuration that the newest
+    intact checkpoint holds (said on stderr in one line)."""
+    from adabatch.train.checkpoint import CheckpointError, newest_intact_checkpoint
+    from adabatch.train.config import ConfigError
+
+    saved = run / "config.json"
+    problem = "no config.json"
+    if saved.is_file():
+        try:
+            data = json.loads(saved.read_text())
+            if isinstance(data, dict):
+                return data
+            problem = f"{saved} is not a JSON object"
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            problem = f"{saved} is damaged ({' '.join(str(e).split())})"
+    try:
+        found = newest_intact_checkpoint(run)
+    except CheckpointError:
+        found = None
+    if found is None or not isinstance(found[1].get("config"), dict):
+        raise ConfigError(f"--resume {run}: not a run directory ({problem})")
+    print(f"adabatch: {problem}; using the configuration saved in {found[0].name}",
+          file=sys.stderr)
+    return dict(found[1]["config"])
 
 
 _LAUNCH_FLAGS = ("--nproc", "--max-restarts")
@@ -318,12 +355,21 @@ def _print_summary(s: dict[str, Any], run_dir: Path, plots: list[Path], plot_not
         print(plot_note)
 
 
+def _fail(e: BaseException, debug: bool) -> int:
+    """Print ``e`` as one line (with the traceback first under ``--debug``); its exit code."""
+    from adabatch.train.errors import classify
+
+    if debug:
+        traceback.print_exception(e)
+    code, line = classify(e)
+    return _err(line, code)
+
+
 def _cmd_train(ns: argparse.Namespace, argv: list[str] | None = None) -> int:
-    from adabatch.train.checkpoint import CheckpointError
-    from adabatch.train.config import ConfigError
     from adabatch.train.loop import train
 
     flags = {k: v for k, v in vars(ns).items() if k != "command"}
+    debug = bool(flags.pop("debug", False))
     nproc = flags.pop("nproc", None)
     max_restarts = flags.pop("max_restarts", None)
     problem = _launch_problem(flags, nproc, max_restarts)
@@ -334,12 +380,10 @@ def _cmd_train(ns: argparse.Namespace, argv: list[str] | None = None) -> int:
     try:
         cfg = _train_config(flags)
         result = train(cfg)
-    except (ConfigError, CheckpointError) as e:
-        return _err(str(e))
-    except FloatingPointError as e:
-        return _err(str(e), 1)
     except KeyboardInterrupt:
         return _err("interrupted", 130)
+    except Exception as e:  # every failure: one line and its exit code (train.errors)
+        return _fail(e, debug)
     if result.interrupted is not None:
         return 128 + result.interrupted
     if result.rank != 0:

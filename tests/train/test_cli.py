@@ -246,7 +246,7 @@ def test_help_and_no_command(capsys):
 def test_diverging_loss_stops_with_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "20", "--optimizer", "sgd", "--lr", "1e30",
-                 "--out", str(out)]) == 1
+                 "--out", str(out)]) == 5  # the divergence exit code (train.errors)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "the loss is nan at step" in lines[0]
+    assert len(lines) == 1 and "diverged: the loss is nan at step" in lines[0]
     assert not (out / "final.pt").exists()

@@ -36,6 +36,8 @@ from adabatch.train.rundir import RunDirBusy
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9e12 "
                   "bytes"), E.EXIT_MEMORY, "out of memory"),
     (KeyError("x"), E.EXIT_INTERNAL, "internal error: KeyError"),
+    (RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:5. GLHF"), E.EXIT_PEER,
+     "another process of the run ended"),
 ])
 def test_classify(exc, code, start) -> None:
     got_code, line = E.classify(exc)
@@ -46,5 +48,5 @@ def test_classify(exc, code, start) -> None:
 
 def test_codes_are_distinct() -> None:
     codes = [E.EXIT_OK, E.EXIT_INTERNAL, E.EXIT_USAGE, E.EXIT_DATA, E.EXIT_IO, E.EXIT_DIVERGED,
-             E.EXIT_MEMORY]
+             E.EXIT_MEMORY, E.EXIT_PEER]
     assert len(set(codes)) == len(codes) and max(codes) < 128

@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 
+from adabatch._validation import check_int, check_mapping
 from adabatch.batching.batch_tests import BatchTest
 from adabatch.batching.stats import GradientStats
 
@@ -77,13 +78,6 @@ __all__ = [
 
 _LR_SCALINGS = (None, "linear", "sqrt")
 
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid {name}: {value!r} (must be an int)")
-    if value < minimum:
-        raise ValueError(f"Invalid {name}: {value} (must be >= {minimum})")
-    return value
 
 
 def _check_multiple(name: str, value: int, granularity: int) -> None:
@@ -113,9 +107,9 @@ class _BatchPolicy:
         granularity: int = 1,
         lr_scaling: str | None = None,
     ) -> None:
-        initial = _check_int("initial", initial)
-        maximum = _check_int("maximum", maximum)
-        granularity = _check_int("granularity", granularity)
+        initial = check_int("initial", initial)
+        maximum = check_int("maximum", maximum)
+        granularity = check_int("granularity", granularity)
         if maximum < initial:
             raise ValueError(f"maximum ({maximum}) must be >= initial ({initial})")
         _check_multiple("initial", initial, granularity)
@@ -149,6 +143,9 @@ class _BatchPolicy:
         :meth:`wants_stats` was True before the step (a :class:`ValueError` otherwise, with
         nothing changed) and ignored on the other steps, so a loop may pass whatever it has.
         """
+        if stats is not None and not isinstance(stats, GradientStats):
+            raise TypeError(f"Invalid stats: {type(stats).__name__} (must be GradientStats "
+                            "or None)")
         test_step = self.wants_stats()
         if test_step and stats is None:
             raise ValueError(
@@ -222,6 +219,7 @@ class _BatchPolicy:
         other hyperparameters (a new η, a larger maximum) is allowed and takes effect from
         the next decision. Keys that older versions saved beside these are ignored.
         """
+        check_mapping("state_dict", state)
         required = ("batch_size", "step", "samples", "warnings", "lr_factor", "history")
         missing = [k for k in required if k not in state]
         if missing:
@@ -300,7 +298,7 @@ class BatchSizeController(_BatchPolicy):
             raise TypeError(
                 f"test must be a BatchTest (callable with a frozenset `needs`), got {test!r}"
             )
-        self.interval = _check_int("interval", interval)
+        self.interval = check_int("interval", interval)
         super().__init__(initial, maximum, granularity=granularity, lr_scaling=lr_scaling)
         self.test = test
 
@@ -396,8 +394,8 @@ class LinearSchedule(_BatchPolicy):
         granularity: int = 1,
         lr_scaling: str | None = None,
     ) -> None:
-        self.increment = _check_int("increment", increment)
-        self.interval = _check_int("interval", interval)
+        self.increment = check_int("increment", increment)
+        self.interval = check_int("interval", interval)
         super().__init__(initial, maximum, granularity=granularity, lr_scaling=lr_scaling)
 
     def _decide(self, stats: GradientStats | None) -> tuple[int, dict[str, Any] | None]:
@@ -437,7 +435,7 @@ class StagewiseSchedule(_BatchPolicy):
         if not sizes:
             raise ValueError("batch_sizes must not be empty")
         for size in sizes:
-            _check_int("batch size", size)
+            check_int("batch size", size)
         if any(b > a for a, b in zip(sizes[1:], sizes[:-1])):
             raise ValueError(f"batch_sizes must be non-decreasing, got {sizes}")
         if isinstance(stage_samples, int) and not isinstance(stage_samples, bool):
@@ -450,7 +448,7 @@ class StagewiseSchedule(_BatchPolicy):
                 f"{len(sizes)} values), got {len(budgets)}"
             )
         for budget in budgets:
-            _check_int("stage samples", budget)
+            check_int("stage samples", budget)
         super().__init__(sizes[0], sizes[-1], granularity=granularity, lr_scaling=lr_scaling)
         for size in sizes:
             _check_multiple("batch size", size, granularity)
@@ -472,8 +470,8 @@ class StagewiseSchedule(_BatchPolicy):
         """Stages ``initial·factor^s`` (rounded up to ``granularity``) until ``maximum``."""
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
             raise ValueError(f"Invalid factor: {factor!r} (must be finite and > 1)")
-        initial = _check_int("initial", initial)
-        maximum = _check_int("maximum", maximum)
+        initial = check_int("initial", initial)
+        maximum = check_int("maximum", maximum)
         if maximum < initial:
             raise ValueError(f"maximum ({maximum}) must be >= initial ({initial})")
         sizes = [initial]

@@ -51,17 +51,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adabatch._validation import check_int, check_mapping
+
 __all__ = ["AdaptiveBatchSampler", "MicroBatchStream"]
 
 _CHUNK_ROUNDS = 64  # rounds materialised at a time by the iterable form
 
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid {name}: {value!r} (must be an int)")
-    if value < minimum:
-        raise ValueError(f"Invalid {name}: {value} (must be >= {minimum})")
-    return value
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -92,10 +87,10 @@ class AdaptiveBatchSampler:
         world_size: int = 1,
         shuffle: bool = True,
     ) -> None:
-        num_samples = _check_int("num_samples", num_samples, 1)
-        micro_batch = _check_int("micro_batch", micro_batch, 1)
-        world_size = _check_int("world_size", world_size, 1)
-        seed = _check_int("seed", seed, 0)
+        num_samples = check_int("num_samples", num_samples, 1)
+        micro_batch = check_int("micro_batch", micro_batch, 1)
+        world_size = check_int("world_size", world_size, 1)
+        seed = check_int("seed", seed, 0)
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(f"Invalid rank: {rank!r} (must be an int)")
         if not 0 <= rank < world_size:
@@ -212,7 +207,7 @@ class AdaptiveBatchSampler:
         """This rank's micro-batches from the current position, for ``num_samples`` global
         samples (a multiple of ``world_size · micro_batch``) or forever (``None``)."""
         if num_samples is not None:
-            num_samples = _check_int("num_samples", num_samples, 0)
+            num_samples = check_int("num_samples", num_samples, 0)
             if num_samples % self.round_size != 0:
                 raise ValueError(
                     f"num_samples ({num_samples}) must be a multiple of world_size * "
@@ -240,6 +235,7 @@ class AdaptiveBatchSampler:
         """Resume at the saved position. The stream (num_samples, seed, shuffle) must match;
         the micro-batch size and world size may differ (the global batches do not depend on
         them). Invalid input raises and leaves the sampler unchanged."""
+        check_mapping("state_dict", state)
         missing = [k for k in ("num_samples", "seed", "shuffle", "samples_consumed")
                    if k not in state]
         if missing:

@@ -32,6 +32,7 @@ retried with the unsafe ``weights_only=False``.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -85,10 +86,15 @@ def write_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # serialised in memory first: torch's zip writer turns a failed write into a RuntimeError
+    # ("unexpected pos ..."), while a plain write keeps the OSError that names the cause
+    # (ENOSPC: disk full, EFBIG: file size limit, EDQUOT, ...)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

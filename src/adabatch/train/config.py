@@ -66,7 +66,8 @@ RESUME_MUTABLE = frozenset(
     {
         "epochs", "samples", "steps", "eval_every", "eval_batch", "checkpoint_every",
         "keep_checkpoints", "quiet", "device", "threads", "tensorboard", "plots",
-        "data_dir", "out", "resume", "config",
+        "data_dir", "out", "resume", "config", "from_step", "divergence_factor",
+        "dist_timeout",
     }
 )
 
@@ -153,6 +154,9 @@ class TrainConfig:
     tensorboard: bool = False
     plots: bool = True
     config: str | None = None
+    from_step: int | None = None
+    divergence_factor: float = 100.0
+    dist_timeout: float = 600.0
 
     DEFAULT_EPOCHS: ClassVar[float] = 20.0
 
@@ -201,8 +205,10 @@ class TrainConfig:
         return hp
 
     def save(self, path: str | Path) -> None:
-        """Write the configuration as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write the configuration as JSON, atomically (never a truncated file)."""
+        from adabatch.train.checkpoint import write_text_atomic
+
+        write_text_atomic(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", path)
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -212,10 +218,10 @@ _INT_KEYS = {
     "initial_batch", "max_batch", "micro_batch", "batch_granularity", "test_interval",
     "samples", "steps",
     "warmup_samples", "eval_every", "eval_batch", "checkpoint_every", "keep_checkpoints",
-    "seed", "threads", "ramp_increment", "stage_samples",
+    "seed", "threads", "ramp_increment", "stage_samples", "from_step",
 }
 _FLOAT_KEYS = {"lr", "eps", "weight_decay", "b0", "momentum", "eta", "theta", "nu", "epochs",
-               "min_lr_ratio", "coord_q", "stage_factor"}
+               "min_lr_ratio", "coord_q", "stage_factor", "divergence_factor", "dist_timeout"}
 _STR_KEYS = set(_FIELDS) - _DICT_KEYS - _BOOL_KEYS - _INT_KEYS - _FLOAT_KEYS - {"betas"}
 
 
@@ -462,6 +468,34 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key in ("samples", "steps"):
         if (getattr(cfg, key) or 0) > MAX_SEED:
             raise ConfigError(f"{_flag(key)} must be < 2**63, got {getattr(cfg, key)}")
+    _check_hyperparameters(cfg)
+    _check_recovery(cfg)
+
+
+#: The largest float32: an optimizer hyperparameter beyond it cannot reach float32 parameters.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_hyperparameters(cfg: TrainConfig) -> None:
+    for key in ("lr", "eps", "weight_decay", "b0", "momentum"):
+        value = getattr(cfg, key)
+        if value is not None and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+            raise ConfigError(f"{_flag(key)} must be a finite number of at most "
+                              f"{_FLOAT32_MAX:.4g} in magnitude (the largest float32), "
+                              f"got {value:g}")
+
+
+def _check_recovery(cfg: TrainConfig) -> None:
+    if not cfg.divergence_factor > 1.0:  # inf allowed: the finite rule off
+        raise ConfigError(f"--divergence-factor must be > 1, got {cfg.divergence_factor}")
+    if not 0.0 < cfg.dist_timeout < 1e7:
+        raise ConfigError(f"--dist-timeout must be a positive number of seconds, got "
+                          f"{cfg.dist_timeout}")
+    if cfg.from_step is not None:
+        if cfg.resume is None:
+            raise ConfigError("--from-step N goes with --resume RUN")
+        if cfg.from_step < 0:
+            raise ConfigError(f"--from-step must be >= 0, got {cfg.from_step}")
 
 
 def _check_multiple(cfg: TrainConfig, key: str, of: int, of_flag: str) -> None:

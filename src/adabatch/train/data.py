@@ -668,7 +668,11 @@ class _ArrayUnpickler(pickle.Unpickler):
         }
     )
 
+    #: Python 2 module names that protocol 0-2 pickles written by Python 3 also use
+    _PY2_NAMES: ClassVar[dict[str, str]] = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
     def find_class(self, module: str, name: str) -> Any:
+        module = self._PY2_NAMES.get(module, module)  # before the allow-list, not after
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if module.startswith("numpy.core."):  # pickles from NumPy 1; same objects in NumPy 2

@@ -62,10 +62,33 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # this module created the process group (and destroys it)
+    store: Any = None  # the group's key-value store: heartbeats that outlive a broken group
+    timeout_s: float = 600.0
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    def heartbeat(self, step: int) -> None:
+        """Record that this rank started ``step`` (one small store write per step)."""
+        if self.enabled and self.store is not None:
+            self.store.set(f"heartbeat/{self.rank}", str(step))
+
+    def laggards(self, step: int) -> list[int]:
+        """The ranks whose last heartbeat is before ``step`` (read from the store, which
+        still answers when a collective has timed out)."""
+        if not self.enabled or self.store is None:
+            return []
+        behind = []
+        for r in range(self.world_size):
+            key = f"heartbeat/{r}"
+            try:
+                seen = int(self.store.get(key)) if self.store.check([key]) else -1
+            except (RuntimeError, ValueError):
+                seen = -1
+            if seen < step:
+                behind.append(r)
+        return behind
 
     @property
     def is_main(self) -> bool:
@@ -113,11 +136,12 @@ def restart_count() -> int:
         return 0
 
 
-def init_from_env(device_type: str) -> Dist:
+def init_from_env(device_type: str, timeout_s: float = 600.0) -> Dist:
     """Join the process group described by the environment (torchrun's variables).
 
     gloo on CPU, NCCL on CUDA. Uses an existing group when the caller created one. With
-    ``WORLD_SIZE`` unset or 1, nothing is initialised.
+    ``WORLD_SIZE`` unset or 1, nothing is initialised. ``timeout_s`` bounds every collective:
+    a process that waits longer for the others fails with a timeout (``--dist-timeout``).
     """
     if dist.is_available() and dist.is_initialized():
         return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
@@ -134,7 +158,7 @@ def init_from_env(device_type: str) -> Dist:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         kwargs["device_id"] = torch.device("cuda", local_rank)
-    timeout = timedelta(minutes=10)
+    timeout = timedelta(seconds=timeout_s)
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         # our own key prefix per torchrun attempt: after a restart, the store can still hold
         # the previous attempt's addresses (seen with --standalone on torch 2.13)
@@ -147,7 +171,20 @@ def init_from_env(device_type: str) -> Dist:
                                            store)
         kwargs.update(rank=rank, world_size=world)
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
-    return Dist(rank=rank, world_size=world, local_rank=local_rank, owns_group=True)
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, owns_group=True,
+                store=kwargs.get("store"), timeout_s=timeout_s)
+
+
+class PeerTimeout(RuntimeError):
+    """A collective timed out: another process stopped answering (``--dist-timeout``)."""
+
+
+def is_timeout(e: BaseException) -> bool:
+    """Whether ``e`` is a collective's timeout (gloo: "Timed out waiting ..."; NCCL: a
+    watchdog timeout)."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("Timed out" in text or "timed out" in text
+                                            or "Timeout" in text)
 
 
 class StepReducer:

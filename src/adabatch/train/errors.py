@@ -9,6 +9,7 @@
 | 4 | I/O (disk full, permission denied, read-only file system, file size limit) |
 | 5 | divergence (NaN/inf loss, or a finite loss far above its scale) |
 | 6 | out of memory |
+| 7 | another process of a distributed run stopped answering (``--dist-timeout``) |
 | 128 + N | interrupted by signal N (SIGINT 130, SIGTERM 143), after a checkpoint |
 
 :func:`classify` maps an exception to its code and line; the command-line program prints the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import errno
 
 __all__ = ["EXIT_DATA", "EXIT_DIVERGED", "EXIT_INTERNAL", "EXIT_IO", "EXIT_MEMORY", "EXIT_OK",
-           "EXIT_USAGE", "classify", "describe_os_error"]
+           "EXIT_PEER", "EXIT_USAGE", "classify", "describe_os_error"]
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -30,6 +31,7 @@ EXIT_DATA = 3
 EXIT_IO = 4
 EXIT_DIVERGED = 5
 EXIT_MEMORY = 6
+EXIT_PEER = 7
 
 _IO_CAUSES = {
     errno.ENOSPC: "disk full (no space left on device)",
@@ -66,6 +68,7 @@ def classify(e: BaseException) -> tuple[int, str]:
     from adabatch.train.checkpoint import CheckpointError
     from adabatch.train.config import ConfigError
     from adabatch.train.data import DatasetError
+    from adabatch.train.distributed import PeerTimeout
     from adabatch.train.divergence import Diverged
     from adabatch.train.download import DownloadError
     from adabatch.train.rundir import RunDirBusy
@@ -76,6 +79,11 @@ def classify(e: BaseException) -> tuple[int, str]:
         return EXIT_DATA, _one_line(e)
     if isinstance(e, (Diverged, FloatingPointError)):  # and the trainer's NaN stop
         return EXIT_DIVERGED, f"diverged: {_one_line(e)}"
+    if isinstance(e, PeerTimeout):
+        return EXIT_PEER, _one_line(e)
+    if isinstance(e, RuntimeError) and ("closed by peer" in str(e) or "reset by peer" in str(e)):
+        return EXIT_PEER, ("another process of the run ended or stopped answering (its "
+                           "connection closed); see that process's error")
     if _out_of_memory(e):
         return EXIT_MEMORY, f"out of memory: {_one_line(e)[:300]}"
     if isinstance(e, OSError) and e.errno in _IO_CAUSES:

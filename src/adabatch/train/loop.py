@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -127,6 +128,8 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     the user's files (it must not exist, or be empty)."""
     if cfg.resume is not None:
         return Path(cfg.resume)
+    if cfg.out is not None and not cfg.out.strip():
+        raise ConfigError("--out is empty; give a directory for the run")
     run_dir = Path(cfg.out) if cfg.out is not None else _default_run_dir(cfg)
     if (run_dir / "metrics.jsonl").exists() or latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume "
@@ -152,9 +155,6 @@ class _Claim:
             lock.acquire()
         except RunDirBusy as e:
             raise ConfigError(str(e)) from None
-        except OSError as e:  # a read-only or unwritable --out: said before any work
-            raise ConfigError(f"cannot use {run_dir} as the run directory: "
-                              f"{e.strerror or e}") from None
         self.lock = lock
         if cfg.resume is not None:
             self.removed = remove_stale_temporaries(run_dir)
@@ -209,15 +209,20 @@ def _rank0_first(d: Dist, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 and give its result (or its ConfigError/CheckpointError) to every
     rank, so that all ranks fail or go on together."""
     result: Any = None
-    error: tuple[str, str] | None = None
+    error: tuple[str, Any] | None = None
     if d.is_main:
         try:
             result = fn()
         except (ConfigError, CheckpointError) as e:
             error = (type(e).__name__, str(e))
+        except OSError as e:  # an unusable --out: the I/O exit code on every rank
+            error = ("OSError", (e.errno, e.strerror or str(e), e.filename))
     result, error = d.broadcast_object((result, error))
     if error is not None:
-        raise (ConfigError if error[0] == "ConfigError" else CheckpointError)(error[1])
+        kind, detail = error
+        if kind == "OSError":
+            raise OSError(*detail)
+        raise (ConfigError if kind == "ConfigError" else CheckpointError)(detail)
     return result
 
 
@@ -235,15 +240,20 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] | None = None,
     ``callbacks``: an :class:`adabatch.train.callbacks.Callbacks` whose events the loop calls.
     """
     validate(cfg)
-    d = init_from_env(resolve_device(cfg.device).type)
+    d = init_from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
     try:
         return _train(cfg, d, say, callbacks if callbacks is not None else Callbacks())
     finally:
         d.close()
 
 
+def _warn(line: str) -> None:
+    """A notice about recovered or set-aside files: on stderr, also under --quiet."""
+    print(f"adabatch: {line}", file=sys.stderr, flush=True)
+
+
 def _pick_checkpoint(cfg: TrainConfig, run_dir: Path,
-                     say: Callable[[str], None]) -> Path | None:
+                     say: Callable[[str], None] = _warn) -> Path | None:
     """Rank 0: the newest intact checkpoint (or the one of ``--from-step``), compatible with
     ``cfg``. Newer damaged ones are renamed ``*.damaged`` (kept for inspection, out of the
     way of keep-last-K), each with one line; with ``--from-step N`` the newer ones are set
@@ -282,7 +292,7 @@ def _find_checkpoint(cfg: TrainConfig, d: Dist, run_dir: Path, say: Callable[[st
     """The checkpoint to resume from (chosen once, on rank 0) and its state on every rank."""
     if cfg.resume is None:
         return None, None
-    path = _rank0_first(d, lambda: _pick_checkpoint(cfg, run_dir, say))
+    path = _rank0_first(d, lambda: _pick_checkpoint(cfg, run_dir))
     return path, (load_checkpoint(path) if path is not None else None)
 
 
@@ -302,7 +312,7 @@ def _open_run(cfg: TrainConfig, d: Dist, say: Callable[[str], None],
     restarted = restart_count() > 0
     run_dir = _rank0_first(d, lambda: claim(cfg))
     if claim.removed:
-        say(f"removed {len(claim.removed)} temporary file(s) of an interrupted write")
+        _warn(f"removed {len(claim.removed)} temporary file(s) of an interrupted write")
     ckpt_path, ckpt_state = _find_checkpoint(cfg, d, run_dir, say)
     _check_tensorboard(cfg, d)
     run = build(cfg, run_dir, d, step_reducer=callbacks.reduce_statistics)
@@ -318,8 +328,7 @@ def _open_run(cfg: TrainConfig, d: Dist, say: Callable[[str], None],
         say(f"no checkpoint in {run_dir}; starting it from the beginning")
     writer: Any = _NullWriter()
     if d.is_main:
-        write_text_atomic(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n",
-                          run_dir / "config.json")
+        replace(cfg, from_step=None).save(run_dir / "config.json")  # --from-step: once
         writer = MetricsWriter(
             run_dir / "metrics.jsonl",
             truncate_at=run.metrics_offset if ckpt_state is not None else None,

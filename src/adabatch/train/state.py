@@ -55,11 +55,14 @@ def write_checkpoint(run: Run, writer: Any) -> Path | None:
 
 def check_compatible(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
     """Raise CheckpointError when ``cfg`` differs from the checkpoint's config in a key that
-    changes the run (anything but budget, logging, device and the like). Keys that older
-    versions wrote and this one retired (``RETIRED_KEYS``) are ignored."""
+    changes the run (anything but budget, logging, device and the like; also ``lr`` with
+    ``--from-step``). Keys that older versions wrote and this one retired (``RETIRED_KEYS``)
+    are ignored."""
     current = cfg.to_dict()
+    # going back to an earlier step (after a divergence) may change the learning rate
+    mutable = RESUME_MUTABLE | ({"lr"} if cfg.from_step is not None else set())
     for key in sorted(current):
-        if key in RESUME_MUTABLE or key not in saved:
+        if key in mutable or key not in saved:
             continue
         if saved[key] != current[key]:
             raise CheckpointError(

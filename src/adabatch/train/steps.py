@@ -23,7 +23,7 @@ from adabatch.train.build import Run
 from adabatch.train.callbacks import Callbacks
 from adabatch.train.config import TrainConfig
 from adabatch.train.data import task_loss
-from adabatch.train.distributed import Dist, average_gradients
+from adabatch.train.distributed import Dist, PeerTimeout, average_gradients, is_timeout
 from adabatch.train.divergence import Diverged
 from adabatch.train.state import write_checkpoint
 
@@ -292,6 +292,18 @@ def run_steps(run: Run, writer: Any, progress: Any, stop: StopFlag,
     run.stop = stop
     t0 = time.perf_counter() - run.elapsed
     run.model.train()
+    d = run.dist
     while not done(run):
-        if steps.one_step(t0):
-            return
+        d.heartbeat(run.step + 1)
+        try:
+            if steps.one_step(t0):
+                return
+        except RuntimeError as e:
+            if not (d.enabled and is_timeout(e)):
+                raise
+            behind = d.laggards(run.step + 1)
+            who = (f"rank(s) {', '.join(map(str, behind))} did not reach step {run.step + 1}"
+                   if behind else "another process stopped answering")
+            raise PeerTimeout(f"rank {d.rank}: no answer within --dist-timeout "
+                              f"{d.timeout_s:g} s at step {run.step + 1}: {who} (stopped "
+                              "or stuck)") from None

@@ -209,6 +209,7 @@ class PerSampleStats:
         self._ip_parts: list[PassProducts] = []
         self._seen: set[int] = set()
         self._gram_void = False  # a Gram-form inner product may be wrong: use the direct one
+        self._unreached = 0  # measured passes whose backward never reached a hooked layer
         self.reset()
 
     def _collect_params(self, model: nn.Module) -> None:
@@ -245,6 +246,7 @@ class PerSampleStats:
         self._ip_parts = []
         self._seen = set()
         self._gram_void = False
+        self._unreached = 0  # measured passes whose backward never reached a hooked layer
 
     def remove(self) -> None:
         """Remove the hooks from the model."""
@@ -524,6 +526,9 @@ class PerSampleStats:
             rec.release()
 
     def _finish_pass(self, records: list[LayerCall]) -> None:
+        if self._per_sample and records and not any(
+                rec.done or any(d is not None for d in rec.deltas) for rec in records):
+            self._unreached += 1  # stats() refuses: its samples would count as zeros
         with torch.no_grad():
             multi: dict[int, list[tuple[LayerCall, str]]] = {}
             for rec in records:
@@ -599,6 +604,12 @@ class PerSampleStats:
             raise RuntimeError(
                 "PerSampleStats.stats(): nothing measured; run the forward and backward pass "
                 "inside est.measure()"
+            )
+        if self._unreached:
+            self.reset()
+            raise RuntimeError(
+                "PerSampleStats.stats(): no backward pass reached the hooked layers in "
+                "a measure() context; call loss.backward() inside it"
             )
         try:
             return self._stats()
