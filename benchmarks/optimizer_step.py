@@ -27,7 +27,7 @@ Usage::
     python benchmarks/optimizer_step.py --quick          # fewer rounds, resnet18 only
     python benchmarks/optimizer_step.py --rounds 30 --threads 1 --sets transformer
     python benchmarks/optimizer_step.py --rounds 15 --threads 1 --sets resnet18 \
-        --only "foreach"                               # the foreach rows and torch's Adams
+        --only "foreach"              # the foreach rows (torch's foreach Adam always runs)
     python benchmarks/optimizer_step.py --device cuda --ref "torch Adam (fused)"
 
 On CUDA each timed sample is ``--reps`` back-to-back steps between two synchronisations,
