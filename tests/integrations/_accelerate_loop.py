@@ -28,6 +28,8 @@ def run(steps: int, estimator: str = "per-sample", *, save_at: int | None = None
     net = c.model()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     model, opt = accelerator.prepare(net, opt)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.register_comm_hook(None, c.counting_hook)
     controller = c.controller()
     adaptive = AdaptiveBatch(accelerator, model, controller, c.Indexed(), micro_batch=c.MICRO,
                              seed=c.SEED, estimator=estimator)
@@ -47,7 +49,8 @@ def run(steps: int, estimator: str = "per-sample", *, save_at: int | None = None
             accelerator.save_state(save_dir)
             break
     return {"rank": accelerator.process_index, "batches": batches,
-            "history": controller.history, "params": c.flat_params(net)}
+            "history": controller.history, "params": c.flat_params(net),
+            "allreduces": c.ALLREDUCES[0]}
 
 
 if __name__ == "__main__":

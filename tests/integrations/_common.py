@@ -97,3 +97,15 @@ def assert_epoch_covered(batches: list[list[int]]) -> None:
     stream = [i for b in batches for i in b]
     assert len(stream) >= N
     assert sorted(stream[:N]) == list(range(N))
+
+
+ALLREDUCES = [0]  # DDP gradient all-reduces of this process (comm_hook below)
+
+
+def counting_hook(state, bucket):  # type: ignore[no-untyped-def]
+    """A DDP communication hook: the default all-reduce, counted (no annotations: DDP
+    checks them against dist.GradBucket and a postponed one is a string)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    ALLREDUCES[0] += 1
+    return allreduce_hook(state, bucket)

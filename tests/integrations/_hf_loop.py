@@ -64,8 +64,12 @@ class Recording(AdaptiveBatchTrainer):
         self.seen += inputs.pop("idx").tolist()
         return super().compute_loss(model, inputs, *args, **kw)
 
-    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        loss = super().training_step(*args, **kwargs)
+    def training_step(self, model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not getattr(
+                self, "_counting", False):
+            model.register_comm_hook(None, c.counting_hook)  # count DDP's all-reduces
+            self._counting = True
+        loss = super().training_step(model, *args, **kwargs)
         self.batches.append(self.seen)
         self.seen = []
         return loss
@@ -88,7 +92,8 @@ def run(steps: int, estimator: str = "per-sample", *, out: str, save_steps: int 
     trainer.train(resume_from_checkpoint=resume)
     logs = [row for row in trainer.state.log_history if "loss" in row]
     return {"rank": trainer.args.process_index, "batches": trainer.batches,
-            "history": controller.history, "params": c.flat_params(net), "logs": logs}
+            "history": controller.history, "params": c.flat_params(net), "logs": logs,
+            "allreduces": c.ALLREDUCES[0]}
 
 
 def reference(steps: int, estimator: str = "per-sample") -> dict[str, Any]:

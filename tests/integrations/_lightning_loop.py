@@ -37,6 +37,11 @@ class Module(pl.LightningModule):
             self._current = []
         return loss
 
+    def on_train_start(self) -> None:
+        ddp = self.trainer.strategy.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):  # count all-reduces
+            ddp.register_comm_hook(None, c.counting_hook)  # (Lightning's own: CUDA only)
+
     def train_dataloader(self) -> Any:
         return AdaptiveBatchSize.find(self.trainer).dataloader(c.Indexed())
 
@@ -67,7 +72,8 @@ def run(steps: int, estimator: str = "per-sample", *, root: str, devices: int = 
         trainer.fit(module, ckpt_path=resume)
     return {"rank": trainer.global_rank, "batches": module.batches,
             "history": callback.controller.history, "params": c.flat_params(module.net),
-            "global_step": trainer.global_step, "log_dir": trainer.logger.log_dir}
+            "global_step": trainer.global_step, "log_dir": trainer.logger.log_dir,
+            "allreduces": c.ALLREDUCES[0]}
 
 
 if __name__ == "__main__":
