@@ -15,6 +15,9 @@ Faults (steps count from 1, as in metrics.jsonl):
   ``--pause-rank R`` only rank R (the others go on and wait for it: a stuck, not dead, rank).
 - ``--nan-at N``: the last rank sends NaN statistics at step N (the sample counts stay).
 - ``--decisions DIR``: every rank writes its batch-size decisions to ``DIR/rank<r>.json``.
+- ``--kill-in-write KIND:N``: SIGKILL this process in the middle of the N-th write of KIND:
+  ``checkpoint``, ``config``, ``summary``, ``final`` (the temporary file is written, the
+  rename never happens) or ``metrics`` (half a row reaches the file, as a torn write would).
 
 The exit code is the CLI's: 0, 128 + the signal number when stopped by a signal, or the code
 of :mod:`adabatch.train.errors` with its one line on stderr.
@@ -81,6 +84,46 @@ class Faults(Callbacks):
             json.dumps(record, default=str) + "\n")
 
 
+_TARGETS = {"checkpoint": lambda name: name.startswith("step_") and name.endswith(".pt"),
+            "config": lambda name: name == "config.json",
+            "summary": lambda name: name == "summary.json",
+            "final": lambda name: name == "final.pt"}
+
+
+def kill_in_write(spec: str) -> None:
+    """Arm the ``--kill-in-write KIND:N`` fault (see the module docstring)."""
+    kind, _, count = spec.partition(":")
+    left = [int(count or 1)]
+
+    def due() -> bool:
+        left[0] -= 1
+        return left[0] == 0
+
+    if kind == "metrics":
+        from adabatch.train.logging import MetricsWriter
+
+        flush = MetricsWriter.flush
+
+        def torn_flush(self: MetricsWriter) -> int:
+            if due():
+                self._file.write('{"step": 99, "samples": 12')  # half a row
+                self._file.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return flush(self)
+
+        MetricsWriter.flush = torn_flush  # type: ignore[method-assign]
+        return
+    matches = _TARGETS[kind]
+    replace = os.replace
+
+    def dying_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if matches(Path(dst).name) and due():
+            os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst, *args, **kwargs)
+
+    os.replace = dying_replace  # type: ignore[assignment]
+
+
 def run_train(flags: list[str], faults: Faults) -> int:
     """``adabatch train FLAGS`` with ``faults``; the CLI's exit code."""
     from adabatch.cli import build_parser
@@ -109,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("--kill-at", "--kill-rank", "--pause-at", "--pause-rank", "--nan-at"):
         p.add_argument(name, type=int)
     p.add_argument("--decisions")
+    p.add_argument("--kill-in-write", metavar="KIND:N")
     ns = p.parse_args(args[:cut])
+    spec = ns.__dict__.pop("kill_in_write")
+    if spec:
+        kill_in_write(spec)
     return run_train(args[cut + 1:], Faults(**vars(ns)))
 
 

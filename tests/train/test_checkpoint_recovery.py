@@ -97,3 +97,16 @@ def test_write_text_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch) 
     assert path.read_text() == '{"a": 1}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
+
+
+def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        ck.write_text_atomic("{}", tmp_path / "config.json")
+        ck.write_atomic({"a": 1}, tmp_path / "final.pt")
+    finally:
+        os.umask(mask)
+    for name in ("config.json", "final.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -69,6 +69,16 @@ class CheckpointError(ValueError):
     """A missing, corrupt or incompatible checkpoint."""
 
 
+def _umask_mode(fd: int) -> None:
+    """Give a temporary file the mode a plain ``open`` would (``mkstemp`` makes it 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.fchmod(fd, 0o666 & ~mask)
+    except (AttributeError, OSError):  # no fchmod (Windows): keep mkstemp's mode
+        pass
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -93,6 +103,7 @@ def write_atomic(obj: Any, path: str | Path) -> Path:
     torch.save(obj, buf)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _umask_mode(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(buf.getbuffer())
             f.flush()
@@ -115,6 +126,7 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _umask_mode(fd)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -131,6 +143,11 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
 
 
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`write_atomic`'s temporaries."""
+    return _TEMPORARY.match(name) is not None
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:

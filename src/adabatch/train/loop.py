@@ -156,8 +156,7 @@ class _Claim:
         except RunDirBusy as e:
             raise ConfigError(str(e)) from None
         self.lock = lock
-        if cfg.resume is not None:
-            self.removed = remove_stale_temporaries(run_dir)
+        self.removed = remove_stale_temporaries(run_dir)  # ours alone: the lock is held
         return run_dir
 
     def release(self) -> None:

@@ -132,7 +132,10 @@ class RunDirLock:
 
 def check_new_run_dir(run_dir: str | Path) -> Path:
     """``run_dir`` if a new run may write into it: it does not exist, or it is an empty
-    directory (a stale lock file of ours aside). Raises ValueError naming the problem."""
+    directory (a stale lock file of ours and the temporary files of a start that was killed
+    before its first step aside). Raises ValueError naming the problem."""
+    from adabatch.train.checkpoint import is_temporary
+
     text = str(run_dir)
     if not text.strip():
         raise ValueError("--out is empty; give a directory for the run")
@@ -141,7 +144,8 @@ def check_new_run_dir(run_dir: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise ValueError(f"--out {path} exists and is not a directory")
-    entries = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)
+    entries = sorted(p.name for p in path.iterdir()
+                     if p.name != LOCK_NAME and not is_temporary(p.name))
     if entries:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ValueError(f"--out {path} is not empty ({shown}); a new run needs a new or "
