@@ -102,3 +102,29 @@ def test_two_processes_take_the_decisions_of_one(tmp_path, estimator):
     measured = sum(1 for h in want["history"] if h["statistic"] is not None)
     expected = 8 if estimator == "per-sample" else 8 - measured
     assert ranks[0]["allreduces"] == ranks[1]["allreduces"] == expected
+
+
+def test_a_step_not_ended_is_not_silently_repeated():
+    """micro_batches() again without end_step() would train on the same batch twice: it
+    raises instead, and end_step() then moves on to the next global batch."""
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from adabatch.integrations.accelerate import AdaptiveBatch
+
+    net = c.model()
+    acc = Accelerator(cpu=True)
+    adaptive = AdaptiveBatch(acc, net, c.controller(), c.Indexed(), micro_batch=c.MICRO,
+                             seed=c.SEED)
+    seen = []
+    for x, y, idx in adaptive.micro_batches():
+        adaptive.backward(F.cross_entropy(net(x), y))
+        seen += idx.tolist()
+    with pytest.raises(RuntimeError, match="call end_step"):
+        next(iter(adaptive.micro_batches()))
+    adaptive.end_step()
+    second = []
+    for x, y, idx in adaptive.micro_batches():
+        adaptive.backward(F.cross_entropy(net(x), y))
+        second += idx.tolist()
+    assert [seen, second] == c.reference(2)["batches"]

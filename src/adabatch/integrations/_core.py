@@ -176,6 +176,9 @@ class GlobalStep:
         if self._micro_stack is not None:
             raise RuntimeError("begin_micro_batch(): the previous micro-batch has not ended")
         if self._step_stack is None:
+            if self.batch_size:
+                raise RuntimeError("the previous step is finished but not ended: call "
+                                   "end_step() after the optimizer step")
             self._begin_step()
         stack = contextlib.ExitStack()
         if self._scope is not None:

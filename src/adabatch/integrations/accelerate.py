@@ -121,9 +121,9 @@ class AdaptiveBatch:
         if step.in_step:
             step.abort_step()
         for _ in range(self.engine.local_micro_batches):
-            batch = _to_device(self._next_batch(), self.accelerator.device)
-            sync = step.begin_micro_batch()
+            sync = step.begin_micro_batch()  # (refuses before a micro-batch is taken)
             try:
+                batch = _to_device(self._next_batch(), self.accelerator.device)
                 with (contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)):
                     yield batch
             except BaseException:

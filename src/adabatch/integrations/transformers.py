@@ -182,9 +182,9 @@ class AdaptiveBatchTrainer(Trainer):
         model.train()
         total = torch.zeros((), device=self.args.device)
         for _ in range(engine.local_micro_batches):
-            batch = self._prepare_inputs(self._next_micro_batch())
             sync = engine.begin_micro_batch()
             try:
+                batch = self._prepare_inputs(self._next_micro_batch())
                 with (contextlib.nullcontext() if sync else self.accelerator.no_sync(model)):
                     with self.compute_loss_context_manager():
                         loss = self.compute_loss(model, batch)
