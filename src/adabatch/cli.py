@@ -215,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", metavar="DIR", default="plots")
     compare = sub.add_parser("compare", help="a markdown table of the runs' summaries")
     compare.add_argument("runs", nargs="+", metavar="RUN")
+    data = sub.add_parser("data", help="fetch a standard data set (adabatch data get NAME)")
+    data_sub = data.add_subparsers(dest="data_command", metavar="get")
+    get = data_sub.add_parser("get", help="download and verify MNIST, Fashion-MNIST or CIFAR")
+    get.add_argument("name", choices=("mnist", "fashion-mnist", "cifar10", "cifar100"))
+    get.add_argument("--dir", default="data", metavar="DIR",
+                     help="where to put it; then train with --data-dir DIR (default: data)")
+    get.add_argument("--mirror", action="append", metavar="URL",
+                     help="a base URL to fetch from instead of the canonical mirrors "
+                          "(repeatable, tried in order)")
+    get.add_argument("--timeout", type=float, default=60.0, metavar="S")
     # listed for --help; its arguments are parsed by adabatch.reproduce.main
     sub.add_parser("reproduce", help="reproduce the papers' claims (adabatch reproduce --help)",
                    add_help=False)
@@ -431,6 +441,20 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(ns: argparse.Namespace) -> int:
+    if ns.data_command != "get":
+        return _err("usage: adabatch data get {mnist,fashion-mnist,cifar10,cifar100} "
+                    "[--dir DIR]")
+    from adabatch.train.download import get
+
+    try:
+        root = get(ns.name, ns.dir, mirrors=ns.mirror, timeout=ns.timeout)
+    except Exception as e:  # one line and its exit code (data 3, I/O 4)
+        return _fail(e, debug=False)
+    print(f"ready: adabatch train --dataset {ns.name} --data-dir {root}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``adabatch`` command; return its exit code."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -448,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ns.command == "train":
         return _cmd_train(ns, argv)
-    return {"plot": _cmd_plot, "compare": _cmd_compare}[ns.command](ns)
+    return {"plot": _cmd_plot, "compare": _cmd_compare, "data": _cmd_data}[ns.command](ns)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,21 @@ def test_real_mnist_with_the_canonical_checksums(tmp_path) -> None:
     assert bundle.y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert bundle.y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert len(bundle.x_train) == 60000 and len(bundle.x_test) == 10000
+
+
+def test_cli_data_get(tmp_path, capsys) -> None:
+    from adabatch.cli import main
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _cifar_archive(site / "cifar-10-python.tar.gz")
+    with _Server(site) as server:
+        # the canonical checksum does not match this small archive: refused, exit 3
+        assert main(["data", "get", "cifar10", "--dir", str(tmp_path / "d"), "--mirror",
+                     server.url]) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("adabatch: error: could not fetch cifar-10-python.tar.gz "
+                                  "intact") and "checksum mismatch: md5" in err[-1]
+    assert not (tmp_path / "d" / "cifar-10-batches-py").exists()
+    assert not [p for p in (tmp_path / "d").iterdir()]  # nothing under a final name
+    assert main(["data", "get", "svhn"]) == 2
