@@ -13,9 +13,9 @@ the per-sample weight gradients the way :class:`adabatch.batching.PerSampleStats
 
 - ``grouped/c``: one grouped ``convolution_backward`` whose groups are the samples, in chunks of
   c samples (the estimator's path from 5 input channels per group; at most
-  ``_GROUPED_MAX_CHUNK`` per chunk and within its memory budget);
+  ``PerSampleTuning.grouped_max_chunk`` per chunk and within its memory budget);
 - ``im2col/c``: the unfolded input and one batched matrix product, in chunks of c samples
-  (its path up to 4 input channels per group).
+  (its path up to ``PerSampleTuning.im2col_max_cin`` = 4 input channels per group).
 
 Each cell is the best of the rounds, with its ratio to the batch weight gradient. The
 estimator's fused convolution (``fuse_conv_grad=True``) skips the batch weight gradient, so a
