@@ -351,9 +351,10 @@ def _write_plots(run_dir: Path) -> tuple[list[Path], str]:
 
 
 def _print_summary(s: dict[str, Any], run_dir: Path, plots: list[Path], plot_note: str) -> None:
-    acc = s["test_accuracy"]
+    acc, loss = s["test_accuracy"], s["test_loss"]
     acc_text = f"test accuracy {acc:.4f}, " if acc is not None else ""
-    print(f"done: {acc_text}test loss {s['test_loss']:.4f}; {s['steps']} steps, "
+    loss_text = f"test loss {loss:.4f}" if loss is not None else "no test set"
+    print(f"done: {acc_text}{loss_text}; {s['steps']} steps, "
           f"{s['samples']} samples ({s['epochs']:.2f} epochs); batch size "
           f"{s['initial_batch_size']} -> {s['final_batch_size']}; "
           f"{s['wall_time_s']:.1f} s")

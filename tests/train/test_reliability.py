@@ -238,6 +238,16 @@ def test_an_empty_test_set_is_not_reported_as_measured(tmp_path) -> None:
     assert row["test_samples"] == 0 and "no test set" in rows[-1]["line"]
 
 
+def test_the_summary_line_says_there_was_no_test_set(tmp_path, capsys) -> None:
+    from adabatch.cli import _print_summary
+
+    summary = {"test_accuracy": None, "test_loss": None, "steps": 3, "samples": 48,
+               "epochs": 0.03, "initial_batch_size": 16, "final_batch_size": 16,
+               "wall_time_s": 0.1}
+    _print_summary(summary, tmp_path, [], "")
+    assert "done: no test set; 3 steps" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------- 9: divergence
 
 
