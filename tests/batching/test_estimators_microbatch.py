@@ -152,14 +152,106 @@ def test_unbiased_for_unequal_micro_batches():
     assert abs(naive_V / draws - true_V) > 0.08 * true_V
 
 
-def test_fewer_than_two_micro_batches_give_nan_not_an_exception():
+@pytest.mark.parametrize("track", ["grad", "hooks"])
+def test_one_micro_batch_of_several_samples_is_refused(track):
+    """M = 1 with N >= 2 has no variance estimate, ever: stats() says so (and how to fix it)
+    instead of returning NaN that a controller would count as "undecidable" forever."""
     model, x, y = model_and_data(4)
-    s = run_micro(model, [(x, y)], MicroBatchStats(model))
-    assert s.batch_size == 4 and s.grad_sq_norm > 0
+    est = MicroBatchStats(model, track=track)
+    with pytest.raises(ValueError, match=r"4 samples in 1 micro-batch.*at least 2 "
+                                         r"micro-batches.*PerSampleStats"):
+        run_micro(model, [(x, y)], est)
+    assert est.num_micro_batches == 0  # reset: the next step starts clean
+    two = run_micro(model, [(x[:2], y[:2]), (x[2:], y[2:])], est)
+    assert two.batch_size == 4 and math.isfinite(two.variance_trace)
+
+
+def test_one_sample_gives_nan_not_an_exception():
+    """N = 1 is legitimately undecidable (no variance from one sample): NaN, as before."""
+    model, x, y = model_and_data(4)
+    s = run_micro(model, [(x[:1], y[:1])], MicroBatchStats(model))
+    assert s.batch_size == 1 and s.grad_sq_norm > 0
     assert math.isnan(s.variance_trace) and math.isnan(s.ip_variance)
     assert math.isnan(s.orth_variance)
     assert all(bool(torch.isnan(t).all()) for t in s.coord_variance)
     assert not s.is_finite()
+
+
+def test_one_micro_batch_is_fine_without_variances():
+    model, x, y = model_and_data(4)
+    s = run_micro(model, [(x, y)], MicroBatchStats(model, needs={"grad_sq_norm", "mean_grad"}))
+    assert s.batch_size == 4 and s.grad_sq_norm > 0 and s.variance_trace is None
+
+
+def _two_ranks(parts_per_rank, needs=STAT_NAMES):
+    """stats() of 2 simulated ranks (threads) with a summing reduce; grads averaged first."""
+    models = [model_and_data(12, seed=3)[0] for _ in range(2)]
+    barrier = threading.Barrier(2)
+    slots: dict[tuple[int, int], torch.Tensor] = {}
+    calls = [0, 0]
+
+    def make_reduce(rank):
+        def reduce(flat_):
+            key = calls[rank]
+            calls[rank] += 1
+            slots[(rank, key)] = flat_.clone()
+            barrier.wait()
+            out = slots[(0, key)] + slots[(1, key)]
+            barrier.wait()
+            return out
+        return reduce
+
+    ests = [MicroBatchStats(m, needs=needs, reduce=make_reduce(r)) for r, m in enumerate(models)]
+    for m, est, parts in zip(models, ests, parts_per_rank):
+        m.zero_grad()
+        n = sum(len(xk) for xk, _ in parts)
+        for xk, yk in parts:
+            (F.cross_entropy(m(xk), yk) * (len(xk) / n)).backward()
+            est.accumulate(len(xk))
+    for ps in zip(*(m.parameters() for m in models)):
+        mean = (ps[0].grad + ps[1].grad) / 2
+        for p in ps:
+            p.grad = mean.clone()
+    out: list = [None, None]
+
+    def run(r):
+        try:
+            out[r] = ests[r].stats()
+        except ValueError as e:
+            out[r] = e
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_one_local_micro_batch_per_rank_is_two_in_all():
+    """Under a reduction every (rank, micro-batch) pair counts: 2 ranks x 1 micro-batch
+    decide, and equal one process with those 2 micro-batches."""
+    model, x, y = model_and_data(12, seed=3)
+    parts = [(x[:6], y[:6]), (x[6:], y[6:])]
+    ref = micro_reference(model, parts)
+    out = _two_ranks([[parts[0]], [parts[1]]])
+    for s in out:
+        assert not isinstance(s, Exception), s
+        assert s.batch_size == 12
+        assert_matches(s, ref)
+
+
+def test_one_micro_batch_in_all_under_a_reduction_is_refused():
+    """A reduce that leaves one micro-batch in all (a world of one; returned or in place)
+    raises on the reduced counts; one sample in all still gives NaN."""
+    model, x, y = model_and_data(4)
+    est = MicroBatchStats(model, reduce=lambda flat_: flat_)
+    with pytest.raises(ValueError, match=r"4 samples in 1 micro-batch"):
+        run_micro(model, [(x, y)], est)
+    in_place = MicroBatchStats(model, reduce=lambda flat_: None)  # reduce returning None
+    with pytest.raises(ValueError, match="at least 2 micro-batches"):
+        run_micro(model, [(x, y)], in_place)
+    one = MicroBatchStats(model, reduce=lambda flat_: flat_)
+    assert math.isnan(run_micro(model, [(x[:1], y[:1])], one).variance_trace)
 
 
 def test_validation_and_reset():

@@ -111,6 +111,27 @@ def test_hooks_enabled_flag_is_restored_after_a_step() -> None:
     assert est.enabled is False
 
 
+@pytest.mark.parametrize("kind", ["per-sample", "micro-grad", "micro-hooks"])
+def test_one_micro_batch_per_step(kind: str) -> None:
+    """One micro-batch per step: per-sample statistics as usual; MicroBatchStats refuses it
+    (it would never decide), and its next step with 2 micro-batches works."""
+    x, y = _data()
+    model = _model()
+    est = (PerSampleStats(model, needs=STAT_NAMES) if kind == "per-sample"
+           else MicroBatchStats(model, needs=STAT_NAMES, track=kind.split("-")[1]))
+    if kind == "per-sample":
+        _, stats = _protocol_step(est, model, x, y, micro=12)
+        assert stats is not None and math.isfinite(stats.variance_trace)
+    else:
+        with pytest.raises(ValueError, match="at least 2 micro-batches"):
+            _protocol_step(est, model, x, y, micro=12)
+        _, stats = _protocol_step(est, model, x, y, micro=6)
+        assert stats is not None and math.isfinite(stats.variance_trace)
+    # an unmeasured step of one micro-batch asks nothing of the estimator
+    step, stats = _protocol_step(est, model, x, y, micro=12, measure=False)
+    assert stats is None and not step.measuring
+
+
 @pytest.mark.parametrize("bad, exc", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
                                       (True, TypeError)])
 def test_micro_batch_size_is_checked(bad, exc) -> None:

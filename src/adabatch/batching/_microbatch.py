@@ -20,8 +20,12 @@ scale as :class:`~adabatch.batching.stats.GradientStats` requires,
     O = (Σ_k n_k ‖ĝ_k‖² − Σ_k n_k ip_k²/G)/(M − 1),
 
 the per-sample formulas with micro-batches as weighted samples (with n_k = 1 they are the
-exact per-sample statistics). With M < 2 the variances are NaN: a test then cannot decide
-(returns None) and the controller keeps the batch size.
+exact per-sample statistics). With M < 2 they are undefined: :meth:`~MicroBatchStats.stats`
+raises a :class:`ValueError` when the step had N ≥ 2 samples in one micro-batch (a loop
+that always measures one micro-batch would never decide: split the batch into at least 2
+micro-batches, or measure one batch with :class:`~adabatch.batching.PerSampleStats`), and
+gives NaN variances for a step of one sample (a test then cannot decide, returns None, and
+the controller keeps the batch size).
 
 Memory: one snapshot of p.grad (to form increments), plus one model-sized buffer for
 ``coord_variance``. ip_k needs the *final* ḡ, known only after the last micro-batch, so when
@@ -33,7 +37,8 @@ Distributed: each process accumulates its *local* micro-batches (every backward 
 gradients are averaged across processes, then :meth:`~MicroBatchStats.stats` reads the
 global ḡ from p.grad and sums the partial sums ``[N, M, P, Σ n_k ip_k, Σ n_k ip_k²]`` with one
 call of ``reduce`` (plus one on C_j for ``coord_variance``). Every (rank, micro-batch) pair
-counts as one micro-batch.
+counts as one micro-batch, so a rank with one local micro-batch is fine when the ranks
+together have at least 2 (the check above is on the reduced counts).
 """
 
 from __future__ import annotations
@@ -68,7 +73,10 @@ class MicroBatchStats:
             est.accumulate(len(x))
         stats = est.stats()                        # then optimizer.step()
 
-    p.grad must be None or zero when the step starts (``optimizer.zero_grad()``).
+    p.grad must be None or zero when the step starts (``optimizer.zero_grad()``). A
+    measured step needs at least 2 micro-batches (across all processes with ``reduce``)
+    when it has 2 or more samples and a variance is needed: :meth:`stats` raises a
+    :class:`ValueError` otherwise.
 
     Args:
         params_or_model: an nn.Module (its parameters with ``requires_grad``) or an iterable
@@ -308,16 +316,51 @@ class MicroBatchStats:
 
     @torch.no_grad()
     def stats(self) -> GradientStats:
-        """The statistics of the accumulated step (reads the final ḡ from p.grad); resets."""
+        """The statistics of the accumulated step (reads the final ḡ from p.grad); resets.
+
+        Raises:
+            RuntimeError: nothing was accumulated.
+            ValueError: a variance is needed and the step had N ≥ 2 samples in a single
+                micro-batch (M = 1; with ``reduce``: summed over the processes), which gives
+                no variance estimate at all. A step of one sample gives NaN variances
+                instead (a test cannot decide; the controller keeps the batch size).
+        """
         if self._m == 0:
             raise RuntimeError(
                 "MicroBatchStats.stats(): nothing accumulated; call accumulate(n) after each "
                 "micro-batch's backward"
             )
         try:
+            if self.reduce is None:
+                self._check_units(self._n, self._m)
             return self._stats()
         finally:
             self.reset()
+
+    def _check_units(self, n: float, m: float) -> None:
+        if self._need_var and m < 2 and n >= 2:
+            raise ValueError(
+                f"MicroBatchStats.stats(): the step had {n:g} samples in {m:g} micro-batch; "
+                f"the variances need at least 2 micro-batches per measured step (make the "
+                f"batch at least 2 x the micro-batch size, e.g. with granularity = "
+                f"micro-batch size and initial >= 2 x it), or use PerSampleStats, which "
+                f"measures one batch"
+            )
+
+    def _counting_reduce(self, seen: list[Tensor]) -> Reduce | None:
+        """``self.reduce``, keeping its first result ([N, M, ...] summed over the processes)
+        when this process had one micro-batch: the others may bring more."""
+        reduce = self.reduce
+        if reduce is None or self._m >= 2 or not self._need_var:
+            return reduce
+
+        def counting(flat: Tensor) -> Tensor:
+            out = reduce(flat)
+            out = flat if out is None else out
+            if not seen:
+                seen.append(out)
+            return out
+        return counting
 
     def _stats(self) -> GradientStats:
         gbar = [self._grad(p) for p in self.params]
@@ -340,6 +383,12 @@ class MicroBatchStats:
             coords = self._coord
         # P = Σ_k n_k‖ĝ_k‖² = N² Σ_k ‖Δ_k‖²/n_k from the per-tensor ‖Δ_k‖ (track="grad") or
         # ‖Δ_k‖² (track="hooks") of each micro-batch
-        return stats_from_parts(self.needs, gbar, n=n_loc, units=self._m,
-                                sq_groups=self._sq_parts, squared=self.track == "hooks",
-                                ip_sums=ip_sums, coord_sums=coords, reduce=self.reduce)
+        seen: list[Tensor] = []
+        out = stats_from_parts(self.needs, gbar, n=n_loc, units=self._m,
+                               sq_groups=self._sq_parts, squared=self.track == "hooks",
+                               ip_sums=ip_sums, coord_sums=coords,
+                               reduce=self._counting_reduce(seen))
+        if seen:  # the same reduced counts on every process: all raise, or none
+            n_all, m_all = seen[0][:2].tolist()
+            self._check_units(n_all, m_all)
+        return out

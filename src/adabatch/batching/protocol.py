@@ -92,5 +92,11 @@ class Estimator(Protocol):
         ...
 
     def stats(self) -> GradientStats:
-        """The statistics of the measured step (reads the final ḡ from p.grad); resets."""
+        """The statistics of the measured step (reads the final ḡ from p.grad); resets.
+
+        Statistics that one step cannot estimate come back NaN (a test then cannot decide
+        and the controller keeps the batch size), except when no step of the loop could:
+        then it raises a :class:`ValueError` naming the fix (:class:`MicroBatchStats` on a
+        step of N ≥ 2 samples in one micro-batch: split it into at least 2, or use
+        :class:`PerSampleStats`)."""
         ...
