@@ -9,8 +9,12 @@
   the classes that carry their hyperparameters.
 - :mod:`~adabatch.batching.controller`: :class:`BatchSizeController`, the fixed schedules
   and :func:`apply_lr` (the one place a loop sets the learning rate).
+- :mod:`~adabatch.batching.policies`: policies beyond the paper (:class:`CriticalBatchSize`,
+  :class:`Goodput`) from the gradient noise scale, and the learning-rate gain rules.
 - :mod:`~adabatch.batching.sampler`: a resumable sampler that yields batches of the current
   size.
+- :mod:`~adabatch.batching.schedule`: learning-rate schedules counted in samples
+  (:class:`WarmupCosine`, :class:`LinearWarmup`), right whatever the batch size.
 
 Names are imported lazily (PEP 562), so ``import adabatch`` stays cheap.
 """
@@ -43,7 +47,14 @@ _EXPORTS: dict[str, str] = {
     "LinearSchedule": "controller",
     "StagewiseSchedule": "controller",
     "apply_lr": "controller",
+    "CriticalBatchSize": "policies",
+    "Goodput": "policies",
+    "LR_GAINS": "policies",
+    "noise_scale": "policies",
+    "raw_statistics": "policies",
     "AdaptiveBatchSampler": "sampler",
+    "LinearWarmup": "schedule",
+    "WarmupCosine": "schedule",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,7 +7,6 @@ no-op estimator whose steps never measure."""
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import threading
 import time
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from adabatch.batching.controller import apply_lr
 from adabatch.batching.protocol import StepScope
+from adabatch.batching.schedule import LinearWarmup, WarmupCosine
 from adabatch.train.build import Run
 from adabatch.train.callbacks import Callbacks
 from adabatch.train.config import TrainConfig
@@ -33,20 +33,12 @@ __all__ = ["StopFlag", "evaluate", "lr_multiplier", "run_steps"]
 def lr_multiplier(cfg: TrainConfig, samples: int, step: int, budget_kind: str,
                   budget: int) -> float:
     """Warmup (linear, in samples) times cosine decay (in samples, or steps for a step
-    budget) down to ``min_lr_ratio``. ``samples``/``step``: seen before the step."""
-    factor = 1.0
-    if cfg.warmup_samples > 0:
-        factor = min(1.0, (samples + 1) / cfg.warmup_samples)
-    if cfg.lr_schedule == "cosine":
-        if budget_kind == "steps":
-            progress = step / max(1, budget)
-        else:
-            span = max(1, budget - cfg.warmup_samples)
-            progress = max(0, samples - cfg.warmup_samples) / span
-        progress = min(1.0, progress)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        factor *= cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
-    return factor
+    budget) down to ``min_lr_ratio``. ``samples``/``step``: seen before the step. The
+    public schedules of :mod:`adabatch.batching.schedule` built from ``cfg``."""
+    if cfg.lr_schedule != "cosine":
+        return LinearWarmup(cfg.warmup_samples)(samples, step)
+    total = {"total_steps" if budget_kind == "steps" else "total_samples": budget}
+    return WarmupCosine(cfg.warmup_samples, min_ratio=cfg.min_lr_ratio, **total)(samples, step)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
