@@ -119,3 +119,24 @@ def test_bad_calls_and_warmup_arguments():
         LinearWarmup(3)(0, True)
     with pytest.raises(ValueError, match="Invalid warmup_samples"):
         LinearWarmup(-3)
+
+
+def test_readme_schedule_snippet_runs():
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from adabatch.batching import BatchSizeController, NormTest
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+              if "WarmupCosine(" in b]
+    assert len(blocks) == 1
+    model = torch.nn.Linear(3, 2)
+    ns = {"X": torch.zeros(4096, 3), "optimizer": torch.optim.SGD(model.parameters(), lr=0.4),
+          "controller": BatchSizeController(NormTest(0.5), initial=16, maximum=64,
+                                            lr_scaling="linear")}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    # before the first step: warmup (0 + 1) / 2048 of the base rate, factor 1
+    assert ns["optimizer"].param_groups[0]["lr"] == pytest.approx(0.4 / 2048)
