@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import warnings
@@ -175,7 +176,7 @@ def test_goodput_fit_is_robust_to_noisy_times():
         p.observe_time(b, t)
         p.update(expected_stats(b, 1.0, B))
         sizes.append(p.batch_size)
-    moves = [n / o for o, n in zip(sizes, sizes[1:]) if n != o]
+    moves = [n / o for o, n in itertools.pairwise(sizes) if n != o]
     assert moves and max(moves) <= 2.0 + 1e-9          # bounded moves
     assert sizes == sorted(sizes)                      # the batch only grows
     assert 150 <= p.batch_size <= 300                  # near √(α·B/β) = 200, not B = 400
