@@ -367,18 +367,19 @@ def test_parameter_used_outside_a_module_call_raises():
 
 
 def test_batch_first_check():
-    class Broadcast(nn.Module):
+    # positional embeddings shared by the samples are measured: tests/batching/test_transformers.py
+    class SeqFirst(nn.Module):
         def __init__(self):
             super().__init__()
-            self.pos = nn.Embedding(5, 4)
+            self.inp = nn.Linear(4, 4)
             self.lin = nn.Linear(4, 2)
 
-        def forward(self, x):  # positions without a batch dimension
-            return self.lin(x + self.pos(torch.arange(x.shape[1]))).mean(1)
+        def forward(self, x):  # a layer that sees the sequence axis first
+            return self.lin(self.inp(x).transpose(0, 1)).mean(0)
 
-    model = Broadcast()
+    model = SeqFirst()
     est = PerSampleStats(model)
-    msg = r"layer 'lin' saw a batch of 3 samples but the pass has 5"
+    msg = r"layer 'lin' saw a batch of 5 samples but the pass has 3"
     with pytest.raises(ValueError, match=msg):
         with est.measure():
             model(torch.randn(3, 5, 4))

@@ -16,6 +16,7 @@ from adabatch._validation import check_callable, check_int
 from adabatch.batching.persample.conv import ConvRule
 from adabatch.batching.persample.fused_conv import ConvFusion, fusable
 from adabatch.batching.persample.layers import (
+    AttentionRule,
     EmbeddingRule,
     FuncRule,
     LayerRule,
@@ -64,8 +65,22 @@ RULES: tuple[tuple[type[nn.Module], type[LayerRule], tuple[str, ...]], ...] = (
 )
 
 
+def is_unit(module: nn.Module) -> bool:
+    """Whether the module is measured as a whole, with the parameters of its submodules
+    (:class:`~adabatch.batching.persample.layers.AttentionRule`): nn.MultiheadAttention (its
+    out_proj weight is used outside out_proj's forward), and the transformer layers with
+    ``batch_first=False`` (their Linear layers see the batch along dimension 1)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    return False
+
+
 def rule_for(module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning) -> LayerRule:
     """The layer rule of ``module`` whose trainable parameters are ``names``."""
+    if is_unit(module):
+        return AttentionRule(module, names, tuning)
     for cls, rule, known in RULES:
         if type(module) is cls and set(names) <= set(known):
             return rule(module, names, tuning)
@@ -80,6 +95,45 @@ def has_grad_hooks(p: Tensor) -> bool:
     ``PerSampleTuning(gram_form=False)``, see :class:`PerSampleStats`)."""
     return bool(getattr(p, "_backward_hooks", None)
                 or getattr(p, "_post_accumulate_grad_hooks", None))
+
+
+def _resolve(model: nn.Module, item: object, what: str) -> set[int]:
+    """The ids of the parameters that one entry of ``params=`` / ``exclude=`` names."""
+    if isinstance(item, nn.Module):
+        if not any(m is item for m in model.modules()):
+            raise ValueError(f"Invalid {what}: {type(item).__name__} is not a module of the model")
+        return {id(p) for p in item.parameters()}
+    if isinstance(item, Tensor):
+        if not any(p is item for p in model.parameters()):
+            raise ValueError(f"Invalid {what}: a tensor of shape {tuple(item.shape)} that is not "
+                             f"a parameter of the model")
+        return {id(item)}
+    if isinstance(item, str):
+        named = dict(model.named_parameters(remove_duplicate=False))
+        if item in named:
+            return {id(named[item])}
+        modules = dict(model.named_modules(remove_duplicate=False))
+        if item in modules:
+            return {id(p) for p in modules[item].parameters()}
+        raise ValueError(f"Invalid {what}: the model has no parameter or module named {item!r}")
+    raise TypeError(f"Invalid {what}: {type(item).__name__} (must be a parameter, a module, "
+                    f"or the name of either)")
+
+
+def select_params(model: nn.Module, params: Iterable[Tensor | str] | None,
+                  exclude: Iterable[Tensor | str | nn.Module]) -> set[int]:
+    """The ids of the parameters to measure: those of ``params`` (default: all), less those
+    of ``exclude``; each entry a parameter, a module or the (dotted) name of either."""
+    def entries(x: object) -> list:
+        return [x] if isinstance(x, (str, Tensor, nn.Module)) else list(x)  # type: ignore[call-overload]
+
+    if params is None:
+        chosen = {id(p) for p in model.parameters()}
+    else:
+        chosen = set().union(*(_resolve(model, p, "params") for p in entries(params)))
+    for item in entries(exclude):
+        chosen -= _resolve(model, item, "exclude")
+    return chosen
 
 
 class PerSampleStats:
@@ -156,7 +210,9 @@ class PerSampleStats:
     def __init__(self, model: nn.Module, needs: Iterable[str] = STAT_NAMES, *,
                  chunk_size: int | None = None, budget: int = DEFAULT_BUDGET,
                  reduce: Reduce | None = None, fuse_conv_grad: bool = True,
-                 tuning: PerSampleTuning | None = None) -> None:
+                 tuning: PerSampleTuning | None = None,
+                 params: Iterable[Tensor | str] | None = None,
+                 exclude: Iterable[Tensor | str | nn.Module] = ()) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleStats needs an nn.Module, got {type(model).__name__}")
         self.needs = check_needs(frozenset(needs))
@@ -181,7 +237,7 @@ class PerSampleStats:
 
         self.params: list[Tensor] = []
         self._index: dict[int, int] = {}  # id(parameter) -> its position in params
-        self._collect_params(model)
+        self._collect_params(model, select_params(model, params, exclude))
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._module_names: dict[nn.Module, str] = {}
         self._rules = self._make_rules(model)
@@ -192,6 +248,9 @@ class PerSampleStats:
         self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
         self._hooks = [m.register_forward_hook(self._forward_hook, with_kwargs=True)
                        for m in self._rules]
+        self._hooks.append(model.register_forward_pre_hook(self._model_pre_hook,
+                                                           with_kwargs=True))
+        self._model_n: int | None = None  # dimension 0 of the model's first input
         # the running pass (measure()): its id, batch size, layer calls, uses per parameter,
         # inner-product items, and whether its Linear layers may take the Gram form
         self._active = False
@@ -212,20 +271,27 @@ class PerSampleStats:
         self._unreached = 0  # measured passes whose backward never reached a hooked layer
         self.reset()
 
-    def _collect_params(self, model: nn.Module) -> None:
+    def _collect_params(self, model: nn.Module, selected: set[int]) -> None:
         for p in model.parameters():
-            if p.requires_grad and id(p) not in self._index:
+            if p.requires_grad and id(p) in selected and id(p) not in self._index:
                 self._index[id(p)] = len(self.params)
                 self.params.append(p)
         if not self.params:
-            raise ValueError("PerSampleStats: the model has no parameters that require gradients")
+            raise ValueError("PerSampleStats: the model has no parameters that require gradients"
+                             " (among those selected by params= and exclude=)")
 
     def _make_rules(self, model: nn.Module) -> dict[nn.Module, LayerRule]:
         rules = {}
+        units: list[str] = []  # modules measured as a whole: their submodules get no rule
         for mname, module in model.named_modules():
             self._module_names[module] = mname or type(module).__name__
-            names = tuple(n for n, p in module.named_parameters(recurse=False)
-                          if p.requires_grad)
+            if any(mname.startswith(u + ".") for u in units):
+                continue
+            unit = is_unit(module)
+            if unit:
+                units.append(mname)
+            names = tuple(n for n, p in module.named_parameters(recurse=unit)
+                          if id(p) in self._index)
             if not names:
                 continue
             if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
@@ -274,6 +340,7 @@ class PerSampleStats:
         if self._per_sample:
             self._check_mixing()
         self._pass_n = batch_size
+        self._model_n = None
         self._records = []
         self._uses = {}
         self._pass_ip = []
@@ -312,17 +379,25 @@ class PerSampleStats:
         yield StepScope(bool(measure), lambda n: self.measure(), lambda n: None)
 
     # --- hooks -----------------------------------------------------------------------------
+    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._active and self._model_n is None:
+            first = next((t for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, Tensor) and t.dim() > 0), None)
+            if first is not None:
+                self._model_n = first.shape[0]
+
     def _first_input(self, module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-        """The first tensor input of a layer call; its dimension 0, the batch size, is
-        checked against the pass's."""
+        """The first tensor input of a layer call; its batch dimension (the rule's
+        ``batch_dim``), the batch size, is checked against the pass's."""
         first = args[0] if args and isinstance(args[0], Tensor) else next(
             (t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), None)
-        if first is None or first.dim() == 0:
+        bd = self._rules[module].batch_dim
+        if first is None or first.dim() <= bd:
             raise ValueError(
                 f"PerSampleStats: layer {self._module_names[module]!r} got no batched tensor "
                 f"input; inputs must be batch-first"
             )
-        n = first.shape[0]
+        n = first.shape[bd]
         if self._pass_n is None:
             self._pass_n = n
         elif n != self._pass_n:
@@ -334,24 +409,34 @@ class PerSampleStats:
         return first
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object
-                      ) -> None:
+                      ) -> Tensor | None:
         if not self._active:
-            return
+            return None
+        rule = self._rules[module]
         first = args[0] if args and isinstance(args[0], Tensor) else None
         if first is None or first.dim() == 0 or first.shape[0] != self._pass_n:
+            if isinstance(rule, EmbeddingRule) and first is not None:
+                return self._shared_embedding(module, rule, first, output)
             first = self._first_input(module, args, kwargs)  # the checks, off the common path
-        n = first.shape[0]
+        n = first.shape[rule.batch_dim]
         if not self._per_sample:
-            return
+            return None
         if isinstance(output, Tensor):
             if not output.requires_grad:
-                return
+                return None
             outs = [output]
         else:
             outs = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
             if not any(o.requires_grad for o in outs):
-                return
-        rule = self._rules[module]
+                return None
+        if isinstance(rule, FuncRule) and module.training:
+            random = rule.random_part()
+            if random is not None:
+                raise ValueError(
+                    f"PerSampleStats: layer {self._module_names[module]!r} is measured by "
+                    f"recomputing it sample by sample, but its dropout ({random}) is active; "
+                    f"set the dropout to 0 or put the layer in eval mode, or use "
+                    f"MicroBatchStats")
         saved_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         kw = ({k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
               if kwargs else {})
@@ -366,10 +451,38 @@ class PerSampleStats:
         if (type(rule) is LinearRule and len(outs) == 1 and first.dim() == 2
                 and rule.names[0] == "weight"):
             outs[0].register_hook(self._make_linear_hook(rec))
-            return
+            return None
         for i, o in enumerate(outs):
             if o.requires_grad:
                 o.register_hook(self._make_grad_hook(rec, i))
+        return None
+
+    def _shared_embedding(self, module: nn.Module, rule: LayerRule, idx: Tensor,
+                          output: Tensor) -> Tensor | None:
+        """An Embedding whose indices are shared by the samples (no batch dimension, as
+        ``pos(torch.arange(T))``, or a batch dimension of 1): its output is given the batch
+        dimension as an expanded view, so the broadcast that follows (``x + pos``) happens
+        here and the output gradient arrives per sample; the indices are expanded alike.
+        None: the call is batched after all (or nothing is measured per sample)."""
+        if self._pass_n is None:
+            self._pass_n = self._model_n
+        n = self._pass_n
+        if n is None or (idx.dim() > 0 and idx.shape[0] == n):
+            self._first_input(module, (idx,), {})
+            return self._forward_hook(module, (idx,), {}, output)  # type: ignore[return-value]
+        if not (self._per_sample and output.requires_grad):
+            return None
+        if idx.dim() > 0 and idx.shape[0] == 1:
+            idx, output = idx.expand(n, *idx.shape[1:]), output.expand(n, *output.shape[1:])
+        else:
+            idx = idx.unsqueeze(0).expand(n, *idx.shape)
+            output = output.unsqueeze(0).expand(n, *output.shape)
+        rec = LayerCall(module, rule, (idx.detach(),), {}, n, [None], 1, rule.names)
+        for pid in rule.pids:
+            self._uses[pid] = self._uses.get(pid, 0) + 1
+        self._records.append(rec)
+        output.register_hook(self._make_grad_hook(rec, 0))
+        return output
 
     def _make_linear_hook(self, rec: LayerCall) -> Callable[[Tensor], None]:
         """The common case made cheap: a Linear on [b, in] inputs, done in the output's

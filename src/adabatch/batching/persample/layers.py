@@ -7,6 +7,7 @@ inputs a and output gradients δ) into per-parameter sums (:meth:`LayerRule.proc
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -27,10 +28,13 @@ class LayerRule:
         self.module = module
         self.names = names
         self.tuning = tuning
-        self.pids = tuple(id(getattr(module, nm)) for nm in names)
+        self.pids = tuple(id(module.get_parameter(nm)) for nm in names)
+
+    #: the dimension of the batch in the layer's first input
+    batch_dim = 0
 
     def param(self, name: str) -> Tensor:
-        return getattr(self.module, name)
+        return self.module.get_parameter(name)
 
     # --- to override -------------------------------------------------------------------
     def grads(self, call: LayerCall, names: tuple[str, ...], lo: int, hi: int
@@ -365,10 +369,43 @@ class NormRule(LayerRule):
 
 
 class FuncRule(LayerRule):
-    """Any other module with its own parameters: chunked torch.func.vmap(grad(...))."""
+    """Any other module with its own parameters: chunked torch.func.vmap(grad(...)) of the
+    module alone, sample by sample (a batch of one), with the output gradients as weights.
+
+    Exact for a module that treats each sample alone and runs deterministically: a module in
+    training mode with an active dropout inside raises (see :meth:`random_part`)."""
 
     def sample_numel(self, call: LayerCall, names: tuple[str, ...]) -> int:
         return 4 * self.kept_numel(call) + sum(self.param(nm).numel() for nm in names)
+
+    def random_part(self) -> str | None:
+        """The name of a dropout that is active in the module (it would draw other masks in
+        the per-sample recomputation than in the pass), or None."""
+        for name, sub in self.module.named_modules():
+            if not sub.training:
+                continue
+            p = (sub.p if isinstance(sub, nn.modules.dropout._DropoutNd)
+                 else sub.dropout if isinstance(sub, nn.MultiheadAttention) else 0.0)
+            if p > 0:
+                return name or "itself"
+        return None
+
+    def split(self, call: LayerCall) -> tuple[list, list[int | None], Callable[[list], tuple]]:
+        """The call's inputs as a flat list, the batch dimension of each (None: shared by
+        the samples), and a function that makes (args, kwargs) of one sample from the
+        per-sample slices (batch dimension removed) and the shared inputs."""
+        flat, spec = tree_flatten((call.inputs, call.kwargs))
+        dims = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == call.n else None
+                for t in flat]
+
+        def build(xs: list) -> tuple:
+            return tree_unflatten([x.unsqueeze(0) if dm == 0 else x
+                                   for x, dm in zip(xs, dims)], spec)
+        return flat, dims, build
+
+    def out_dims(self, call: LayerCall) -> list[int]:
+        """The batch dimension of each tensor output."""
+        return [0] * len(call.deltas)
 
     def grads(self, call: LayerCall, names: tuple[str, ...], lo: int, hi: int
               ) -> dict[str, Tensor]:
@@ -376,22 +413,74 @@ class FuncRule(LayerRule):
 
         m = self.module
         params = {nm: self.param(nm).detach() for nm in names}
-        flat, spec = tree_flatten((call.inputs, call.kwargs))
-        dims = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == call.n else None
-                for t in flat]
-        xs = [t[lo:hi] if d == 0 else t for t, d in zip(flat, dims)]
-        ds = [None if d is None else d[lo:hi] for d in call.deltas]
-        d_dims = [None if d is None else 0 for d in ds]
+        flat, dims, build = self.split(call)
+        xs = [t.narrow(d, lo, hi - lo) if d is not None else t for t, d in zip(flat, dims)]
+        odims = self.out_dims(call)
+        ds = [None if d is None else d.narrow(od, lo, hi - lo)
+              for d, od in zip(call.deltas, odims)]
+        d_dims = [None if d is None else od for d, od in zip(ds, odims)]
 
         def loss(p: dict[str, Tensor], xs_: list, ds_: list[Tensor | None]) -> Tensor:
-            xs_ = [x.unsqueeze(0) if dm == 0 else x for x, dm in zip(xs_, dims)]
-            args, kwargs = tree_unflatten(xs_, spec)
+            args, kwargs = build(xs_)
             outs = [o for o in tree_flatten(functional_call(m, p, args, kwargs))[0]
                     if isinstance(o, Tensor)]
             total = torch.zeros((), dtype=torch.float64)
-            for o, dl in zip(outs, ds_):
+            for o, dl, od in zip(outs, ds_, odims):
                 if dl is not None:
-                    total = total + (o * dl.unsqueeze(0)).sum()
+                    total = total + (o * dl.unsqueeze(od)).sum()
             return total
 
         return vmap(grad(loss), in_dims=(None, dims, d_dims))(params, xs, ds)
+
+
+#: the arguments of the attention modules that hold the samples along the batch dimension
+_SEQUENCES = frozenset({"query", "key", "value", "src", "tgt", "memory"})
+
+
+class AttentionRule(FuncRule):
+    """nn.MultiheadAttention (whose out_proj weight is used by F.multi_head_attention_forward,
+    not through out_proj's own forward), and nn.TransformerEncoderLayer /
+    nn.TransformerDecoderLayer with ``batch_first=False``: the whole module through the
+    torch.func path over all its parameters (its submodules get no hooks of their own).
+
+    Batch dimension: 0 with ``batch_first``, else 1, for the sequences and the attention
+    output; 0 for key padding masks and the attention weights. A 3-D attention mask
+    [b·heads, T, S] is split by sample; a 2-D one is shared."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning) -> None:
+        super().__init__(module, names, tuning)
+        self.batch_dim = 0 if getattr(module, "batch_first", False) else 1
+        self._signature = inspect.signature(module.forward)
+
+    def split(self, call: LayerCall) -> tuple[list, list[int | None], Callable[[list], tuple]]:
+        bound = self._signature.bind(*call.inputs, **call.kwargs)
+        keys = list(bound.arguments)
+        flat: list = []
+        dims: list[int | None] = []
+        for key in keys:
+            v = bound.arguments[key]
+            d = None
+            if isinstance(v, Tensor):
+                if key in _SEQUENCES:
+                    d = self.batch_dim
+                elif key.endswith("key_padding_mask"):
+                    d = 0
+                elif key.endswith("mask") and v.dim() == 3:
+                    v, d = v.reshape(call.n, -1, *v.shape[1:]), 0  # [b, heads, T, S]
+            flat.append(v)
+            dims.append(d)
+        bd = self.batch_dim
+
+        def build(xs: list) -> tuple:
+            kwargs = {}
+            for key, x, d in zip(keys, xs, dims):
+                if d is not None and key in _SEQUENCES:
+                    x = x.unsqueeze(bd)
+                elif d is not None and key.endswith("key_padding_mask"):
+                    x = x.unsqueeze(0)
+                kwargs[key] = x  # a split 3-D mask: [heads, T, S] is one sample's
+            return (), kwargs
+        return flat, dims, build
+
+    def out_dims(self, call: LayerCall) -> list[int]:
+        return [self.batch_dim] + [0] * (len(call.deltas) - 1)  # output, attention weights
