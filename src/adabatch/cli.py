@@ -179,6 +179,14 @@ def _flags_run(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--threads", type=int, default=_S, help="torch intra-op threads")
     g.add_argument("--precision", choices=PRECISIONS, default=_S,
                    help="32 or bf16 (torch.autocast)")
+    g.add_argument("--compile", action="store_const", const=True, default=_S,
+                   help="torch.compile the training forward: one graph while the batch grows, "
+                        "since every micro-batch has one shape (--micro-batch) and "
+                        "--estimator micro-batch reads gradients in hooks outside the graph; "
+                        "refused with --estimator per-sample (its layer hooks split the graph)")
+    g.add_argument("--compile-backend", default=_S, metavar="NAME",
+                   help=f"torch.compile backend (default {d.compile_backend}; aot_eager or "
+                        "eager compile faster)")
     g.add_argument("--quiet", action="store_const", const=True, default=_S)
     g.add_argument("--tensorboard", action="store_const", const=True, default=_S,
                    help="also log to RUN/tensorboard (needs tensorboard)")

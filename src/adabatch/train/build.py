@@ -200,6 +200,25 @@ def _load_data(cfg: TrainConfig) -> Any:
         raise ConfigError(one_line(e)) from None
 
 
+def _make_forward(cfg: TrainConfig, model: nn.Module, d: Dist,
+                  device: torch.device) -> nn.Module:
+    """The module the training forward runs: the model, in DDP when distributed, compiled
+    with ``--compile`` (validate() has refused the combinations that would split the graph
+    or recompile as the batch grows; the micro-batches all have one shape)."""
+    forward = wrap_ddp(model, d, device)
+    if not cfg.compile:
+        return forward
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.compile_backend not in backends:
+        raise ConfigError(f"--compile-backend {cfg.compile_backend!r}: not a torch.compile "
+                          f"backend; choose from {', '.join(backends)}")
+    # the parameters stay the model's: checkpoints, the estimator's hooks and evaluation
+    # (uncompiled: its last batch has another shape) use run.model
+    return torch.compile(forward, backend=cfg.compile_backend)
+
+
 def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None, *,
           step_reducer: bool = False) -> Run:
     """Load the data, build model, optimizer, batch policy, sampler and estimator.
@@ -251,4 +270,4 @@ def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None, *,
                budget_kind=budget_kind, budget=budget,
                base_lrs=[float(g["lr"]) for g in optimizer.param_groups],
                extra={"world_size": d.world_size}, dist=d,
-               forward=wrap_ddp(model, d, device), reducer=reducer)
+               forward=_make_forward(cfg, model, d, device), reducer=reducer)

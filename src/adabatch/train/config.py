@@ -67,7 +67,7 @@ RESUME_MUTABLE = frozenset(
         "epochs", "samples", "steps", "eval_every", "eval_batch", "checkpoint_every",
         "keep_checkpoints", "quiet", "device", "threads", "tensorboard", "plots",
         "data_dir", "out", "resume", "config", "from_step", "divergence_factor",
-        "dist_timeout",
+        "dist_timeout", "compile", "compile_backend",
     }
 )
 
@@ -157,6 +157,9 @@ class TrainConfig:
     from_step: int | None = None
     divergence_factor: float = 100.0
     dist_timeout: float = 600.0
+    # torch.compile of the training forward (fixed-size micro-batches: one graph)
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     DEFAULT_EPOCHS: ClassVar[float] = 20.0
 
@@ -213,7 +216,7 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _DICT_KEYS = {"data_options", "model_options", "optimizer_options"}
-_BOOL_KEYS = {"quiet", "tensorboard", "plots"}
+_BOOL_KEYS = {"quiet", "tensorboard", "plots", "compile"}
 _INT_KEYS = {
     "initial_batch", "max_batch", "micro_batch", "batch_granularity", "test_interval",
     "samples", "steps",
@@ -568,6 +571,31 @@ def _check_options(cfg: TrainConfig) -> None:
                 raise ConfigError(str(e)) from None
 
 
+#: How to keep one compiled graph while the batch grows (the README's torch.compile section).
+COMPILE_RECIPE = ("fixed-size micro-batches (--micro-batch) with --estimator micro-batch, whose "
+                  "gradient hooks run outside the compiled graph")
+
+
+def _check_compile(cfg: TrainConfig) -> None:
+    """--compile: refuse what would split the graph or recompile as the batch grows."""
+    if not cfg.compile:
+        return
+    if cfg.batch_test != "none" and cfg.estimator == "per-sample":
+        raise ConfigError(
+            "--compile with --estimator per-sample: its forward hooks on every layer split "
+            f"the compiled graph and recompile as the batch grows; use {COMPILE_RECIPE}"
+        )
+    grows = cfg.batch_test != "none" or (
+        cfg.batch_schedule not in (None, "constant") and cfg.max_batch > cfg.initial_batch)
+    if grows and cfg.effective_micro_batch() is None:
+        raise ConfigError(
+            "--compile: the batch size changes and every new batch shape recompiles the "
+            f"forward; use {COMPILE_RECIPE}"
+        )
+    if not cfg.compile_backend:
+        raise ConfigError("--compile-backend must name a torch.compile backend")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check values and combinations; raise :class:`ConfigError` with one line.
 
@@ -579,6 +607,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_batch_sizes(cfg)
     _check_paths(cfg)
     _check_options(cfg)
+    _check_compile(cfg)
     return cfg
 
 
