@@ -96,13 +96,16 @@ def _flags_batch_size(p: argparse.ArgumentParser, d: Any) -> None:
 
     g = p.add_argument_group("batch size")
     g.add_argument("--batch-test", choices=BATCH_TESTS, default=_S,
-                   help=f"adaptive batch test (default {d.batch_test}); none = fixed schedule")
+                   help=f"adaptive batch test (default {d.batch_test}); none = fixed schedule; "
+                        "beyond the paper: critical (kappa x noise scale), goodput")
     g.add_argument("--eta", type=float, default=_S,
                    help=f"norm / coordinate test (default {d.eta})")
     g.add_argument("--theta", type=float, default=_S,
                    help=f"inner-product test (default {d.theta})")
     g.add_argument("--nu", type=float, default=_S,
                    help=f"orthogonality part of aip (default {d.nu})")
+    g.add_argument("--kappa", type=float, default=_S,
+                   help=f"critical / goodput: b = kappa x noise scale (default {d.kappa})")
     g.add_argument("--coord-reduce", choices=COORD_REDUCES, default=_S,
                    help="coordinate test reduction: max (the paper), or beyond the paper: "
                         "mean, quantile (with --coord-q)")
@@ -127,7 +130,8 @@ def _flags_batch_size(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--estimator", choices=ESTIMATORS, default=_S,
                    help=f"how statistics are measured (default {d.estimator})")
     g.add_argument("--lr-scaling", choices=LR_SCALINGS, default=_S,
-                   help="scale the lr with the batch size growth (default none)")
+                   help="scale the lr with the batch size growth (default none); gain "
+                        "(critical/goodput): AdaScale's gain, per optimizer family")
 
 
 def _flags_budget(p: argparse.ArgumentParser, d: Any) -> None:

@@ -42,7 +42,8 @@ def test_exports_and_raw_statistics():
     assert row == {"grad_sq_norm": 2.0, "variance_trace": 8.0, "ip_variance": 3.0,
                    "b_noise": pytest.approx(8.0)}
     assert raw_statistics(None) == {}
-    assert "b_noise" not in raw_statistics(stats(8, 0.5, 8.0))
+    assert raw_statistics(stats(8, 0.5, 8.0))["b_noise"] is None
+    assert "b_noise" not in raw_statistics(GradientStats(8, grad_sq_norm=1.0))
 
 
 def test_ema_math_numerator_and_denominator_separately():

@@ -47,7 +47,8 @@ def test_default_run(tmp_path, monkeypatch, capsys):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     step_keys = {"step", "samples", "batch_size", "loss", "lr", "statistic", "required",
                  "passed", "time"}
-    assert set(rows[0]) == step_keys
+    # a norm-test step also logs the raw statistics it read (#18 item 5)
+    assert set(rows[0]) == step_keys | {"grad_sq_norm", "variance_trace", "b_noise"}
     assert set(rows[-1]) == {"eval", "step", "samples", "test_loss", "test_accuracy", "time"}
     assert rows[-1]["test_accuracy"] == summary["test_accuracy"]
 

@@ -96,20 +96,20 @@ def noise_scale(grad_sq_norm: float, variance_trace: float, batch_size: int) -> 
     return value if value is not None and math.isfinite(value) else None
 
 
-def raw_statistics(stats: GradientStats | None) -> dict[str, float]:
+def raw_statistics(stats: GradientStats | None) -> dict[str, float | None]:
     """The scalar statistics of a test step (those measured) and its one-step B_noise.
 
     Keys: ``grad_sq_norm``, ``variance_trace``, ``ip_variance``, ``orth_variance`` (when not
-    None) and ``b_noise`` (when G and V were measured and G − V/b > 0): the columns a loop
-    logs so a reader sees why the batch moved.
+    None) and ``b_noise`` (when G and V were measured; None unless G − V/b > 0): the columns
+    a loop logs so a reader sees why the batch moved.
     """
     if stats is None:
         return {}
-    row = {k: float(getattr(stats, k)) for k in _RAW if getattr(stats, k) is not None}
-    if "grad_sq_norm" in row and "variance_trace" in row:
-        b_noise = noise_scale(row["grad_sq_norm"], row["variance_trace"], stats.batch_size)
-        if b_noise is not None:
-            row["b_noise"] = b_noise
+    row: dict[str, float | None] = {
+        k: float(getattr(stats, k)) for k in _RAW if getattr(stats, k) is not None}
+    G, V = row.get("grad_sq_norm"), row.get("variance_trace")
+    if G is not None and V is not None:
+        row["b_noise"] = noise_scale(G, V, stats.batch_size)
     return row
 
 

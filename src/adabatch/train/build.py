@@ -135,11 +135,26 @@ def _budget(cfg: TrainConfig, n_train: int) -> tuple[str, int]:
     return budget_kind, int(amount)
 
 
+#: ``--lr-scaling gain``: the gain rule of each optimizer family (batching/policies.py).
+_GAIN_RULES = {"sgd": "gain-sgd", "momentum": "gain-sgd", "adam": "gain-ema",
+               "adamw": "gain-ema", "adabelief": "gain-ema", "adagrad": "gain-sum",
+               "adagradnorm": "gain-sum"}
+
+
 def _make_policy(cfg: TrainConfig, micro: int, budget_kind: str, budget: int) -> Any:
     from adabatch import batching
 
     lr_scaling = None if cfg.lr_scaling == "none" else cfg.lr_scaling
     common = {"granularity": micro, "lr_scaling": lr_scaling}
+    if cfg.batch_test in ("critical", "goodput"):  # beyond the paper (batching/policies.py)
+        if lr_scaling == "gain":
+            if cfg.optimizer not in _GAIN_RULES:
+                raise ConfigError(f"--lr-scaling gain: no gain rule for optimizer "
+                                  f"{cfg.optimizer!r} (rules for {', '.join(_GAIN_RULES)})")
+            common["lr_scaling"] = _GAIN_RULES[cfg.optimizer]
+        policy = batching.CriticalBatchSize if cfg.batch_test == "critical" else batching.Goodput
+        return policy(cfg.initial_batch, cfg.max_batch, kappa=cfg.kappa,
+                      interval=cfg.test_interval, **common)
     if cfg.batch_test != "none":
         test = {
             "norm": lambda: batching.NormTest(cfg.eta),

@@ -44,12 +44,12 @@ __all__ = [
     "validate",
 ]
 
-BATCH_TESTS = ("none", "norm", "ip", "aip", "coord")
+BATCH_TESTS = ("none", "norm", "ip", "aip", "coord", "critical", "goodput")
 BATCH_SCHEDULES = ("constant", "linear", "stagewise")
 ESTIMATORS = ("per-sample", "micro-batch")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("32", "bf16")
-LR_SCALINGS = ("none", "linear", "sqrt")
+LR_SCALINGS = ("none", "linear", "sqrt", "gain")
 COORD_REDUCES = ("max", "mean", "quantile")
 BUDGET_KEYS = ("epochs", "samples", "steps")
 
@@ -118,6 +118,8 @@ class TrainConfig:
     eta: float = 0.5
     theta: float = 0.9
     nu: float = 5.0
+    # critical / goodput (beyond the paper): b = kappa x the smoothed gradient noise scale
+    kappa: float = 1.0
     coord_reduce: str = "max"
     coord_q: float | None = None
     batch_schedule: str | None = None
@@ -224,7 +226,8 @@ _INT_KEYS = {
     "seed", "threads", "ramp_increment", "stage_samples", "from_step",
 }
 _FLOAT_KEYS = {"lr", "eps", "weight_decay", "b0", "momentum", "eta", "theta", "nu", "epochs",
-               "min_lr_ratio", "coord_q", "stage_factor", "divergence_factor", "dist_timeout"}
+               "kappa", "min_lr_ratio", "coord_q", "stage_factor", "divergence_factor",
+               "dist_timeout"}
 _STR_KEYS = set(_FIELDS) - _DICT_KEYS - _BOOL_KEYS - _INT_KEYS - _FLOAT_KEYS - {"betas"}
 
 
@@ -460,7 +463,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         _positive(cfg, key, allow_none=True)
     for key in ("eval_every", "checkpoint_every", "warmup_samples"):
         _positive(cfg, key, allow_zero=True)
-    for key in ("eta", "theta", "nu"):
+    for key in ("eta", "theta", "nu", "kappa"):
         _positive(cfg, key)
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
@@ -512,6 +515,9 @@ def _check_batch_sizes(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--max-batch ({cfg.max_batch}) must be >= --initial-batch ({cfg.initial_batch})"
         )
+    if cfg.lr_scaling == "gain" and cfg.batch_test not in ("critical", "goodput"):
+        raise ConfigError("--lr-scaling gain reads the noise scale: it goes with --batch-test "
+                          f"critical or goodput, not {cfg.batch_test}")
     if cfg.batch_test != "none" and cfg.batch_schedule is not None:
         raise ConfigError(
             f"--batch-test {cfg.batch_test} and --batch-schedule {cfg.batch_schedule} are "

@@ -2,7 +2,11 @@
 
 ``metrics.jsonl`` holds one JSON object per line: a row per optimizer step (``step``,
 ``samples``, ``batch_size``, ``loss``, ``lr``, ``statistic``, ``required``, ``passed``,
-``time``) and evaluation rows (``{"eval": true, "step", "samples", "test_loss",
+``time``; on a test step also the raw statistics the decision read, those measured:
+``grad_sq_norm`` ‖ḡ‖², ``variance_trace`` V, ``ip_variance`` W, ``orth_variance`` O and
+``b_noise`` the noise-scale estimate V/(‖ḡ‖² − V/b), None unless positive; the policies
+beyond the paper add ``b_noise_step`` and, for goodput, ``time_alpha``/``time_beta``, see
+:data:`STAT_COLUMNS`) and evaluation rows (``{"eval": true, "step", "samples", "test_loss",
 "test_accuracy", "time"}``). Rows are buffered and flushed at every evaluation and checkpoint,
 so the file never lags a checkpoint: a resumed run cuts the file back to the byte offset that
 its checkpoint recorded and appends from there.
@@ -16,7 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["MetricsWriter", "Progress"]
+__all__ = ["STAT_COLUMNS", "MetricsWriter", "Progress"]
+
+#: The raw statistics of a test step, in the order they are written (when present).
+STAT_COLUMNS = ("grad_sq_norm", "variance_trace", "ip_variance", "orth_variance", "b_noise",
+                "b_noise_step", "time_alpha", "time_beta")
 
 
 def _clean(value: Any) -> Any:
@@ -79,13 +87,16 @@ class MetricsWriter:
                    time: float, test: dict[str, Any] | None = None) -> None:
         """The per-step row: the same line as :meth:`write` with the keys ``step, samples,
         batch_size, loss, lr, statistic, required, passed, time`` (the test's verdict from
-        ``test``, None when the step ran no test), formatted by hand (it runs every step)."""
+        ``test``, None when the step ran no test) and, on a test step, the
+        :data:`STAT_COLUMNS` that ``test`` holds; formatted by hand (it runs every step)."""
         if self._tb is not None or test is not None:
             test = test or {}
-            self.write({"step": step, "samples": samples, "batch_size": batch_size,
-                        "loss": loss, "lr": lr, "statistic": test.get("statistic"),
-                        "required": test.get("required"), "passed": test.get("passed"),
-                        "time": time})
+            row = {"step": step, "samples": samples, "batch_size": batch_size,
+                   "loss": loss, "lr": lr, "statistic": test.get("statistic"),
+                   "required": test.get("required"), "passed": test.get("passed")}
+            row.update((k, test[k]) for k in STAT_COLUMNS if k in test)
+            row["time"] = time
+            self.write(row)
             return
         self._file.write(
             f'{{"step": {step:d}, "samples": {samples:d}, "batch_size": {batch_size:d}, '

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from adabatch.batching.controller import apply_lr
+from adabatch.batching.policies import raw_statistics
 from adabatch.batching.protocol import StepScope
 from adabatch.batching.schedule import LinearWarmup, WarmupCosine
 from adabatch.train.build import Run
@@ -231,13 +232,16 @@ class _Steps:
             stop.signum = signal.SIGTERM  # another rank was signalled: stop together
         return loss_value, stats, stop_any
 
-    def record(self, B: int, loss_value: float, lr: float, t0: float) -> None:
-        """Count the step, write its metrics row and progress, evaluate when due."""
+    def record(self, B: int, loss_value: float, lr: float, t0: float, stats: Any) -> None:
+        """Count the step, write its metrics row (with the raw statistics of a test step)
+        and progress, evaluate when due."""
         run, cfg, history = self.run, self.run.cfg, self.run.controller.history
         run.step += 1
         run.samples += B
         run.elapsed = time.perf_counter() - t0
         test = history[-1] if history and history[-1]["step"] == run.step - 1 else None
+        if stats is not None:  # the policy's own columns (a smoothed b_noise) win
+            test = {**raw_statistics(stats), **(test or {})}
         self.writer.write_step(run.step, run.samples, B, loss_value, lr, run.elapsed, test)
         if not cfg.quiet:
             self.progress.update(run.step if run.budget_kind == "steps" else run.samples,
@@ -245,10 +249,29 @@ class _Steps:
         if cfg.eval_every and run.step % cfg.eval_every == 0 and not done(run):
             eval_row(run, self.writer, self.progress)
 
+    def observe_time(self, B: int, start: float) -> None:
+        """A policy that reads step times (Goodput) gets this step's: its forward, backward
+        and reductions (``float(loss)`` waited for the device). Ranks agree on the slowest
+        rank's time (one all-reduce of one number, only for such a policy)."""
+        observe = getattr(self.run.controller, "observe_time", None)
+        if observe is None:
+            return
+        seconds = time.perf_counter() - start
+        d = self.run.dist
+        if d.enabled:
+            import torch.distributed as tdist
+
+            t = torch.tensor([seconds], dtype=torch.float64,
+                             device=self.run.device if self.run.device.type == "cuda" else "cpu")
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+            seconds = float(t)
+        observe(B, seconds)
+
     def one_step(self, t0: float) -> bool:
         """One training step; True when the loop must stop (after a checkpoint)."""
         run, policy, opt, cb = self.run, self.run.controller, self.run.optimizer, self.callbacks
         cb.on_step_start(run)
+        t_step = time.perf_counter()
         B = policy.batch_size
         apply_lr(opt, run.base_lrs, lr_multiplier(run.cfg, run.samples, run.step,
                                                   run.budget_kind, run.budget),
@@ -264,8 +287,9 @@ class _Steps:
                            f"with --resume {run.run_dir} --from-step N)") from None
         cb.before_optimizer_step(run)
         opt.step()
+        self.observe_time(B, t_step)
         policy.update(stats)
-        self.record(B, loss_value, lr, t0)
+        self.record(B, loss_value, lr, t0, stats)
         cb.on_step_end(run)
         d = run.dist
         if self.stop.signum is not None and (run.reducer is None or not d.enabled or stop_any):

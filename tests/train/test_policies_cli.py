@@ -1,0 +1,84 @@
+"""`adabatch train --batch-test critical | goodput` (policies beyond the paper), `--kappa`,
+`--lr-scaling gain`, and the raw statistics in metrics.jsonl."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adabatch.cli import main
+
+BASE = ["--quiet", "--no-plots", "--threads", "1", "--initial-batch", "8",
+        "--max-batch", "512", "--micro-batch", "8"]
+
+
+def _train(out: Path, *args: str) -> int:
+    return main(["train", *BASE, "--out", str(out), *args])
+
+
+def _steps(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if not r.get("eval")]
+
+
+def test_critical_grows_and_logs_the_noise_scale(tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, "--batch-test", "critical", "--kappa", "2", "--steps", "12") == 0
+    rows = _steps(run)
+    sizes = [r["batch_size"] for r in rows]
+    assert sizes == sorted(sizes) and sizes[-1] > 8 and all(b % 8 == 0 for b in sizes)
+    for r in rows:  # every step measures (interval 1) and carries its statistics
+        assert r["grad_sq_norm"] > 0 and r["variance_trace"] >= 0 and "b_noise" in r
+        if r["required"] is not None:
+            assert r["required"] == pytest.approx(2 * r["b_noise"])  # kappa x smoothed
+    config = json.loads((run / "config.json").read_text())
+    assert config["batch_test"] == "critical" and config["kappa"] == 2.0
+
+
+def test_critical_resume_is_bitwise_exact(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    flags = ["--batch-test", "critical", "--checkpoint-every", "2"]
+    assert _train(ref, *flags, "--steps", "8") == 0
+    assert _train(run, *flags, "--steps", "5") == 0
+    assert main(["train", "--resume", str(run), "--steps", "8", "--quiet"]) == 0
+    a = torch.load(run / "final.pt", weights_only=True)
+    b = torch.load(ref / "final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in _steps(run)]
+    assert strip == [{k: v for k, v in r.items() if k != "time"} for r in _steps(ref)]
+    assert len({r["batch_size"] for r in strip}) > 1  # the batch moved across the resume
+
+
+def test_goodput_runs_with_bounded_moves(tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, "--batch-test", "goodput", "--steps", "12") == 0
+    rows = _steps(run)
+    sizes = [r["batch_size"] for r in rows]
+    assert sizes == sorted(sizes) and sizes[-1] > 8
+    assert all(n <= 2 * o for o, n in itertools.pairwise(sizes))  # max_growth 2
+    assert all("time_alpha" in r for r in rows if r["required"] is not None)
+
+
+def test_gain_lr_scaling_follows_the_noise_scale(tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, "--batch-test", "critical", "--lr-scaling", "gain",
+                  "--optimizer", "adam", "--lr", "0.001", "--steps", "10") == 0
+    rows = _steps(run)
+    assert rows[0]["lr"] == pytest.approx(0.001)
+    grown = [r for r in rows if r["batch_size"] > 8]
+    assert grown and all(r["lr"] > 0.001 for r in grown)  # √r > 1 once the batch grew
+    b = grown[-1]["batch_size"]
+    assert all(r["lr"] <= 0.001 * (b / 8) ** 0.5 + 1e-12 for r in grown)  # √r <= √(b/b0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch-test", "critical", "--kappa", "0"], "--kappa must be > 0"),
+    (["--batch-test", "norm", "--lr-scaling", "gain"], "goes with --batch-test critical"),
+])
+def test_invalid_flags_are_one_line_config_errors(tmp_path, capsys, args, message):
+    assert _train(tmp_path / "run", *args, "--steps", "1") == 2
+    assert message in capsys.readouterr().err
