@@ -105,6 +105,7 @@ def test_plot_runs_writes_pngs(tmp_path):
         "batch_size_vs_samples.png",
         "loss_vs_samples.png",
         "loss_vs_steps.png",
+        "statistics_vs_samples.png",
     ]
     for p in paths:
         assert p.parent == out and p.is_file()
@@ -119,6 +120,7 @@ def test_plot_regression_runs_skip_accuracy(tmp_path):
         "batch_size_vs_samples.png",
         "loss_vs_samples.png",
         "loss_vs_steps.png",
+        "statistics_vs_samples.png",
     ]
     for p in paths:
         _png_size(p)
@@ -228,3 +230,33 @@ def test_config_from_summary_when_config_json_missing(tmp_path):
     (d / "config.json").unlink()
     assert load_run(d)["config"]["optimizer"] == "adagradnorm"
     assert "adagradnorm (lr=0.05)" in compare_table([d])
+
+
+def test_statistics_figure_draws_the_threshold_and_the_noise_scale(tmp_path):
+    """#18 item 5: the test's statistic against its threshold, with b, required and b_noise;
+    a run without test statistics (a fixed schedule) gets no such figure."""
+    from adabatch.train.plot import _statistics_figure
+
+    a = _write_run(tmp_path / "a")
+    rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        if not r.get("eval"):
+            r.update(grad_sq_norm=2.0, variance_trace=8.0, b_noise=3.0 * r["batch_size"])
+    (a / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = _statistics_figure([(load_run(a), "a", "C0")])
+    top, bottom = fig.axes
+    threshold = [ln for ln in top.get_lines() if ln.get_label().startswith("threshold")]
+    assert len(threshold) == 1 and list(threshold[0].get_ydata()) == [1.0, 1.0]
+    labels = {ln.get_label() for ln in bottom.get_lines()}
+    assert {"a batch size", "a required", "a b_noise"} <= labels
+    b_noise = next(ln for ln in bottom.get_lines() if ln.get_label() == "a b_noise")
+    assert list(b_noise.get_ydata())[:2] == [12.0, 12.0]
+
+    fixed = _write_run(tmp_path / "fixed", batch_test="none")
+    rows = [json.loads(x) for x in (fixed / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        if not r.get("eval"):
+            r.update(statistic=None, required=None, passed=None)
+    (fixed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = [p.name for p in plot_runs([fixed], tmp_path / "out")]
+    assert "statistics_vs_samples.png" not in names

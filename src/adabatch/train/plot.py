@@ -8,7 +8,9 @@ run has finished, ``summary.json``.
 * :func:`load_run` reads one run directory.
 * :func:`plot_runs` writes PNG figures overlaying the runs (matplotlib's Agg canvas, no pyplot
   and no global backend change): loss against samples and against steps, test accuracy against
-  samples and against steps, batch size against samples.
+  samples and against steps, batch size against samples, and for adaptive runs the test's
+  statistic against its threshold with the batch size, the required size and the noise-scale
+  estimate (``statistics_vs_samples.png``: why the batch moved).
 * :func:`compare_table` renders the runs' summaries as a markdown table.
 
 A missing or malformed file raises ``ValueError`` naming the file. A last line of
@@ -225,6 +227,42 @@ def _batch_size_figure(series: _Series) -> Figure:
     return fig
 
 
+def _has_statistics(run: dict[str, Any]) -> bool:
+    return bool(_finite(run["steps"], "samples", "statistic")[0]
+                or _finite(run["steps"], "samples", "b_noise")[0])
+
+
+def _statistics_figure(series: _Series) -> Figure:
+    """Top: each test step's statistic (required / b; the step passes at or below the
+    threshold 1). Bottom: the batch size, the test's required size and the noise-scale
+    estimate b_noise = V/(‖ḡ‖² − V/b), on one log axis."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 7))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.set_title("batch test: statistic vs threshold")
+    top.set_ylabel("statistic = required / batch size")
+    top.axhline(1.0, color="k", linestyle="--", linewidth=1.0, label="threshold (passes <= 1)")
+    bottom.set_xlabel("samples")
+    bottom.set_ylabel("samples per step")
+    for run, label, color in series:
+        xs, ys = _finite(run["steps"], "samples", "statistic")
+        top.plot(xs, ys, color=color, marker=".", markersize=3, linewidth=0.8, label=label)
+        xs, ys = _finite(run["steps"], "samples", "batch_size")
+        bottom.step(xs, ys, where="post", color=color, label=f"{label} batch size")
+        for key, style in (("required", ":"), ("b_noise", "-.")):
+            xs, ys = _finite(run["steps"], "samples", key)
+            if xs:
+                bottom.plot(xs, ys, color=color, linestyle=style, linewidth=0.8,
+                            label=f"{label} {key}")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        if ax.has_data() and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+            ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    return fig
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path], out_dir: str | Path, *, labels: Sequence[str] | None = None
 ) -> list[Path]:
@@ -233,7 +271,9 @@ def plot_runs(
     Figures: ``loss_vs_samples.png`` and ``loss_vs_steps.png`` (training loss as lines, test loss
     as dashed lines with markers), ``accuracy_vs_samples.png`` and ``accuracy_vs_steps.png``
     (test accuracy; written when some run has eval rows with an accuracy) and
-    ``batch_size_vs_samples.png``. Runs are labelled by ``labels`` or their directory names.
+    ``batch_size_vs_samples.png``; ``statistics_vs_samples.png`` when some run logged test
+    statistics (see :func:`_statistics_figure`). Runs are labelled by ``labels`` or their
+    directory names.
     """
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run directory")
@@ -252,6 +292,9 @@ def plot_runs(
         written += [_save(_accuracy_figure(series, xkey, xlabel), out / f"accuracy_vs_{xlabel}.png")
                     for xkey, xlabel in axes]
     written.append(_save(_batch_size_figure(series), out / "batch_size_vs_samples.png"))
+    with_stats = [item for item in series if _has_statistics(item[0])]
+    if with_stats:
+        written.append(_save(_statistics_figure(with_stats), out / "statistics_vs_samples.png"))
     return written
 
 
