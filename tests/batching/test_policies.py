@@ -250,3 +250,19 @@ def test_gain_sum_rule_stated_property():
     assert after[0] == pytest.approx(r, rel=0.02)
     assert after == sorted(after, reverse=True)  # decays as the accumulator adapts
     assert after[-1] == pytest.approx(1.0, rel=0.01)
+
+
+def test_readme_snippet_builds_a_policy_and_its_estimator():
+    import re
+    from pathlib import Path
+
+    import torch
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+              if "CriticalBatchSize(" in b]
+    assert len(blocks) == 1
+    ns = {"model": torch.nn.Linear(3, 2)}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    assert ns["est"].needs == ns["policy"].needs == CriticalBatchSize.needs
+    assert ns["policy"].lr_scaling == "gain-sum"
