@@ -82,3 +82,35 @@ def test_gain_lr_scaling_follows_the_noise_scale(tmp_path):
 def test_invalid_flags_are_one_line_config_errors(tmp_path, capsys, args, message):
     assert _train(tmp_path / "run", *args, "--steps", "1") == 2
     assert message in capsys.readouterr().err
+
+
+def test_raw_statistics_reach_tensorboard(monkeypatch, tmp_path):
+    """#18 item 5: the raw statistics are TensorBoard scalars too (a recording stand-in for
+    the optional tensorboard package, as in test_tensorboard.py)."""
+    import sys
+    import types
+
+    scalars: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def __init__(self, logdir: str) -> None:
+            pass
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            scalars.append((tag, value, step))
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    run = tmp_path / "run"
+    assert _train(run, "--batch-test", "critical", "--steps", "4", "--tensorboard") == 0
+    tags = {tag for tag, _, _ in scalars}
+    assert {"train/grad_sq_norm", "train/variance_trace", "train/b_noise"} <= tags
+    logged = [(v, s) for tag, v, s in scalars if tag == "train/variance_trace"]
+    assert logged == [(r["variance_trace"], r["samples"]) for r in _steps(run)]
