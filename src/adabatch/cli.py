@@ -46,6 +46,8 @@ _S = argparse.SUPPRESS
 def _flags_data_model(p: argparse.ArgumentParser, d: Any) -> None:
     """--config, --preset, the data set and the model."""
     from adabatch.train.config import PRESETS
+    from adabatch.train.data import list_datasets
+    from adabatch.train.models import list_models
 
     g = p.add_argument_group("configuration")
     g.add_argument("--config", metavar="FILE", default=_S,
@@ -54,13 +56,19 @@ def _flags_data_model(p: argparse.ArgumentParser, d: Any) -> None:
                    help="adadagrad = adagrad + coord test; adadagradnorm = adagradnorm + "
                         "norm test")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default=_S, help=f"dataset name (default {d.dataset})")
+    g.add_argument("--dataset", default=_S, metavar="NAME",
+                   help=f"{', '.join(list_datasets())} (default {d.dataset}), or your own "
+                        "package.module:factory, a callable factory(data_dir: Path | None, "
+                        "seed: int, **data_options) -> adabatch.train.data.DatasetBundle")
     g.add_argument("--data-dir", metavar="DIR", default=_S,
                    help="directory with the files of mnist, fashion-mnist, cifar10, cifar100")
     g.add_argument("--data-option", dest="data_options", type=_key_value, action="append",
                    metavar="KEY=VALUE", default=_S,
                    help="dataset option, e.g. kind=least-squares for synthetic (repeatable)")
-    g.add_argument("--model", default=_S, help=f"model name (default {d.model})")
+    g.add_argument("--model", default=_S, metavar="NAME",
+                   help=f"{', '.join(list_models())} (default {d.model}), or your own "
+                        "package.module:factory, a callable factory(input_shape: tuple[int, "
+                        "...], num_classes: int, **model_options) -> torch.nn.Module")
     g.add_argument("--norm", default=_S, help="normalisation layers: group (default) or batch")
     g.add_argument("--model-option", dest="model_options", type=_key_value, action="append",
                    metavar="KEY=VALUE", default=_S, help="model option (repeatable)")

@@ -99,7 +99,9 @@ def _make_model(cfg: TrainConfig, data: Any, device: torch.device) -> nn.Module:
         model = models_mod.create_model(cfg.model, data.input_shape, data.num_classes,
                                         norm=cfg.norm, **cfg.model_options)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"model {cfg.model!r}: {one_line(e)}") from None
+        named = ":" in cfg.model  # the factory's errors name it
+        raise ConfigError(one_line(e) if named else f"model {cfg.model!r}: {one_line(e)}"
+                          ) from None
     model.to(device)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_bn and cfg.batch_test != "none" and cfg.estimator == "per-sample":

@@ -126,14 +126,25 @@ Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 @dataclass
 class DatasetBundle:
-    """A whole dataset as tensors.
+    """A whole dataset as tensors: what a loader, built-in or the user's own
+    (``--dataset package.module:factory``), returns.
 
-    ``x_*`` are float32 of shape ``(n, *input_shape)``; ``y_*`` are int64 class indices of shape
-    ``(n,)`` for classification and float32 of shape ``(n,)`` for regression (a model's output of
-    shape ``(n, 1)`` is compared with ``y`` reshaped to its shape; :meth:`loss` does that).
+    Construct one from your tensors (keywords; ``input_shape`` defaults to the per-sample shape
+    of ``x_train``)::
+
+        DatasetBundle(name="mine", x_train=x, y_train=y, x_test=xt, y_test=yt,
+                      task="classification", num_classes=10)
+
+    ``x_*`` are floating-point of shape ``(n, *input_shape)`` (float32 for the built-in models);
+    ``y_*`` are int64 class indices in ``[0, num_classes)`` of shape ``(n,)`` for
+    classification and floating-point of shape ``(n,)`` for regression (``num_classes=1``; a
+    model's output of shape ``(n, 1)`` is compared with ``y`` reshaped to its shape; :meth:`loss`
+    does that). The test split may be empty (``n = 0``: nothing is evaluated).
     ``augment(x, generator)``, when not ``None``, maps a batch of training inputs to an augmented
     batch of the same shape, deterministically given the generator's state (its random numbers
-    are drawn on the generator's device and moved to ``x``'s).
+    are drawn on the generator's device and moved to ``x``'s). ``extra``: facts about the data
+    (normalisation constants, a known optimum). A wrong type raises TypeError and a wrong
+    value ValueError, naming the field.
     """
 
     name: str
@@ -143,13 +154,23 @@ class DatasetBundle:
     y_test: Tensor
     task: str
     num_classes: int
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] = None  # type: ignore[assignment]  # None: x_train's
     augment: Augment | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
+        for split in ("train", "test"):
+            for kind in ("x", "y"):
+                value = getattr(self, f"{kind}_{split}")
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"{self.name}: {kind}_{split} must be a torch.Tensor, got "
+                                    f"{type(value).__name__}")
+        if self.input_shape is None:
+            self.input_shape = tuple(self.x_train.shape[1:])
+        self.input_shape = tuple(int(n) for n in self.input_shape)
+        self.num_classes = check_int("num_classes", self.num_classes, 1)
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x.shape[0] != y.shape[0]:
@@ -162,6 +183,25 @@ class DatasetBundle:
                     f"{self.name}: x_{split} has per-sample shape {tuple(x.shape[1:])}, "
                     f"expected {tuple(self.input_shape)}"
                 )
+            self._check_values(split, x, y)
+
+    def _check_values(self, split: str, x: Tensor, y: Tensor) -> None:
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: x_{split} must be floating-point, got {x.dtype}")
+        if y.dim() != 1:
+            raise ValueError(f"{self.name}: y_{split} must have shape (n,), got "
+                             f"{tuple(y.shape)}")
+        if self.task == "regression":
+            if not y.is_floating_point():
+                raise ValueError(f"{self.name}: y_{split} of a regression must be "
+                                 f"floating-point, got {y.dtype}")
+            return
+        if y.dtype != torch.int64:
+            raise ValueError(f"{self.name}: y_{split} of a classification must be int64 class "
+                             f"indices, got {y.dtype}")
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < self.num_classes):
+            raise ValueError(f"{self.name}: y_{split} holds labels in [{int(y.min())}, "
+                             f"{int(y.max())}], outside [0, num_classes={self.num_classes})")
 
     @property
     def num_train(self) -> int:
@@ -212,8 +252,11 @@ def _resolve(name: str) -> str:
 def option_kinds(name: str) -> dict[str, Any]:
     """The types each option of dataset ``name`` accepts (from its loader's signature; see
     :mod:`adabatch.train.options`); ValueError for an unknown name."""
-    from adabatch.train.options import kinds_of
+    from adabatch.train.options import factory_options, import_factory, is_factory, kinds_of
 
+    if is_factory(name):
+        factory = import_factory(name, "dataset")
+        return kinds_of(factory, factory_options(factory, 2)[0])
     loader, allowed = _LOADERS[_resolve(name)]
     return kinds_of(loader, allowed)
 
@@ -225,7 +268,15 @@ def load_dataset(
 
     ``seed`` seeds generated data (``synthetic``); the embedded splits are fixed. Unknown options
     raise ``ValueError``; missing or malformed files raise :class:`DatasetError`.
+
+    ``name`` may also be the user's own loader, ``package.module:factory``: a callable
+    ``factory(data_dir: Path | None, seed: int, **data_options) -> DatasetBundle``. A module
+    that does not import, a missing attribute, an option the factory does not take, an
+    exception inside it or a return value that is not a :class:`DatasetBundle` raise a
+    ``ValueError`` of one line naming the factory.
     """
+    if ":" in name:
+        return _load_from_factory(name, data_dir, seed, options)
     key = _resolve(name)
     loader, allowed = _LOADERS[key]
     unknown = sorted(set(options) - allowed)
@@ -238,6 +289,21 @@ def load_dataset(
         raise ValueError(f"seed must be an int, got {seed!r}")
     directory = Path(data_dir) if data_dir is not None else None
     return loader(directory, seed, **options)
+
+
+def _load_from_factory(spec: str, data_dir: str | Path | None, seed: int,
+                       options: dict[str, Any]) -> DatasetBundle:
+    from adabatch.train.options import call_factory, check_factory_options, import_factory
+
+    factory = import_factory(spec, "dataset")
+    where = f"dataset factory {spec!r}"
+    check_factory_options(where, factory, 2, options)
+    directory = Path(data_dir) if data_dir is not None else None
+    bundle = call_factory(where, factory, directory, seed, **options)
+    if not isinstance(bundle, DatasetBundle):
+        raise ValueError(f"{where} returned a {type(bundle).__name__}; it must return an "
+                         "adabatch.train.data.DatasetBundle")
+    return bundle
 
 
 # --------------------------------------------------------------------------------------------

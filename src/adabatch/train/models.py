@@ -36,6 +36,10 @@
 
 ``norm`` only changes ``resnet18``; the other models have no normalisation layers and accept any
 valid ``norm`` value unchanged (``model_info(name)["norm"]`` says whether a model uses it).
+
+``name`` may also be the user's own model, ``package.module:factory``: a callable
+``factory(input_shape: tuple[int, ...], num_classes: int, **model_options) -> nn.Module``
+(``norm`` is passed when the factory takes a ``norm`` keyword).
 Inputs must have the per-sample ``input_shape`` given at construction; models run in float32 and
 are initialised from torch's global generator (seed it for reproducible weights).
 """
@@ -347,8 +351,11 @@ def _resolve(name: str) -> str:
 def option_kinds(name: str) -> dict[str, Any]:
     """The types each option of model ``name`` accepts (from its factory's signature; see
     :mod:`adabatch.train.options`); ValueError for an unknown name."""
-    from adabatch.train.options import kinds_of
+    from adabatch.train.options import factory_options, import_factory, is_factory, kinds_of
 
+    if is_factory(name):
+        user = import_factory(name, "model")
+        return kinds_of(user, factory_options(user, 2)[0])
     factory, allowed, _ = _MODELS[_resolve(name)]
     return kinds_of(factory, allowed)
 
@@ -375,6 +382,27 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _create_from_factory(spec: str, input_shape: tuple[int, ...], num_classes: int, norm: str,
+                         options: dict[str, Any]) -> nn.Module:
+    from adabatch.train.options import (
+        call_factory,
+        check_factory_options,
+        factory_options,
+        import_factory,
+    )
+
+    factory = import_factory(spec, "model")
+    where = f"model factory {spec!r}"
+    check_factory_options(where, factory, 2, options)
+    if "norm" in factory_options(factory, 2)[0] and "norm" not in options:
+        options = {**options, "norm": norm}
+    model = call_factory(where, factory, input_shape, num_classes, **options)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{where} returned a {type(model).__name__}; it must return a "
+                         "torch.nn.Module")
+    return model
+
+
 def create_model(
     name: str,
     input_shape: Sequence[int],
@@ -386,8 +414,12 @@ def create_model(
     """Build model ``name`` for per-sample inputs of ``input_shape`` and ``num_classes`` outputs.
 
     Raises ``ValueError`` for an unknown name, norm or option, or an input shape the model
-    cannot take.
+    cannot take; for a factory ``package.module:factory`` (see the module docstring) also for
+    a module that does not import, a missing attribute, an exception inside the factory or a
+    return value that is not an ``nn.Module``, in one line naming the factory.
     """
+    if ":" in name:
+        return _create_from_factory(name, tuple(input_shape), num_classes, norm, options)
     key = _resolve(name)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")

@@ -18,7 +18,8 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BOOL_FALSE", "BOOL_TRUE", "coerce", "coerce_all", "kinds_of"]
+__all__ = ["BOOL_FALSE", "BOOL_TRUE", "call_factory", "check_factory_options", "coerce",
+           "coerce_all", "factory_options", "import_factory", "is_factory", "kinds_of"]
 
 BOOL_TRUE = ("true", "yes", "1")
 BOOL_FALSE = ("false", "no", "0")
@@ -151,3 +152,77 @@ def optimizer_kinds(name: str) -> dict[str, Kinds]:
         return {}
     defaults = {**spec.defaults, **opt.defaults}
     return kinds_of(type(opt).__init__, spec.hyperparameters, defaults)
+
+
+# --------------------------------------------------------------------------------------------
+# the user's own factories: ``--dataset package.module:factory``, ``--model ...:factory``
+
+
+def is_factory(name: str) -> bool:
+    """Whether a ``--dataset``/``--model`` value names a factory (``package.module:attr``)
+    rather than a built-in choice."""
+    return ":" in name
+
+
+def import_factory(spec: str, what: str) -> Callable[..., Any]:
+    """The callable ``package.module:attr`` (``attr`` may be dotted) names, imported with
+    importlib; the current directory is importable, as for ``python -m``. A ValueError of
+    one line naming ``what`` factory ``spec`` when it cannot be imported or is not callable."""
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attr = spec.partition(":")
+    where = f"{what} factory {spec!r}"
+    if not module_name or not attr or ":" in attr:
+        raise ValueError(f"{where}: expected package.module:factory")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the console script does not put it there
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"{where}: no module named {e.name or module_name!r} (is it installed, "
+                         "in the current directory or on PYTHONPATH?)") from None
+    except Exception as e:  # the module's own code failed
+        raise ValueError(f"{where}: importing {module_name} raised {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{where}: module {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{where}: {attr} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def factory_options(factory: Callable[..., Any], fixed: int) -> tuple[list[str], bool]:
+    """The keyword options a factory takes after its ``fixed`` leading parameters, and
+    whether it takes any keyword (``**options``)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: accept anything
+        return [], True
+    named = [p.name for p in params[fixed:]
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_factory_options(where: str, factory: Callable[..., Any], fixed: int,
+                          options: collections.abc.Iterable[str]) -> None:
+    """ValueError naming the options ``factory`` does not take (see :func:`factory_options`)."""
+    named, any_keyword = factory_options(factory, fixed)
+    unknown = sorted(set(options) - set(named))
+    if unknown and not any_keyword:
+        allowed = ", ".join(named) if named else "none"
+        raise ValueError(f"{where} does not take option(s) {', '.join(unknown)} (it takes: "
+                         f"{allowed})")
+
+
+def call_factory(where: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    """``factory(*args, **options)``; whatever it raises becomes a ValueError of one line
+    naming ``where``."""
+    try:
+        return factory(*args, **options)
+    except Exception as e:
+        raise ValueError(f"{where} raised {type(e).__name__}: "
+                         f"{' '.join(str(e).split()) or '(no message)'}") from None
