@@ -114,3 +114,30 @@ def test_raw_statistics_reach_tensorboard(monkeypatch, tmp_path):
     assert {"train/grad_sq_norm", "train/variance_trace", "train/b_noise"} <= tags
     logged = [(v, s) for tag, v, s in scalars if tag == "train/variance_trace"]
     assert logged == [(r["variance_trace"], r["samples"]) for r in _steps(run)]
+
+
+@pytest.mark.slow
+def test_goodput_ranks_agree_under_torchrun(tmp_path):
+    """Two processes (gloo): each rank times its own steps, the all-reduced maximum makes the
+    fit and every decision identical on both ranks."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(root / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    decisions = tmp_path / "decisions"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(root / "tests" / "_fault_runner.py"), "--decisions", str(decisions), "--",
+           "--batch-test", "goodput", "--steps", "12", "--micro-batch", "8",
+           "--batch-granularity", "16", "--initial-batch", "16", "--max-batch", "512",
+           "--threads", "1", "--no-plots", "--quiet", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((decisions / "rank0.json").read_text())
+    r1 = json.loads((decisions / "rank1.json").read_text())
+    assert r0["history"] == r1["history"] and len(r0["history"]) > 3
+    sizes = [r["new_batch_size"] for r in r0["history"]]
+    assert sizes[-1] > 16
+    assert any(r.get("time_beta") is not None for r in r0["history"])  # a fit was made
