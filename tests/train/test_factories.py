@@ -208,3 +208,26 @@ def test_dataset_bundle_public_constructor():
     with pytest.raises(ValueError, match="y_train of a regression must be floating-point"):
         DatasetBundle(name="m", x_train=x, y_train=y, x_test=x, y_test=y.float(),
                       task="regression", num_classes=1)
+
+
+def test_the_readme_factory_module_trains_as_its_comment_says(tmp_path, monkeypatch):
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+              if "def blobs(" in b]
+    assert len(blocks) == 1
+    source = blocks[0]
+    command = re.match(r"# mine\.py: adabatch (.*)\n", source)
+    assert command is not None
+    name = f"readme_mine_{next(_names)}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = command.group(1).replace("mine:", f"{name}:").split()
+    run = tmp_path / "run"
+    try:
+        assert main([*args, *TINY, "--steps", "3", "--out", str(run)]) == 0
+    finally:
+        sys.modules.pop(name, None)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data_options"] == {"n": 2000} and cfg["model_options"] == {"width": 64}
