@@ -120,6 +120,17 @@ def _resolve(model: nn.Module, item: object, what: str) -> set[int]:
                     f"or the name of either)")
 
 
+def _check_options(chunk_size: int | None, budget: int, reduce: Reduce | None,
+                   tuning: PerSampleTuning | None) -> None:
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size)
+    check_int("budget", budget)
+    if reduce is not None:
+        check_callable("reduce", reduce)
+    if tuning is not None and not isinstance(tuning, PerSampleTuning):
+        raise TypeError(f"Invalid tuning: {type(tuning).__name__} (must be a PerSampleTuning)")
+
+
 def select_params(model: nn.Module, params: Iterable[Tensor | str] | None,
                   exclude: Iterable[Tensor | str | nn.Module]) -> set[int]:
     """The ids of the parameters to measure: those of ``params`` (default: all), less those
@@ -216,13 +227,7 @@ class PerSampleStats:
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleStats needs an nn.Module, got {type(model).__name__}")
         self.needs = check_needs(frozenset(needs))
-        if chunk_size is not None:
-            check_int("chunk_size", chunk_size)
-        check_int("budget", budget)
-        if reduce is not None:
-            check_callable("reduce", reduce)
-        if tuning is not None and not isinstance(tuning, PerSampleTuning):
-            raise TypeError(f"Invalid tuning: {type(tuning).__name__} (must be a PerSampleTuning)")
+        _check_options(chunk_size, budget, reduce, tuning)
         self.model = model
         self.chunk_size = chunk_size
         self.budget = budget
@@ -250,12 +255,12 @@ class PerSampleStats:
                        for m in self._rules]
         self._hooks.append(model.register_forward_pre_hook(self._model_pre_hook,
                                                            with_kwargs=True))
-        self._model_n: int | None = None  # dimension 0 of the model's first input
         # the running pass (measure()): its id, batch size, layer calls, uses per parameter,
         # inner-product items, and whether its Linear layers may take the Gram form
         self._active = False
         self._pass_id = 0
         self._pass_n: int | None = None
+        self._model_n: int | None = None  # dimension 0 of the model's first input
         self._records: list[LayerCall] = []
         self._uses: dict[int, int] = {}
         self._pass_ip: list[IPItem] = []
@@ -300,6 +305,7 @@ class PerSampleStats:
                     f"of a batch; use MicroBatchStats"
                 )
             rules[module] = rule_for(module, names, self.tuning)
+            rules[module].label = self._module_names[module]
         return rules
 
     # --- state ---------------------------------------------------------------------------
@@ -414,9 +420,11 @@ class PerSampleStats:
             return None
         rule = self._rules[module]
         first = args[0] if args and isinstance(args[0], Tensor) else None
-        if first is None or first.dim() == 0 or first.shape[0] != self._pass_n:
-            if isinstance(rule, EmbeddingRule) and first is not None:
-                return self._shared_embedding(module, rule, first, output)
+        if (first is None or first.dim() == 0 or first.shape[0] != self._pass_n
+                or (first.dim() == 1 and isinstance(rule, EmbeddingRule))):
+            if (isinstance(rule, EmbeddingRule) and first is not None
+                    and self._is_shared(module, first)):
+                return self._shared_embedding(rule, first, output)
             first = self._first_input(module, args, kwargs)  # the checks, off the common path
         n = first.shape[rule.batch_dim]
         if not self._per_sample:
@@ -429,19 +437,15 @@ class PerSampleStats:
             outs = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
             if not any(o.requires_grad for o in outs):
                 return None
-        if isinstance(rule, FuncRule) and module.training:
-            random = rule.random_part()
-            if random is not None:
-                raise ValueError(
-                    f"PerSampleStats: layer {self._module_names[module]!r} is measured by "
-                    f"recomputing it sample by sample, but its dropout ({random}) is active; "
-                    f"set the dropout to 0 or put the layer in eval mode, or use "
-                    f"MicroBatchStats")
+        if isinstance(rule, FuncRule):
+            self._check_random(module, rule)
         saved_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         kw = ({k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
               if kwargs else {})
         k = len(outs)
         rec = LayerCall(module, rule, saved_args, kw, n, [None] * k, k, rule.names)
+        if isinstance(rule, FuncRule):
+            rec.outputs = [o.detach() for o in outs]
         uses = self._uses
         for pid in rule.pids:
             uses[pid] = uses.get(pid, 0) + 1
@@ -457,27 +461,54 @@ class PerSampleStats:
                 o.register_hook(self._make_grad_hook(rec, i))
         return None
 
-    def _shared_embedding(self, module: nn.Module, rule: LayerRule, idx: Tensor,
-                          output: Tensor) -> Tensor | None:
-        """An Embedding whose indices are shared by the samples (no batch dimension, as
-        ``pos(torch.arange(T))``, or a batch dimension of 1): its output is given the batch
-        dimension as an expanded view, so the broadcast that follows (``x + pos``) happens
-        here and the output gradient arrives per sample; the indices are expanded alike.
-        None: the call is batched after all (or nothing is measured per sample)."""
+    def _check_random(self, module: nn.Module, rule: FuncRule) -> None:
+        """The torch.func path recomputes the module: an active dropout inside would draw
+        other masks (checked here, before the pass, where it is cheap to say why)."""
+        random = rule.random_part() if module.training else None
+        if random is not None:
+            raise ValueError(
+                f"PerSampleStats: layer {self._module_names[module]!r} is measured by "
+                f"recomputing it sample by sample, but its dropout ({random}) is active; "
+                f"set the dropout to 0 or put the layer in eval mode, exclude its parameters "
+                f"(exclude=...), or use MicroBatchStats")
+
+    def _is_shared(self, module: nn.Module, idx: Tensor) -> bool:
+        """Whether the indices of an Embedding call are shared by the samples of the pass:
+        no batch dimension (``pos(torch.arange(T))``) or a batch dimension of 1, against the
+        batch size of the pass (or of the model's input when no layer has run yet)."""
         if self._pass_n is None:
             self._pass_n = self._model_n
         n = self._pass_n
-        if n is None or (idx.dim() > 0 and idx.shape[0] == n):
-            self._first_input(module, (idx,), {})
-            return self._forward_hook(module, (idx,), {}, output)  # type: ignore[return-value]
+        if idx.dim() == 0:
+            raise ValueError(
+                f"PerSampleStats: layer {self._module_names[module]!r} got one index without "
+                f"a dimension, so where the batch goes in its output is unknown; give it the "
+                f"shape of the output's place in the batch ([1] for [b, dim], [1, 1] for "
+                f"[b, T, dim])")
+        if (n is not None and n > 1 and idx.dim() == 1 and idx.shape[0] == n
+                and torch.equal(idx, torch.arange(n, device=idx.device))):
+            raise ValueError(
+                f"PerSampleStats: layer {self._module_names[module]!r} got the indices "
+                f"0..{n - 1}, as many as the batch has samples: positions shared by the samples "
+                f"or one index per sample? Give shared indices a leading dimension of 1 "
+                f"(torch.arange(T)[None]), or per-sample ones a second dimension ([b, 1])")
+        return n is not None and idx.shape[0] != n
+
+    def _shared_embedding(self, rule: LayerRule, idx: Tensor, output: Tensor) -> Tensor | None:
+        """An Embedding call whose indices are shared by the samples (:meth:`_is_shared`):
+        its output is given the batch dimension as an expanded view, so the broadcast that
+        follows (``x + pos``) happens here and the output gradient arrives per sample; the
+        indices are expanded alike. None: nothing is measured per sample."""
+        n = self._pass_n
+        assert n is not None
         if not (self._per_sample and output.requires_grad):
             return None
-        if idx.dim() > 0 and idx.shape[0] == 1:
+        if idx.shape[0] == 1:
             idx, output = idx.expand(n, *idx.shape[1:]), output.expand(n, *output.shape[1:])
         else:
             idx = idx.unsqueeze(0).expand(n, *idx.shape)
             output = output.unsqueeze(0).expand(n, *output.shape)
-        rec = LayerCall(module, rule, (idx.detach(),), {}, n, [None], 1, rule.names)
+        rec = LayerCall(rule.module, rule, (idx.detach(),), {}, n, [None], 1, rule.names)
         for pid in rule.pids:
             self._uses[pid] = self._uses.get(pid, 0) + 1
         self._records.append(rec)

@@ -8,6 +8,7 @@ inputs a and output gradients δ) into per-parameter sums (:meth:`LayerRule.proc
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,8 @@ class LayerRule:
         self.names = names
         self.tuning = tuning
         self.pids = tuple(id(module.get_parameter(nm)) for nm in names)
+        #: the module's name in the model, for messages
+        self.label = type(module).__name__
 
     #: the dimension of the batch in the layer's first input
     batch_dim = 0
@@ -373,7 +376,9 @@ class FuncRule(LayerRule):
     module alone, sample by sample (a batch of one), with the output gradients as weights.
 
     Exact for a module that treats each sample alone and runs deterministically: a module in
-    training mode with an active dropout inside raises (see :meth:`random_part`)."""
+    training mode with an active dropout inside raises (see :meth:`random_part`), and so
+    does a recomputation that does not reproduce the module's output in the pass (a random
+    or batch-mixing operation inside it, or a batch that is not along dimension 0)."""
 
     def sample_numel(self, call: LayerCall, names: tuple[str, ...]) -> int:
         return 4 * self.kept_numel(call) + sum(self.param(nm).numel() for nm in names)
@@ -420,7 +425,8 @@ class FuncRule(LayerRule):
               for d, od in zip(call.deltas, odims)]
         d_dims = [None if d is None else od for d, od in zip(ds, odims)]
 
-        def loss(p: dict[str, Tensor], xs_: list, ds_: list[Tensor | None]) -> Tensor:
+        def loss(p: dict[str, Tensor], xs_: list, ds_: list[Tensor | None]
+                 ) -> tuple[Tensor, list[Tensor]]:
             args, kwargs = build(xs_)
             outs = [o for o in tree_flatten(functional_call(m, p, args, kwargs))[0]
                     if isinstance(o, Tensor)]
@@ -428,9 +434,40 @@ class FuncRule(LayerRule):
             for o, dl, od in zip(outs, ds_, odims):
                 if dl is not None:
                     total = total + (o * dl.unsqueeze(od)).sum()
-            return total
+            return total, [o.detach().squeeze(od) for o, od in zip(outs, odims)]
 
-        return vmap(grad(loss), in_dims=(None, dims, d_dims))(params, xs, ds)
+        with warnings.catch_warnings():
+            # torch's vmap falls back to a loop for ops without a batching rule (the CPU
+            # attention kernels): slower, still exact
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            # random operations draw per sample: check_outputs reports them
+            g, outs = vmap(grad(loss, has_aux=True), in_dims=(None, dims, d_dims),
+                           randomness="different")(params, xs, ds)
+        self.check_outputs(call, outs, lo, hi)
+        return g
+
+    def check_outputs(self, call: LayerCall, outs: list[Tensor], lo: int, hi: int) -> None:
+        """Raise unless the per-sample recomputation ``outs`` ([c, ...] each) reproduces the
+        outputs of samples lo:hi in the pass (up to rounding of the dtype)."""
+        odims = self.out_dims(call)
+        if len(outs) != len(call.outputs):
+            raise ValueError(f"PerSampleStats: layer {self.label!r} returns {len(outs)} tensors "
+                             f"when recomputed for one sample, {len(call.outputs)} in the pass")
+        for o, ref, od in zip(outs, call.outputs, odims):
+            ref = ref.narrow(od, lo, hi - lo).movedim(od, 0)
+            tol = _TOLERANCE.get(ref.dtype, 1e-2) * max(1.0, float(ref.abs().max()))
+            if o.shape != ref.shape or float((o - ref).abs().max()) > tol:
+                raise ValueError(
+                    f"PerSampleStats: layer {self.label!r} (measured by recomputing it sample "
+                    f"by sample) does not give the same output for a sample alone as in the "
+                    f"batch: it is random (dropout), mixes the samples, or does not take the "
+                    f"batch along dimension 0; make it deterministic, exclude its parameters "
+                    f"(exclude=...), or use MicroBatchStats")
+
+
+#: the largest deviation (relative to the output's scale) of a per-sample recomputation
+#: from the batched output that counts as rounding, by dtype
+_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
 
 
 #: the arguments of the attention modules that hold the samples along the batch dimension

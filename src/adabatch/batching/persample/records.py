@@ -63,10 +63,13 @@ class LayerCall:
     fuse: bool = False
     wsum: Tensor | None = None
     bsum: Tensor | None = None
+    #: the (detached) tensor outputs, kept for the torch.func path only: its per-sample
+    #: recomputation is checked against them
+    outputs: list[Tensor] = field(default_factory=list)
 
     def release(self) -> None:
         """Drop the kept tensors (nothing later needs them)."""
-        self.inputs, self.kwargs, self.deltas = (), {}, []
+        self.inputs, self.kwargs, self.deltas, self.outputs = (), {}, [], []
 
 
 @dataclass(slots=True)
