@@ -131,6 +131,10 @@ def _flags_batch_size(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--max-batch", type=int, default=_S, help=f"default {d.max_batch}")
     g.add_argument("--micro-batch", type=int, default=_S,
                    help="largest batch of one forward/backward; larger batches accumulate")
+    g.add_argument("--max-micro-batch", type=int, default=_S,
+                   help="with --micro-batch: passes grow with the batch up to this many "
+                        "samples (a memory cap), accumulating beyond; the decisions stay "
+                        "those of one pass")
     g.add_argument("--batch-granularity", type=int, default=_S,
                    help="batch sizes are multiples of it (default micro-batch x processes)")
     g.add_argument("--test-interval", type=int, default=_S,

@@ -141,3 +141,52 @@ def test_goodput_ranks_agree_under_torchrun(tmp_path):
     sizes = [r["new_batch_size"] for r in r0["history"]]
     assert sizes[-1] > 16
     assert any(r.get("time_beta") is not None for r in r0["history"])  # a fit was made
+
+
+# -- --max-micro-batch: passes that grow with the batch ----------------------------------------
+
+
+def test_max_micro_batch_gives_the_decisions_of_one_pass(tmp_path):
+    """Passes of 8 (--micro-batch alone), of up to 32, and one pass (cap = max batch): the
+    same batch sizes and statistics (float tolerance), the same model."""
+    runs = {}
+    for name, extra in (("eight", []), ("capped", ["--max-micro-batch", "32"]),
+                        ("one", ["--max-micro-batch", "512"])):
+        runs[name] = tmp_path / name
+        assert _train(runs[name], "--eta", "0.4", "--steps", "10", *extra) == 0
+    ref = _steps(runs["one"])
+    assert len({r["batch_size"] for r in ref}) > 2 and ref[-1]["batch_size"] > 32
+    final = torch.load(runs["one"] / "final.pt", weights_only=True)
+    for name in ("eight", "capped"):
+        rows = _steps(runs[name])
+        assert [r["batch_size"] for r in rows] == [r["batch_size"] for r in ref]
+        for a, b in zip(rows, ref):
+            assert a["statistic"] == pytest.approx(b["statistic"], rel=1e-4)
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        other = torch.load(runs[name] / "final.pt", weights_only=True)
+        assert all(torch.allclose(other[k], final[k], atol=1e-5) for k in final)
+
+
+def test_max_micro_batch_pass_sizes(tmp_path):
+    from adabatch.train.build import build
+    from adabatch.train.config import TrainConfig
+    from adabatch.train.steps import StopFlag, _Steps
+
+    cfg = TrainConfig(micro_batch=8, max_micro_batch=32, initial_batch=8, max_batch=512,
+                      threads=1, device="cpu")
+    steps = _Steps(build(cfg, tmp_path), None, None, StopFlag(), None)
+    assert [len(i) for i in steps.take(8)] == [8]
+    assert [len(i) for i in steps.take(24)] == [24]   # one pass up to the cap
+    assert [len(i) for i in steps.take(80)] == [32, 32, 16]  # accumulation beyond it
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-micro-batch", "32"], "goes with --micro-batch"),
+    (["--micro-batch", "8", "--max-micro-batch", "20"], "multiple of --micro-batch"),
+    (["--micro-batch", "8", "--max-micro-batch", "32", "--estimator", "micro-batch"],
+     "--estimator per-sample"),
+])
+def test_max_micro_batch_refusals(tmp_path, capsys, args, message):
+    assert main(["train", "--quiet", "--steps", "1", "--out", str(tmp_path / "run"),
+                 *args]) == 2
+    assert message in capsys.readouterr().err

@@ -129,6 +129,8 @@ class TrainConfig:
     initial_batch: int = 16
     max_batch: int = 512
     micro_batch: int | None = None
+    # a memory cap: a step's share runs in passes of up to this many samples (grows with b)
+    max_micro_batch: int | None = None
     batch_granularity: int | None = None
     test_interval: int = 1
     estimator: str = "per-sample"
@@ -220,7 +222,8 @@ _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _DICT_KEYS = {"data_options", "model_options", "optimizer_options"}
 _BOOL_KEYS = {"quiet", "tensorboard", "plots", "compile"}
 _INT_KEYS = {
-    "initial_batch", "max_batch", "micro_batch", "batch_granularity", "test_interval",
+    "initial_batch", "max_batch", "micro_batch", "max_micro_batch", "batch_granularity",
+    "test_interval",
     "samples", "steps",
     "warmup_samples", "eval_every", "eval_batch", "checkpoint_every", "keep_checkpoints",
     "seed", "threads", "ramp_increment", "stage_samples", "from_step",
@@ -459,7 +462,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
     for key in ("initial_batch", "max_batch", "test_interval", "eval_batch",
                 "keep_checkpoints"):
         _positive(cfg, key)
-    for key in ("micro_batch", "batch_granularity", "threads", "samples", "steps", "epochs"):
+    for key in ("micro_batch", "max_micro_batch", "batch_granularity", "threads", "samples",
+                "steps", "epochs"):
         _positive(cfg, key, allow_none=True)
     for key in ("eval_every", "checkpoint_every", "warmup_samples"):
         _positive(cfg, key, allow_zero=True)
@@ -535,6 +539,24 @@ def _check_batch_sizes(cfg: TrainConfig) -> None:
             f"--estimator micro-batch needs at least 2 micro-batches per step: --initial-batch "
             f"({cfg.initial_batch}) must be >= 2 x --micro-batch ({m})"
         )
+
+
+def _check_max_micro_batch(cfg: TrainConfig) -> None:
+    """--max-micro-batch: passes that grow with the batch, over the --micro-batch units."""
+    if cfg.max_micro_batch is None:
+        return
+    m = cfg.effective_micro_batch()
+    if cfg.micro_batch is None or m is None:
+        raise ConfigError("--max-micro-batch goes with --micro-batch (the granularity of the "
+                          "batch sizes, and the smallest pass)")
+    _check_multiple(cfg, "max_micro_batch", m, "--micro-batch")
+    if cfg.batch_test != "none" and cfg.estimator == "micro-batch":
+        raise ConfigError("--max-micro-batch with --estimator micro-batch: its statistics are "
+                          "over the --micro-batch units, so they would depend on the passes; "
+                          "use --estimator per-sample (exact whatever the passes)")
+    if cfg.compile:
+        raise ConfigError("--max-micro-batch with --compile: the pass shape changes as the "
+                          "batch grows and every new shape recompiles; use --micro-batch alone")
 
 
 def _check_paths(cfg: TrainConfig) -> None:
@@ -614,6 +636,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_paths(cfg)
     _check_options(cfg)
     _check_compile(cfg)
+    _check_max_micro_batch(cfg)
     return cfg
 
 

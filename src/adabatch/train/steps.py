@@ -167,8 +167,11 @@ class _Steps:
         self.move = run.device.type != "cpu"  # the sampler's indices live on the CPU
         self.params = [p for p in run.model.parameters() if p.requires_grad]
         sampler = run.sampler
+        max_pass = run.cfg.max_micro_batch
         if run.cfg.effective_micro_batch() is None:  # the whole share in one pass
             self.take = lambda B: [sampler.take_batch(B)]
+        elif max_pass is not None:  # passes of up to max_pass samples, growing with B
+            self.take = lambda B: list(sampler.take_batch(B).split(max_pass))
         else:
             self.take = sampler.take
         opt = run.optimizer
