@@ -260,3 +260,11 @@ def test_statistics_figure_draws_the_threshold_and_the_noise_scale(tmp_path):
     (fixed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     names = [p.name for p in plot_runs([fixed], tmp_path / "out")]
     assert "statistics_vs_samples.png" not in names
+
+
+def test_compare_table_names_kappa_for_the_noise_scale_policies(tmp_path):
+    a = _write_run(tmp_path / "crit", batch_test="critical")
+    config = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**config, "kappa": 2.0}))
+    table = compare_table([a])
+    assert "critical (kappa=2)" in table and "eta=" not in table

@@ -329,7 +329,8 @@ def _batch_policy_text(config: dict[str, Any]) -> str:
         test = test.get("name")
     if test is not None and str(test).lower() not in ("none", ""):
         params = []
-        wanted = {"norm": ("eta",), "coord": ("eta",), "ip": ("theta",), "aip": ("theta", "nu")}
+        wanted = {"norm": ("eta",), "coord": ("eta",), "ip": ("theta",), "aip": ("theta", "nu"),
+                  "critical": ("kappa",), "goodput": ("kappa",)}
         for p in wanted.get(str(test).lower(), ("eta", "theta", "nu")):
             v = _lookup(config, p)
             if _is_number(v) and v is not None:
