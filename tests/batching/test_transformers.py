@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adabatch.batching.estimators import PerSampleStats
+from adabatch.batching.estimators import PerSampleStats, PerSampleTuning
+from adabatch.batching.persample.estimator import rule_for
+from adabatch.batching.persample.layers import TransposedLinearRule
 from tests.batching.test_estimators import DT, NEEDS, batch, check
 
 V, E, T = 11, 8, 6  # vocabulary, width, sequence length
@@ -272,7 +274,8 @@ class HF(nn.Module):
         return self.model(input_ids=t, **kw).logits
 
 
-def test_huggingface_gpt2_tied_lm_head():
+@pytest.mark.parametrize("needs", NEEDS)
+def test_huggingface_gpt2_tied_lm_head(needs):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(9)
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
@@ -280,7 +283,20 @@ def test_huggingface_gpt2_tied_lm_head():
                                   bos_token_id=0, eos_token_id=0)
     gpt = transformers.GPT2LMHeadModel(cfg).to(DT)
     assert gpt.lm_head.weight is gpt.transformer.wte.weight
-    check(HF(gpt, False), [lm_batch(vocab=50, length=6)], loss_fn=lm_loss)
+    check(HF(gpt, False), [lm_batch(vocab=50, length=6)], needs, loss_fn=lm_loss)
+    # Conv1D (a transposed Linear) has its own rule, not the torch.func path
+    rule = rule_for(gpt.transformer.h[0].attn.c_attn, ("weight", "bias"), PerSampleTuning())
+    assert isinstance(rule, TransposedLinearRule)
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_huggingface_conv1d_on_flat_inputs(needs):
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(15)
+    model = nn.Sequential(Conv1D(12, 5), nn.Tanh(), Conv1D(3, 12)).to(DT)
+    check(model, [batch(7, (5,), 3, seed=15)], needs)
 
 
 def test_huggingface_bert_sequence_classification():

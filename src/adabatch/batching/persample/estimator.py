@@ -22,7 +22,9 @@ from adabatch.batching.persample.layers import (
     LayerRule,
     LinearRule,
     NormRule,
+    TransposedLinearRule,
     flat_linear_sums,
+    is_transposed_linear,
     linear_gram,
 )
 from adabatch.batching.persample.records import (
@@ -81,6 +83,8 @@ def rule_for(module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning)
     """The layer rule of ``module`` whose trainable parameters are ``names``."""
     if is_unit(module):
         return AttentionRule(module, names, tuning)
+    if is_transposed_linear(module) and set(names) <= {"weight", "bias"}:
+        return TransposedLinearRule(module, names, tuning)
     for cls, rule, known in RULES:
         if type(module) is cls and set(names) <= set(known):
             return rule(module, names, tuning)

@@ -292,6 +292,36 @@ class LinearRule(LayerRule):
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
+class TransposedLinearRule(LinearRule):
+    """A Linear whose weight is stored transposed, [in, out] (the ``Conv1D`` of Hugging Face
+    transformers' GPT-2: ``x @ weight + bias``): the Linear arithmetic, transposed."""
+
+    def grads(self, call: LayerCall, names: tuple[str, ...], lo: int, hi: int
+              ) -> dict[str, Tensor]:
+        out = super().grads(call, names, lo, hi)
+        if "weight" in out:
+            out["weight"] = out["weight"].transpose(1, 2)
+        return out
+
+    def _weight_sums(self, call: LayerCall, chunks: Chunking, need_norm: bool,
+                     need_coord: bool, store: set[str], dsq: Tensor | None) -> ParamSums | None:
+        sums = super()._weight_sums(call, chunks, need_norm, need_coord, store, dsq)
+        if sums is not None and sums.coord is not None:
+            sums.coord = sums.coord.T.contiguous()
+        return sums
+
+    def weight_bias_ip(self, call: LayerCall, gw: Tensor, gb: Tensor | None,
+                       chunks: Chunking) -> Tensor:
+        return super().weight_bias_ip(call, gw.T, gb, chunks)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (checked by name: transformers is an optional dependency)."""
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 2)
+
+
 class EmbeddingRule(LayerRule):
     """nn.Embedding: sparse per-sample rows, never b × vocab × dim."""
 
@@ -455,7 +485,7 @@ class FuncRule(LayerRule):
                              f"when recomputed for one sample, {len(call.outputs)} in the pass")
         for o, ref, od in zip(outs, call.outputs, odims):
             ref = ref.narrow(od, lo, hi - lo).movedim(od, 0)
-            tol = _TOLERANCE.get(ref.dtype, 1e-2) * max(1.0, float(ref.abs().max()))
+            tol = _TOLERANCE.get(ref.dtype, 5e-2) * max(1.0, float(ref.abs().max()))
             if o.shape != ref.shape or float((o - ref).abs().max()) > tol:
                 raise ValueError(
                     f"PerSampleStats: layer {self.label!r} (measured by recomputing it sample "
@@ -467,7 +497,9 @@ class FuncRule(LayerRule):
 
 #: the largest deviation (relative to the output's scale) of a per-sample recomputation
 #: from the batched output that counts as rounding, by dtype
-_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
+#: (float32: TF32 matmuls round to about 1e-3; a dropout or a batch statistic differs by far
+#: more)
+_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-2}
 
 
 #: the arguments of the attention modules that hold the samples along the batch dimension
