@@ -16,11 +16,21 @@ with respect to the layer output), and computes per layer:
   (torch.unique over (sample, row) keys), never a b × vocab × dim tensor.
 - LayerNorm / GroupNorm / RMSNorm (affine): g_i = Σ δ_i ⊙ x̂_i over the positions that share
   a parameter, with x̂ recomputed from the saved input; always materialised (small).
+- transformers' Conv1D (GPT-2): a Linear with its weight stored transposed.
 - Any other module with its own trainable parameters (a custom module with a raw
-  nn.Parameter, MultiheadAttention, ...): per-sample vector-Jacobian products with
+  nn.Parameter, ...): per-sample vector-Jacobian products with
   ``torch.func.vmap(grad(...))`` of that module alone, chunked over samples. The module must
-  treat dimension 0 of its tensor inputs and outputs as the batch and be deterministic
-  (no dropout inside it).
+  treat dimension 0 of its tensor inputs and outputs as the batch and be deterministic: the
+  recomputation is checked against the outputs of the pass (and an active dropout module
+  inside raises before), so a module that breaks this raises naming it.
+- MultiheadAttention (F.multi_head_attention_forward uses out_proj's weight without calling
+  out_proj) and TransformerEncoderLayer / DecoderLayer with ``batch_first=False``: the same,
+  over the parameters of the whole module (its submodules get no hooks), with the batch along
+  dimension 1 where it is, key padding masks and 3-D attention masks split by sample.
+- Embedding calls whose indices are shared by the samples (``pos(torch.arange(T))``, position
+  ids [1, T]): the output is returned with the batch dimension as an expanded view, so the
+  broadcast against the batch-first activations happens at the layer and its output gradient
+  arrives per sample.
 
 Inner products with the mean gradient ḡ need ḡ, which is only known after the last backward
 (after DDP's all-reduce, after every accumulation micro-batch), so they are computed in
@@ -50,9 +60,13 @@ products are linear in g_i and are taken use by use.
 
 Limits (documented, not silent where detectable): a parameter used outside a module call
 (``F.linear(x, self.emb.weight)``) cannot be attributed to samples; if it is used only so, the
-estimator raises in :meth:`~PerSampleStats.stats`. Modules must take batch-first inputs
-(checked: every hooked call of a pass must see the same batch size). Layers that mix samples
-(BatchNorm in training mode) raise a :class:`ValueError`.
+estimator raises in :meth:`~PerSampleStats.stats` (``exclude=`` leaves such a parameter out).
+Modules must take batch-first inputs (checked through the batch size only: every hooked call
+of a pass must see the same one, so a Linear on [T, b, in] with T = b is not detected; the
+modules measured as a whole above are the exception). The output of an Embedding with shared
+indices must be used by broadcasting against batch-first activations of its expanded rank
+(``x + pos``, not ``pos[None]``, which then has the wrong rank and usually fails). Layers that
+mix samples (BatchNorm in training mode) raise a :class:`ValueError`.
 
 Modules: ``records`` (the kept layer calls, the per-parameter sums, the inner-product work
 items, :class:`PerSampleTuning`), ``layers`` and ``conv`` (the rule of each layer type),

@@ -165,7 +165,8 @@ class PerSampleStats:
     that their sum is the mean over all N samples of the step (``loss_k = mean_loss_k * n_k /
     N``; then p.grad is the step's mean gradient ḡ); :meth:`stats` then covers all N samples
     and resets the estimator for the next step. The batch size of a pass is read from
-    dimension 0 of the first hooked layer input, or given as ``measure(batch_size=n)``.
+    dimension 0 of the first hooked layer input (dimension 1 for a module measured with its
+    batch there), or given as ``measure(batch_size=n)``.
 
     With G = ‖ḡ‖², S = Σ_i ‖g_i‖², ip_i = ⟨g_i, ḡ⟩ and C_j = Σ_i g_ij²:
     V = (S − N·G)/(N−1), W = (Σ ip_i² − 2G Σ ip_i + N·G²)/(N−1),
@@ -203,6 +204,29 @@ class PerSampleStats:
         tuning: how equivalent computations are chosen (:class:`PerSampleTuning`: the im2col/grouped
             convolution threshold, the grouped chunk size, the Gram form of Linear inner
             products); the defaults suit CPU and GPU.
+        params: the parameters to measure (parameters, modules, or their dotted names;
+            default: all that require gradients); the statistics (``grad_sq_norm`` and
+            ``mean_grad`` included) are then over this subset.
+        exclude: parameters, modules or names to leave out (a module: all its parameters),
+            for instance a parameter used outside a module call, which otherwise raises.
+
+    Layers: Linear, Conv1d/2d/3d, Embedding, LayerNorm/GroupNorm/RMSNorm and transformers'
+    ``Conv1D`` have dedicated rules; nn.MultiheadAttention (its out_proj weight is used
+    outside out_proj's forward) and nn.TransformerEncoderLayer / DecoderLayer with
+    ``batch_first=False`` are measured as a whole by ``torch.func``, with the batch along
+    dimension 1 where it is (see :func:`is_unit`); any other module with its own parameters
+    also goes through ``torch.func``, which checks that the module gives each sample alone
+    the output it gave in the batch (else it raises naming the module: dropout active in it,
+    samples mixed, batch not along dimension 0). Dropout outside those modules is fine.
+    An Embedding whose indices are shared by the samples (no batch dimension, as
+    ``pos(torch.arange(T))``, or a batch dimension of 1, as Hugging Face's position ids)
+    returns its output with the batch as an expanded view (the batch dimension added in front,
+    or the leading 1 expanded), so that the broadcast that follows (``x + pos``, with ``x``
+    batch-first and of the expanded output's rank) is done here and carries per-sample
+    gradients; indices 0..b−1 exactly as many as the samples (shared or one per sample?) and
+    an index without a dimension raise. The pass's batch size for this comes from
+    ``measure(batch_size=...)``, else the first hooked layer call, else dimension 0 of the
+    model's first tensor input.
 
     Gram form: a Linear on [b, in] inputs takes ⟨g_i, ḡ⟩ = Σ_j (δ_i·δ_j)(a_i·a_j + 1) in its
     backward hook when that is cheaper (b·(in + out) < in·out) and p.grad will be exactly that
