@@ -120,6 +120,48 @@ def test_transformer_layers(batch_first, norm_first, decoder):
     check(Stack(batch_first, norm_first, decoder).to(DT), [tokens(seed=4)])
 
 
+class Whole(nn.Module):
+    """nn.TransformerEncoder / TransformerDecoder (with a final LayerNorm) or nn.Transformer."""
+
+    def __init__(self, kind, batch_first):
+        super().__init__()
+        self.emb = nn.Embedding(V, E)
+        if kind == "encoder":
+            layer = nn.TransformerEncoderLayer(E, 2, 16, 0.0, batch_first=batch_first)
+            self.net = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(E),
+                                             enable_nested_tensor=False)
+        elif kind == "decoder":
+            layer = nn.TransformerDecoderLayer(E, 2, 16, 0.0, batch_first=batch_first)
+            self.net = nn.TransformerDecoder(layer, 2, norm=nn.LayerNorm(E))
+        else:
+            self.net = nn.Transformer(E, 2, 1, 1, 16, 0.0, batch_first=batch_first)
+        self.head = nn.Linear(E, 3)
+        self.kind, self.bf = kind, batch_first
+
+    def forward(self, t):
+        h = self.emb(t)
+        if not self.bf:
+            h = h.transpose(0, 1)
+        mask = nn.Transformer.generate_square_subsequent_mask(t.shape[1], dtype=DT)
+        if self.kind == "encoder":
+            h = self.net(h, mask=mask, src_key_padding_mask=t == 0)
+        elif self.kind == "decoder":
+            h = self.net(h, h, tgt_mask=mask, tgt_key_padding_mask=t == 0)
+        else:
+            h = self.net(h, h, tgt_mask=mask, src_key_padding_mask=t == 0,
+                         memory_key_padding_mask=t == 0)
+        if not self.bf:
+            h = h.transpose(0, 1)
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "transformer"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_stacks(kind, batch_first):
+    torch.manual_seed(16)
+    check(Whole(kind, batch_first).to(DT), [tokens(seed=16)])
+
+
 def test_encoder_in_eval_mode_with_dropout_configured():
     torch.manual_seed(4)
     model = Stack(False, False, False, dropout=0.3).to(DT).eval()

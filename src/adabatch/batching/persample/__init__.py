@@ -24,7 +24,8 @@ with respect to the layer output), and computes per layer:
   recomputation is checked against the outputs of the pass (and an active dropout module
   inside raises before), so a module that breaks this raises naming it.
 - MultiheadAttention (F.multi_head_attention_forward uses out_proj's weight without calling
-  out_proj) and TransformerEncoderLayer / DecoderLayer with ``batch_first=False``: the same,
+  out_proj) and the transformer layers, stacks (TransformerEncoder / Decoder) and
+  nn.Transformer with ``batch_first=False``: the same,
   over the parameters of the whole module (its submodules get no hooks), with the batch along
   dimension 1 where it is, key padding masks and 3-D attention masks split by sample.
 - Embedding calls whose indices are shared by the samples (``pos(torch.arange(T))``, position

@@ -70,12 +70,17 @@ RULES: tuple[tuple[type[nn.Module], type[LayerRule], tuple[str, ...]], ...] = (
 def is_unit(module: nn.Module) -> bool:
     """Whether the module is measured as a whole, with the parameters of its submodules
     (:class:`~adabatch.batching.persample.layers.AttentionRule`): nn.MultiheadAttention (its
-    out_proj weight is used outside out_proj's forward), and the transformer layers with
-    ``batch_first=False`` (their Linear layers see the batch along dimension 1)."""
+    out_proj weight is used outside out_proj's forward), and the transformer layers, stacks and
+    nn.Transformer with ``batch_first=False`` (their Linear and LayerNorm layers see the batch
+    along dimension 1)."""
     if isinstance(module, nn.MultiheadAttention):
         return True
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return bool(module.layers) and not module.layers[0].self_attn.batch_first
+    if isinstance(module, nn.Transformer):
+        return not module.batch_first
     return False
 
 
@@ -212,7 +217,7 @@ class PerSampleStats:
 
     Layers: Linear, Conv1d/2d/3d, Embedding, LayerNorm/GroupNorm/RMSNorm and transformers'
     ``Conv1D`` have dedicated rules; nn.MultiheadAttention (its out_proj weight is used
-    outside out_proj's forward) and nn.TransformerEncoderLayer / DecoderLayer with
+    outside out_proj's forward) and the transformer layers, stacks and nn.Transformer with
     ``batch_first=False`` are measured as a whole by ``torch.func``, with the batch along
     dimension 1 where it is (see :func:`is_unit`); any other module with its own parameters
     also goes through ``torch.func``, which checks that the module gives each sample alone
