@@ -303,6 +303,29 @@ def test_positions_as_many_as_samples_are_ambiguous():
             model(x)
 
 
+class ViT(nn.Module):
+    """A class token and positions as raw parameters of the model (``torch.cat``, ``+``):
+    the model itself goes through the torch.func path for them."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(1, E, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, E, dtype=DT))
+        self.pos = nn.Parameter(torch.randn(1, 5, E, dtype=DT))
+        self.block = nn.TransformerEncoderLayer(E, 2, 16, 0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1) + self.pos
+        return self.head(self.block(h)[:, 0])
+
+
+def test_class_token_and_positions_as_raw_parameters():
+    torch.manual_seed(17)
+    check(ViT().to(DT), [batch(5, (1, 4, 4), 3, seed=17)])
+
+
 # --- Hugging Face transformers, from config (no download) ------------------------------------
 class HF(nn.Module):
     """Logits of a transformers model from token ids (with an attention mask for BERT)."""

@@ -443,7 +443,8 @@ class PerSampleStats:
             raise ValueError(
                 f"PerSampleStats: layer {self._module_names[module]!r} saw a batch of {n} "
                 f"samples but the pass has {self._pass_n}; inputs must be batch-first "
-                f"(or give measure(batch_size=...))"
+                f"(or give measure(batch_size=...)); only an Embedding may take indices shared "
+                f"by the samples (else leave the layer out: exclude=...)"
             )
         return first
 
