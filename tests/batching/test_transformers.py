@@ -301,6 +301,14 @@ def test_positions_as_many_as_samples_are_ambiguous():
     with pytest.raises(ValueError, match=r"layer 'pos' got one index without a dimension"):
         with est.measure():
             model(x)
+    # no per-sample work: nothing is ambiguous, the layer runs as it is
+    model.positions = "arange"
+    est = PerSampleStats(model, needs={"grad_sq_norm"})
+    model.zero_grad()
+    with est.measure():
+        lm_loss(model(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in est.params])
+    assert est.stats().grad_sq_norm == pytest.approx(float(g @ g), rel=1e-12)
 
 
 class ViT(nn.Module):
@@ -364,14 +372,15 @@ def test_huggingface_conv1d_on_flat_inputs(needs):
     check(model, [batch(7, (5,), 3, seed=15)], needs)
 
 
-def test_huggingface_bert_sequence_classification():
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_huggingface_bert_sequence_classification(impl):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(10)
     cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=32,
                                   max_position_embeddings=16, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0, num_labels=3,
-                                  attn_implementation="eager")
+                                  attn_implementation=impl)
     bert = transformers.BertForSequenceClassification(cfg).to(DT)
     x, y = tokens(seed=11, vocab=40, length=6)
     x[1:, -2:] = 0  # padding, masked out

@@ -519,7 +519,7 @@ class PerSampleStats:
                 f"a dimension, so where the batch goes in its output is unknown; give it the "
                 f"shape of the output's place in the batch ([1] for [b, dim], [1, 1] for "
                 f"[b, T, dim])")
-        if (n is not None and n > 1 and idx.dim() == 1 and idx.shape[0] == n
+        if (self._per_sample and n is not None and n > 1 and idx.dim() == 1 and idx.shape[0] == n
                 and torch.equal(idx, torch.arange(n, device=idx.device))):
             raise ValueError(
                 f"PerSampleStats: layer {self._module_names[module]!r} got the indices "
