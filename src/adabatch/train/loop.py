@@ -96,7 +96,9 @@ class TrainResult:
 def _default_run_dir(cfg: TrainConfig) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     policy = cfg.batch_test if cfg.batch_test != "none" else (cfg.batch_schedule or "constant")
-    base = Path("runs") / f"{stamp}-{cfg.dataset}-{cfg.optimizer}-{policy}"
+    # a user factory (pkg.mod:factory) names the data set by its function, without ':' or '.'
+    dataset = cfg.dataset.rsplit(":", 1)[-1].replace(".", "_")
+    base = Path("runs") / f"{stamp}-{dataset}-{cfg.optimizer}-{policy}"
     path, n = base, 1
     while path.exists():
         n += 1
