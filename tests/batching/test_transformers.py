@@ -78,6 +78,14 @@ def test_multihead_attention_cross_and_every_subset_of_statistics(needs):
     check(model, [tokens(seed=2)], needs)
 
 
+@pytest.mark.parametrize("chunking", [{"chunk_size": 2}, {"budget": 300}])
+def test_chunks_of_samples(chunking):
+    torch.manual_seed(18)
+    check(MHAModel(False, True, "3d").to(DT), [tokens(seed=18)], **chunking)
+    check(Stack(False, True, True).to(DT), [tokens(seed=19)], **chunking)
+    check(TinyGPT(raw=True).to(DT), [lm_batch(b=5)], loss_fn=lm_loss, **chunking)
+
+
 def test_multihead_attention_micro_batches():
     torch.manual_seed(2)
     x, y = tokens(b=7, seed=3)

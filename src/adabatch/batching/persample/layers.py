@@ -553,3 +553,9 @@ class AttentionRule(FuncRule):
 
     def out_dims(self, call: LayerCall) -> list[int]:
         return [self.batch_dim] + [0] * (len(call.deltas) - 1)  # output, attention weights
+
+    def kept_numel(self, call: LayerCall) -> int:
+        flat, dims, _ = self.split(call)
+        tensors = [t for t, d in zip(flat, dims) if d is not None]
+        tensors += [d for d in call.deltas if d is not None]
+        return sum(t.numel() for t in tensors) // max(1, call.n)
