@@ -292,7 +292,9 @@ class Goodput(_NoisePolicy):
     The loop calls :meth:`observe_time` once per step, before :meth:`update`, with a
     duration that every rank agrees on (in a distributed loop: an all-reduced maximum or
     mean). Without times the policy behaves as :class:`CriticalBatchSize` with moves bounded
-    by ``max_growth``.
+    by ``max_growth``. The recent times are part of ``state_dict``, so a resumed run goes on
+    from them; since they are measured, two runs (or a run and its resumed copy) need not take
+    the same decisions, unlike the statistics-only policies.
 
     Args (besides those of :class:`CriticalBatchSize`):
         max_growth: the largest factor of one move (default 2).
