@@ -94,9 +94,10 @@ class AdaptiveBatchTrainer(Trainer):
         estimator: ``"micro-batch"`` (default: :class:`~adabatch.batching.MicroBatchStats`,
             which needs nothing from the model's layers but at least 2 micro-batches per
             step), ``"per-sample"`` (:class:`~adabatch.batching.PerSampleStats`: every layer
-            must see batch-first inputs, which excludes e.g. BERT's broadcast position
-            embeddings, and the loss must be a mean of per-sample losses) or an estimator
-            object built on the model.
+            must see batch-first inputs (position embeddings shared by the samples, as in
+            GPT-2 and BERT, are measured), dropout inside attention modules must be off, and
+            the loss must be a mean of per-sample losses) or an estimator object built on the
+            model.
         sampler_seed: the seed of the sampler's permutations (default ``args.seed``).
     """
 
