@@ -95,9 +95,8 @@ class AdaptiveBatchTrainer(Trainer):
             which needs nothing from the model's layers but at least 2 micro-batches per
             step), ``"per-sample"`` (:class:`~adabatch.batching.PerSampleStats`: every layer
             must see batch-first inputs (position embeddings shared by the samples, as in
-            GPT-2 and BERT, are measured), dropout inside attention modules must be off, and
-            the loss must be a mean of per-sample losses) or an estimator object built on the
-            model.
+            GPT-2 and BERT, are measured), and the loss must be a mean of per-sample losses)
+            or an estimator object built on the model.
         sampler_seed: the seed of the sampler's permutations (default ``args.seed``).
     """
 
