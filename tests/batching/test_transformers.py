@@ -370,6 +370,22 @@ def test_huggingface_gpt2_tied_lm_head(needs):
     assert isinstance(rule, TransposedLinearRule)
 
 
+def test_huggingface_gpt2_with_dropout_needs_no_recomputation():
+    # every GPT-2 layer has a rule (Conv1D, Embedding, LayerNorm, Linear): its dropout,
+    # outside them, is seen in their inputs and output gradients, and nothing raises
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(20)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    model = HF(transformers.GPT2LMHeadModel(cfg).to(DT).train(), False)
+    est = PerSampleStats(model)
+    x, y = lm_batch(vocab=50, length=6)
+    with est.measure():
+        lm_loss(model(x), y).backward()
+    s = est.stats()
+    assert s.variance_trace > 0 and s.ip_variance >= 0
+
+
 @pytest.mark.parametrize("needs", NEEDS)
 def test_huggingface_conv1d_on_flat_inputs(needs):
     pytest.importorskip("transformers")
