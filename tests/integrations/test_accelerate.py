@@ -72,10 +72,14 @@ def test_refuses_what_would_silently_do_nothing():
     assert torch.is_tensor(net[0].weight)
 
 
-def torchrun(script: Path, out: Path, *args: str) -> list[dict]:
+def accelerate_launch(script: Path, out: Path, *args: str) -> list[dict]:
+    """``accelerate launch`` with 2 processes on CPU. ``--cpu`` would need mpirun for more
+    than one process; ``--multi_gpu`` launches through torchrun, and on a machine without a
+    GPU ``Accelerator(cpu=True)`` then runs MULTI_CPU over gloo."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", str(script), str(out), *args]
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(script), str(out), *args]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
@@ -84,10 +88,10 @@ def torchrun(script: Path, out: Path, *args: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["per-sample", "micro-batch"])
 def test_two_processes_take_the_decisions_of_one(tmp_path, estimator):
-    """(d) 2 CPU processes (gloo, launched like `accelerate launch`: torchrun environment,
-    Accelerator(cpu=True) -> MULTI_CPU): each rank trains on its half of the same global
-    batches, no sample twice, and the decisions and weights are those of 1 process."""
-    ranks = torchrun(ROOT / "tests/integrations/_accelerate_loop.py", tmp_path / "r", "8",
+    """(d) 2 CPU processes launched by `accelerate launch` (gloo, Accelerator(cpu=True) ->
+    MULTI_CPU): each rank trains on its half of the same global batches, no sample twice, and
+    the decisions and weights are those of 1 process."""
+    ranks = accelerate_launch(ROOT / "tests/integrations/_accelerate_loop.py", tmp_path / "r", "8",
                      estimator)
     want = c.reference(8, estimator)
     for r0, r1, batch in zip(ranks[0]["batches"], ranks[1]["batches"], want["batches"]):
