@@ -1,0 +1,120 @@
+"""benchmarks/time_to_accuracy.py on a tiny budget: the report's numbers follow from the cached
+run files, a second invocation trains nothing, evaluation is excluded from the training clock,
+and the learning-rate rule picks the best median."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tta():
+    spec = importlib.util.spec_from_file_location("time_to_accuracy",
+                                                  ROOT / "benchmarks" / "time_to_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["time_to_accuracy"] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("time_to_accuracy", None)
+
+
+def _run(row: list[float], seed: int = 0, lr: float = 0.1) -> dict:
+    """A fake run whose evaluation k (k = 1, 2, ...) reached accuracy row[k-1] at time k."""
+    return {"lr": lr, "seed": seed, "eval_time": 0.0, "evals": [
+        {"step": 10 * k, "samples": 160 * k, "train_time": float(k), "accuracy": a}
+        for k, a in enumerate(row, 1)]}
+
+
+def test_lr_rule_picks_the_best_median(tta):
+    # lr 0.1 has the fastest single seed (time 1) but median 3; lr 0.3: median 2
+    by_lr = {0.1: [_run([0.9], 0, 0.1), _run([0, 0, 0.9], 1, 0.1), _run([0] * 4 + [.9], 2, .1)],
+             0.3: [_run([0, 0.9], 0, 0.3), _run([0, 0.9], 1, 0.3), _run([0.0] * 5, 2, 0.3)]}
+    assert tta.median_to(by_lr[0.1], 0.9) == {"time": 3.0, "steps": 30, "samples": 480}
+    assert tta.choose_lr(by_lr, 0.9) == 0.3
+    # a rate whose median run never reaches the target loses to one that does
+    by_lr[0.3] = [_run([0.9], 0, 0.3), _run([0.0], 1, 0.3), _run([0.0], 2, 0.3)]
+    assert math.isinf(tta.median_to(by_lr[0.3], 0.9)["time"])
+    assert tta.choose_lr(by_lr, 0.9) == 0.1
+    # none reaches it: the highest median best accuracy
+    by_lr = {0.1: [_run([0.5]), _run([0.6]), _run([0.7])],
+             0.3: [_run([0.9]), _run([0.55]), _run([0.56])]}
+    assert tta.choose_lr(by_lr, 0.95) == 0.1
+
+
+def test_quick_report_matches_the_run_files_and_resumes(tta, tmp_path):
+    argv = ["--only", "digits-cnn", "--policies", "fixed-32,adadagradnorm", "--seeds", "1",
+            "--samples", "480", "--no-plots", "--out", str(tmp_path)]
+    first = tta.main(argv)
+    setup = tta.SETUPS["digits-cnn"]
+    assert first["trained"] == 6  # 2 policies x 3 learning rates x 1 seed
+    files = sorted((tmp_path / "cache").rglob("*.json"))
+    assert len(files) == 6
+    runs = [json.loads(f.read_text()) for f in files]
+    best = max(e["accuracy"] for r in runs for e in r["evals"])
+    summary = first["summaries"]["digits-cnn"]
+    assert summary["best"] == best
+    for row in summary["rows"]:
+        assert row["lr"] in tta.lr_grid(setup, "adagradnorm" if row["policy"] ==
+                                        "adadagradnorm" else "adagrad")
+        (run,) = [r for r in runs if r["policy"] == row["policy"] and r["lr"] == row["lr"]]
+        for f in tta.TARGETS:  # the first evaluation row at or above each target
+            hit = next((e for e in run["evals"] if e["accuracy"] >= f * best), None)
+            got = row["to"][str(f)]
+            if hit is None:
+                assert math.isinf(got["time"])
+            else:
+                assert (got["time"], got["steps"], got["samples"]) == (
+                    hit["train_time"], hit["step"], hit["samples"])
+    for run in runs:  # evaluations on the sample grid, the last at the end of the budget
+        assert [e["samples"] for e in run["evals"]][-1] >= 480
+        assert all(e["samples"] >= 160 * k for k, e in enumerate(run["evals"], 1))
+        times = [e["train_time"] for e in run["evals"]]
+        assert times == sorted(times) and times[0] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| fixed-32 |" in report and "| adadagradnorm |" in report
+    second = tta.main(argv)  # everything from the cache
+    assert second["trained"] == 0
+    assert second["summaries"]["digits-cnn"]["rows"] == summary["rows"]
+
+
+def test_evaluation_is_excluded_from_the_training_clock(tta, monkeypatch):
+    import adabatch.train.steps as steps
+
+    real = steps.evaluate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "evaluate", slow)
+    setup = tta.Setup("t", "t", "digits", "logistic", samples=320, max_batch=64,
+                      eval_samples=32)
+    policy = tta.policies(setup)[0]
+    t = time.perf_counter()
+    rec = tta.train_one(setup, policy, 0.1, 0, device="cpu", threads=1, mnist_dir=None)
+    wall = time.perf_counter() - t
+    evals = rec["evals"]
+    assert len(evals) == 10 and rec["steps"] == 20
+    assert all(e["eval_time"] >= 0.05 for e in evals)
+    assert rec["eval_time"] == pytest.approx(sum(e["eval_time"] for e in evals))
+    # nine evaluations (0.45 s) happened before the last row: none is in its training time
+    assert evals[-1]["train_time"] < wall - rec["eval_time"]
+    assert evals[-1]["train_time"] < 0.45
+
+
+def test_missing_mnist_is_skipped_with_a_line(tta, tmp_path):
+    args = tta.parse_args(["--only", "mnist-cnn,digits-cnn", "--mnist-dir", str(tmp_path)])
+    setups, skipped = tta.selected(args)
+    assert [s.name for s in setups] == ["digits-cnn"]
+    assert skipped == [f"mnist-cnn: skipped, the MNIST files are not in {tmp_path}"]
+    with pytest.raises(SystemExit, match="unknown setup"):
+        tta.selected(tta.parse_args(["--only", "nope"]))
