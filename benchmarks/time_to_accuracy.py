@@ -185,13 +185,15 @@ def _clock_callbacks(every: int, budget: int, device: str) -> Any:
 
 
 def _batch_curve(metrics: Path, limit: int = 400) -> list[list[int]]:
-    """(samples, batch size) of the step rows, thinned to about ``limit`` points."""
+    """(samples, batch size, step) of the step rows, thinned to about ``limit`` points (the
+    last row kept)."""
     rows = []
-    with open(metrics) as f:
-        for line in f:
-            row = json.loads(line)
-            if not row.get("eval") and "batch_size" in row:
-                rows.append([row["samples"], row["batch_size"]])
+    if metrics.exists():
+        with open(metrics) as f:
+            for line in f:
+                row = json.loads(line)
+                if not row.get("eval") and "batch_size" in row:
+                    rows.append([row["samples"], row["batch_size"], row["step"]])
     stride = max(1, len(rows) // limit)
     return rows[::stride] + ([rows[-1]] if rows and (len(rows) - 1) % stride else [])
 
@@ -200,6 +202,7 @@ def train_one(setup: Setup, policy: Policy, lr: float, seed: int, *, device: str
               threads: int | None, mnist_dir: Path | None) -> dict[str, Any]:
     """Train one run; its evaluation rows (with the training clock) and batch curve."""
     from adabatch.train.config import build_config
+    from adabatch.train.divergence import Diverged
     from adabatch.train.loop import train
 
     flags: dict[str, Any] = {
@@ -214,14 +217,18 @@ def train_one(setup: Setup, policy: Policy, lr: float, seed: int, *, device: str
     if setup.needs_mnist:
         flags["data_dir"] = str(mnist_dir)
     clock = _clock_callbacks(setup.eval_samples, setup.samples, device)
+    diverged = None
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         flags["out"] = str(Path(tmp) / "run")
-        result = train(build_config(flags), callbacks=clock)
+        try:
+            train(build_config(flags), callbacks=clock)
+        except Diverged as e:  # a finished run that never reaches a later target
+            diverged = str(e).split(";")[0]
         curve = _batch_curve(Path(tmp) / "run" / "metrics.jsonl")
     return {"setup": setup.name, "policy": policy.name, "lr": lr, "seed": seed,
-            "device": device, "config": flags | {"out": None},
-            "steps": int(result.summary.get("steps", clock.rows[-1]["step"])),
-            "evals": clock.rows, "batch_curve": curve,
+            "device": device, "config": flags | {"out": None}, "diverged": diverged,
+            "steps": curve[-1][2] if curve else 0, "evals": clock.rows,
+            "batch_curve": [c[:2] for c in curve],
             "eval_time": sum(r["eval_time"] for r in clock.rows)}
 
 
@@ -253,8 +260,8 @@ def run_all(setup: Setup, pols: Sequence[Policy], seeds: Sequence[int], cache: P
                 trained += 1
                 runs.append(rec)
                 say(f"{setup.name} {policy.name} lr={lr:g} seed={seed}: "
-                    f"{time.perf_counter() - t:.1f} s, best acc "
-                    f"{max(r['accuracy'] for r in rec['evals']):.4f}")
+                    f"{time.perf_counter() - t:.1f} s, best acc {best_accuracy(rec):.4f}"
+                    + (f" (diverged: {rec['diverged']})" if rec["diverged"] else ""))
     return runs, trained
 
 
@@ -275,7 +282,8 @@ def median_to(runs: Sequence[dict[str, Any]], target: float) -> dict[str, float]
 
 
 def best_accuracy(run: dict[str, Any]) -> float:
-    return max(r["accuracy"] for r in run["evals"] if r["accuracy"] is not None)
+    """The run's best test accuracy (0 for a run that diverged before its first evaluation)."""
+    return max((r["accuracy"] for r in run["evals"] if r["accuracy"] is not None), default=0.0)
 
 
 def choose_lr(by_lr: dict[float, list[dict[str, Any]]], target: float) -> float:
@@ -308,6 +316,7 @@ def summarize(setup: Setup, pols: Sequence[Policy], runs: Sequence[dict[str, Any
                      "to": {str(f): median_to(chosen, t) for f, t in targets.items()},
                      "reached": sum(time_to(r, targets[MAIN_TARGET]) is not None
                                     for r in chosen),
+                     "diverged": sum(bool(r.get("diverged")) for r in chosen),
                      "eval_time": statistics.median(r["eval_time"] for r in chosen),
                      "best": statistics.median(best_accuracy(r) for r in chosen)})
     return {"setup": setup.name, "best": best, "targets": targets, "rows": rows,
@@ -364,7 +373,8 @@ def setup_markdown(setup: Setup, summary: dict[str, Any], seeds: int) -> str:
              "reached it.", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in summary["rows"]:
-        cells = [r["policy"], f"{r['lr']:g}", f"{r['reached']}/{r['seeds']}"]
+        cells = [r["policy"], f"{r['lr']:g}", f"{r['reached']}/{r['seeds']}"
+                 + (f" ({r['diverged']} diverged)" if r["diverged"] else "")]
         for f in TARGETS:
             m = r["to"][str(f)]
             cells += [_fmt(m["time"]), _fmt(m["steps"]), _fmt(m["samples"])]
@@ -443,7 +453,7 @@ def plot_setup(setup: Setup, summary: dict[str, Any], runs: Sequence[dict[str, A
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for row, run in chosen:
-        if row["kind"] != "fixed":
+        if row["kind"] != "fixed" and run["batch_curve"]:
             ax.plot(*zip(*run["batch_curve"]), label=row["policy"], lw=1.2)
     ax.set(xlabel="samples", ylabel="batch size", yscale="log",
            title=f"{setup.name}: batch size vs samples")

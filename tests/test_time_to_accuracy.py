@@ -118,3 +118,13 @@ def test_missing_mnist_is_skipped_with_a_line(tta, tmp_path):
     assert skipped == [f"mnist-cnn: skipped, the MNIST files are not in {tmp_path}"]
     with pytest.raises(SystemExit, match="unknown setup"):
         tta.selected(tta.parse_args(["--only", "nope"]))
+
+
+def test_a_diverged_run_is_recorded_and_never_reaches_a_target(tta):
+    setup = tta.Setup("t", "t", "digits", "cnn", samples=320, max_batch=64, eval_samples=32)
+    policy = tta.policies(setup)[0]
+    rec = tta.train_one(setup, policy, 1e4, 0, device="cpu", threads=1, mnist_dir=None)
+    assert rec["diverged"] and "loss" in rec["diverged"]
+    assert rec["steps"] < 20 and all(e["step"] < 20 for e in rec["evals"])
+    assert tta.time_to(rec, 0.99) is None
+    assert 0.0 <= tta.best_accuracy(rec) < 0.5
