@@ -39,6 +39,36 @@ global ḡ from p.grad and sums the partial sums ``[N, M, P, Σ n_k ip_k, Σ n_k
 call of ``reduce`` (plus one on C_j for ``coord_variance``). Every (rank, micro-batch) pair
 counts as one micro-batch, so a rank with one local micro-batch is fine when the ranks
 together have at least 2 (the check above is on the reduced counts).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``; the parameters are DTensors sharded on dim 0):
+after a backward with gradient sync, p.grad holds this rank's shard of the reduce-scattered
+*mean over ranks* — the per-rank increments Δ_{r,k} that the estimator's units need are gone
+by then (and without sync, FSDP2 keeps them in private buffers). Each rank r does hold its
+full local gradient of a layer for a moment: autograd hands Δ_{r,k} (unsharded, this rank's
+micro-batch only) to the layer's *unsharded* parameter before FSDP2 reduce-scatters it. So
+under FSDP2 the estimator needs ``track="hooks"`` and a module: it finds the unsharded
+parameters (``unshard()`` of every FSDPModule, once; FSDP2 reuses those Parameter objects)
+and hooks them. With or without ``set_requires_gradient_sync(False)`` the hooks see the same
+Δ_{r,k}, and with R ranks, N = Σ_r N_r, M = Σ_r M_r and the loss contract on each rank's
+own N_r, FSDP2's average gives ḡ = (1/R) Σ_r Σ_k Δ_{r,k} = (1/N) Σ_{r,k} n_{r,k} ĝ_{r,k} for
+equal N_r — the DDP case, every (rank, micro-batch) pair one micro-batch:
+
+    P = Σ_r N_r² Σ_k ‖Δ_{r,k}‖²/n_{r,k}    (each rank: its full local norms, no communication)
+    G = ‖ḡ‖² = Σ_r ‖ḡ|shard_r‖²            (each rank: its own shard of p.grad)
+    V = (P − N·G)/(M − 1),                  one all-reduce (``reduce``) of [N, M, P, 0, 0, G]
+    C_j = Σ_r N_r² Σ_k Δ_{r,k,j}²/n_{r,k}  (each rank sums its local part over the whole
+                                            layer, then one reduce-scatter per parameter
+                                            tensor per measured step: each rank gets its
+                                            shard of C_j, never all of it)
+    v_j = (C_j − N·ḡ_j²)/(M − 1)            on this rank's shard only.
+
+``coord_variance`` and ``mean_grad`` come back as DTensors with the parameters' shapes and
+placements (each rank holding its shard). Communication per measured step: 48 bytes
+(6 float64) all-reduced, plus, with ``coord_variance``, one reduce-scatter of the parameters'
+size in their dtype — as much as one of FSDP2's own gradient reduce-scatters (FSDP2 does one
+per micro-batch with gradient sync, one per step without). Memory with ``coord_variance``:
+two unsharded model-sized buffers per rank (the micro-batch's Δ² and C). ``ip_variance`` and
+``orth_variance`` under FSDP2 raise NotImplementedError (ip_k needs ḡ across a layer).
 """
 
 from __future__ import annotations
@@ -57,6 +87,9 @@ from adabatch.batching.stats import (
     GradientStats,
     Reduce,
     check_needs,
+    finish_stats,
+    sq_norm_parts,
+    stack_f64,
     stats_from_parts,
 )
 
@@ -133,6 +166,10 @@ class MicroBatchStats:
         self._need_ip = bool(self.needs & {"ip_variance", "orth_variance"})
         self._need_var = bool(self.needs - {"grad_sq_norm", "mean_grad"})
         self.track = check_choice("track", track, ("grad", "hooks"))
+        # under FSDP2: the unsharded parameters, where the hooks see each rank's Δ_k
+        fsdp2 = _fsdp2_unsharded(params_or_model, self.params, self.needs, track, reduce)
+        self._sharded = fsdp2 is not None
+        self._hooked: list[Tensor] = self.params if fsdp2 is None else fsdp2
         self.enabled = True
         self._handles: list[Any] = []
         self._pend_norms: list[Tensor | None] = [None] * len(self.params)
@@ -141,7 +178,7 @@ class MicroBatchStats:
         self._pend_sq: list[Tensor] | None = None
         self._pend_inc: list[Tensor | None] = [None] * len(self.params)
         if track == "hooks":
-            for i, p in enumerate(self.params):
+            for i, p in enumerate(self._hooked):
                 if not p.requires_grad:
                     raise ValueError("MicroBatchStats(track='hooks') needs parameters that "
                                      "require gradients")
@@ -209,7 +246,7 @@ class MicroBatchStats:
             self._pend_norms[i] = torch.linalg.vector_norm(g, dtype=torch.float32).square()
         if self._need_coord:
             if self._pend_sq is None:
-                self._pend_sq = [torch.zeros_like(q) for q in self.params]
+                self._pend_sq = [torch.zeros_like(q) for q in self._hooked]
             self._pend_sq[i].addcmul_(g, g)
         if self._need_ip:
             self._pend_inc[i] = g.clone()
@@ -256,7 +293,7 @@ class MicroBatchStats:
             if self._need_coord:
                 assert self._pend_sq is not None
                 if self._coord is None:
-                    self._coord = [torch.zeros_like(p) for p in self.params]
+                    self._coord = [torch.zeros_like(p) for p in self._hooked]
                 torch._foreach_add_(self._coord, self._pend_sq, alpha=1.0 / batch_size)
             if self._need_ip:
                 self._incs.append((batch_size, [
@@ -272,7 +309,9 @@ class MicroBatchStats:
     def _grad(self, p: Tensor) -> Tensor:
         g = p.grad
         if g is None:
-            return torch.zeros_like(p)
+            g = torch.zeros_like(p)
+        if self._sharded:  # this rank's shard of the DTensor
+            return g.detach().to_local()
         return g.to_dense() if g.is_sparse else g.detach()
 
     @torch.no_grad()
@@ -363,6 +402,8 @@ class MicroBatchStats:
         return counting
 
     def _stats(self) -> GradientStats:
+        if self._sharded:
+            return self._stats_sharded()
         gbar = [self._grad(p) for p in self.params]
         n_loc = self._n
         ip_sums = None
@@ -392,3 +433,111 @@ class MicroBatchStats:
             n_all, m_all = seen[0][:2].tolist()
             self._check_units(n_all, m_all)
         return out
+
+    def _stats_sharded(self) -> GradientStats:
+        """FSDP2 (see the module docstring): the norms' sums local plus one all-reduce of
+        [N, M, P, 0, 0, G]; the coordinate sums reduce-scattered to each rank's shard."""
+        gbar = [self._grad(p) for p in self.params]  # this rank's shards of ḡ
+        n = self._n
+        vals = sq_norm_parts(gbar)
+        k = len(vals)
+        for _, parts in self._sq_parts:  # ‖Δ_k‖² per tensor (track="hooks")
+            vals.extend(parts)
+        stacked = stack_f64(vals)
+        f64 = {"dtype": torch.float64, "device": stacked.device}
+        weights = torch.tensor([1.0 / w for w, parts in self._sq_parts for _ in parts], **f64)
+        zero = stacked.new_zeros(())
+        flat = torch.stack([torch.tensor(float(n), **f64), torch.tensor(float(self._m), **f64),
+                            (stacked[k:] * weights).sum() * n**2, zero, zero,
+                            stacked[:k].sum()])
+        assert self.reduce is not None  # invariant: refused in __init__ under FSDP2
+        out = self.reduce(flat)
+        N, K, S, _, _, G = (flat if out is None else out).tolist()
+        self._check_units(N, K)  # the same reduced counts on every rank
+        coords = None
+        if self._need_coord:
+            assert self._coord is not None
+            coords = [_reduce_scatter(c.mul_(float(n * n)), p)
+                      for c, p in zip(self._coord, self.params)]
+        stats = finish_stats(self.needs, N, K, S, 0.0, 0.0, G, coords, gbar, in_place=True)
+        if stats.coord_variance is not None:
+            stats.coord_variance = [_like_dtensor(v, p)
+                                    for v, p in zip(stats.coord_variance, self.params)]
+        if stats.mean_grad is not None:
+            stats.mean_grad = [_like_dtensor(g, p) for g, p in zip(gbar, self.params)]
+        return stats
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _fsdp2_unsharded(model: nn.Module | Iterable[Tensor], params: list[Tensor],
+                     needs: frozenset[str], track: str,
+                     reduce: Reduce | None) -> list[Tensor] | None:
+    """None when no parameter is a DTensor; under FSDP2 the unsharded parameters (aligned
+    with ``params``) whose gradient hooks see each rank's micro-batch gradients. Refuses
+    what would give a wrong statistic under sharding."""
+    flags = [_is_dtensor(p) for p in params]
+    if not any(flags):
+        return None
+    where = "MicroBatchStats under FSDP2 (DTensor parameters, fully_shard)"
+    if not all(flags):
+        raise ValueError(f"{where}: some parameters are DTensors and some are not; pass the "
+                         f"module that fully_shard wrapped")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{where} needs the module, not a list of parameters (it hooks the "
+                         f"unsharded parameters of its FSDP modules)")
+    if track != "hooks":
+        raise ValueError(f"{where} needs track='hooks': after a backward p.grad holds this "
+                         f"rank's shard of the mean over ranks, not the per-rank micro-batch "
+                         f"gradients the statistics are made of")
+    if needs & {"ip_variance", "orth_variance"}:
+        raise NotImplementedError(f"{where}: ip_variance and orth_variance are not "
+                                  f"implemented yet (norm and coordinate tests only)")
+    if reduce is None:
+        raise ValueError(f"{where} needs reduce=, a SUM all-reduce over the ranks: each rank "
+                         f"holds only its shard of the mean gradient")
+    return _unsharded_params(model, params, where)
+
+
+def _unsharded_params(model: nn.Module, params: list[Tensor], where: str) -> list[Tensor]:
+    from torch.distributed.fsdp import FSDPModule
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    if any(id(p) not in names for p in params):
+        raise ValueError(f"{where}: a parameter is not one of the module's")
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not fsdp:
+        raise ValueError(f"{where}: the module has DTensor parameters but no FSDP module")
+    for m in fsdp:  # FSDP2 swaps its (persistent) unsharded parameters in
+        m.unshard()
+    try:
+        out = [model.get_parameter(names[id(p)]) for p in params]
+    finally:
+        for m in fsdp:
+            m.reshard()
+    if any(q is p or _is_dtensor(q) for q, p in zip(out, params)):
+        raise ValueError(f"{where}: a DTensor parameter is not sharded by fully_shard alone "
+                         f"(tensor parallelism is not supported)")
+    return out
+
+
+def _reduce_scatter(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard (placed as ``like``) of the sum over ranks of ``full``."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    partial = DTensor.from_local(full, mesh, [Partial()] * mesh.ndim, run_check=False)
+    return partial.redistribute(mesh, like.placements).to_local()  # type: ignore[attr-defined]
+
+
+def _like_dtensor(local: Tensor, like: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements,  # type: ignore[attr-defined]
+                              run_check=False, shape=like.shape, stride=like.stride())

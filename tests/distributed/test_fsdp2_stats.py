@@ -1,0 +1,122 @@
+"""MicroBatchStats under FSDP2 (fully_shard) with 2 processes (gloo, CPU) against 1 process.
+
+tests/distributed/_fsdp2_stats_worker.py runs a float64 MLP with uneven shards under
+torchrun: two steps of 16 samples, 8 per rank in micro-batches of unequal sizes (step 1
+with gradient sync after each micro-batch, step 2 accumulating without sync). The same
+micro-batches in one process without FSDP give the same G, V, v_j and ḡ (every (rank,
+micro-batch) pair is one micro-batch), also after an optimizer step. The statistics' own
+communication per measured step is 48 bytes all-reduced plus one reduce-scatter of the
+parameters' size: no more than one of FSDP2's gradient reduce-scatters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from adabatch.batching import MicroBatchStats
+from tests.distributed._fsdp2_stats_worker import NEEDS, SIZES, data, make_model
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = str(Path(__file__).with_name("_fsdp2_stats_worker.py"))
+RTOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp2") / "result.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", WORKER, str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def one_process() -> list[dict]:
+    """The same two steps in one process: micro-batches 3, 5 (rank 0's) and 2, 6 (rank 1's)
+    of the global batch of 16, the loss scaled by n_k/16."""
+    model = make_model()
+    est = MicroBatchStats(model, needs=NEEDS, track="hooks")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = data()
+    steps = []
+    for step in range(2):
+        opt.zero_grad()
+        with est.step() as scope:
+            start = 0
+            for n in SIZES[0] + SIZES[1]:
+                with scope.micro_batch(n):
+                    sl = slice(start, start + n)
+                    loss = nn.functional.mse_loss(model(xs[step, sl]), ys[step, sl]) * n / 16
+                    loss.backward()
+                start += n
+        stats = est.stats()
+        steps.append({"batch_size": stats.batch_size, "grad_sq_norm": stats.grad_sq_norm,
+                      "variance_trace": stats.variance_trace,
+                      "coord_variance": [v.tolist() for v in stats.coord_variance],
+                      "mean_grad": [g.tolist() for g in stats.mean_grad]})
+        opt.step()
+    return steps
+
+
+def _close(a, b) -> None:
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    assert ta.shape == tb.shape
+    assert float((ta - tb).abs().max()) <= RTOL * float(tb.abs().max())
+
+
+def test_fsdp2_statistics_equal_one_process(fsdp2):
+    ref = one_process()
+    assert len(fsdp2["steps"]) == len(ref) == 2
+    for got, want in zip(fsdp2["steps"], ref):
+        assert got["batch_size"] == want["batch_size"] == 16
+        for name in ("grad_sq_norm", "variance_trace"):
+            assert got[name] == pytest.approx(want[name], rel=RTOL)
+        assert want["variance_trace"] > 0
+        for name in ("coord_variance", "mean_grad"):
+            for a, b in zip(got[name], want[name], strict=True):
+                _close(a, b)
+
+
+def test_fsdp2_communication_per_measured_step(fsdp2):
+    numel = fsdp2["param_numel"]
+    for step, counted in enumerate(fsdp2["bytes"]):
+        assert counted["stats_all_reduce"] == 6 * 8  # [N, M, P, 0, 0, G] in float64
+        assert counted["stats_reduce_scatter"] == numel * 8  # C_j once, float64 parameters
+        # FSDP2's reduce-scatter: once per micro-batch with sync (step 0), once without
+        per_call = counted["fsdp_reduce_scatter"] / (2 if step == 0 else 1)
+        assert numel * 8 <= per_call  # FSDP2 pads the uneven shards
+    assert fsdp2["bytes"][0]["fsdp_reduce_scatter"] == 2 * fsdp2["bytes"][1]["fsdp_reduce_scatter"]
+
+
+def test_fsdp2_refuses_what_would_be_wrong(fsdp2):
+    r = fsdp2["refusals"]
+    # today's default (track="grad") would read the shards of the mean over ranks
+    assert r["track_grad"].startswith("ValueError") and "track='hooks'" in r["track_grad"]
+    assert r["no_reduce"].startswith("ValueError") and "reduce=" in r["no_reduce"]
+    assert r["params_list"].startswith("ValueError") and "module" in r["params_list"]
+    assert r["ip_variance"].startswith("NotImplementedError")
+    assert all("FSDP2" in msg for msg in r.values())
+
+
+def test_fsdp2_norm_test_decides_coordinate_test_refuses(fsdp2):
+    """The norm test reads scalars (the same on every rank); the coordinate test's
+    reductions over v_j are not shard-aware yet: on the sharded DTensors they raise rather
+    than reduce one rank's shard."""
+    for got in fsdp2["steps"]:
+        want = got["variance_trace"] / (0.25 * got["grad_sq_norm"])
+        assert got["norm_ratio"] == pytest.approx(want, rel=1e-12)
+        for msg in got["coord_ratio"].values():
+            assert isinstance(msg, str) and msg.startswith("RuntimeError")
