@@ -82,11 +82,9 @@ class Setup:
 
 SETUPS: dict[str, Setup] = {
     "digits-cnn": Setup("digits-cnn", "scikit-learn digits, CNN", "digits", "cnn",
-                        samples=28_740, max_batch=512, eval_samples=160,
-                        lrs={"adagrad": 0.05}),
+                        samples=28_740, max_batch=512, eval_samples=160),
     "mnist1d-cnn1d": Setup("mnist1d-cnn1d", "MNIST-1D, 1D CNN", "mnist1d", "cnn1d",
-                           samples=80_000, max_batch=1024, eval_samples=500,
-                           lrs={"adagrad": 0.05}),
+                           samples=80_000, max_batch=1024, eval_samples=500),
     # the AdAdaGrad authors' settings (configs/mnist_*_adagrad_norm.toml): AdaGrad, lr 8e-3,
     # eta 0.1; the budget is 2 epochs (theirs is 100), sized for 2 CPU cores
     "mnist-cnn": Setup("mnist-cnn", "MNIST, the AdAdaGrad authors' CNN", "mnist", "cnn",
@@ -433,6 +431,7 @@ def plot_setup(setup: Setup, summary: dict[str, Any], runs: Sequence[dict[str, A
 
     img.mkdir(parents=True, exist_ok=True)
     chosen = _chosen_runs(summary, runs)
+    color = _colors(summary)
     target = summary["targets"][MAIN_TARGET]
     paths = []
     for name, xkey, ykey, logx in (("time", "train_time", "accuracy", False),
@@ -441,7 +440,8 @@ def plot_setup(setup: Setup, summary: dict[str, Any], runs: Sequence[dict[str, A
         ax = fig.add_subplot()
         for row, run in chosen:
             ax.plot([e[xkey] for e in run["evals"]], [e[ykey] for e in run["evals"]],
-                    "--" if row["kind"] == "fixed" else "-", label=row["policy"], lw=1.2)
+                    "--" if row["kind"] == "fixed" else "-", label=row["policy"], lw=1.2,
+                    color=color[row["policy"]])
         ax.axhline(target, color="k", lw=0.6)
         ax.set_ylim(max(0.0, target - 0.25), 1.0)
         ax.set(xlabel="training wall time (s)" if name == "time" else "steps",
@@ -454,13 +454,22 @@ def plot_setup(setup: Setup, summary: dict[str, Any], runs: Sequence[dict[str, A
     ax = fig.add_subplot()
     for row, run in chosen:
         if row["kind"] != "fixed" and run["batch_curve"]:
-            ax.plot(*zip(*run["batch_curve"]), label=row["policy"], lw=1.2)
+            ax.plot(*zip(*run["batch_curve"]), label=row["policy"], lw=1.2,
+                    color=color[row["policy"]])
     ax.set(xlabel="samples", ylabel="batch size", yscale="log",
            title=f"{setup.name}: batch size vs samples")
     ax.legend(fontsize=7)
     paths.append(_save(fig, FigureCanvasAgg, img / f"{setup.name}-batch-vs-samples.png"))
     paths.append(_frontier(setup, summary, img, Figure, FigureCanvasAgg))
     return paths
+
+
+def _colors(summary: dict[str, Any]) -> dict[str, Any]:
+    """One colour per policy, the same in every figure."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return {r["policy"]: cmap(i % 20) for i, r in enumerate(summary["rows"])}
 
 
 def _frontier(setup: Setup, summary: dict[str, Any], img: Path, Figure: Any,
@@ -474,7 +483,7 @@ def _frontier(setup: Setup, summary: dict[str, Any], img: Path, Figure: Any,
         ax.plot(*zip(*fixed), "k--", lw=0.8, label="fixed batches")
     for r, m in pts:
         ax.scatter(m["samples"], m["steps"], marker="o" if r["kind"] == "fixed" else "*",
-                   s=25 if r["kind"] == "fixed" else 70)
+                   s=25 if r["kind"] == "fixed" else 70, color=_colors(summary)[r["policy"]])
         ax.annotate(r["policy"], (m["samples"], m["steps"]), fontsize=6)
     ax.set(xscale="log", yscale="log", xlabel="samples to the 95% target",
            ylabel="steps to the 95% target", title=f"{setup.name}: steps vs samples at 95%")
