@@ -45,18 +45,18 @@ def fsdp2(tmp_path_factory) -> dict:
 
 
 def one_process() -> list[dict]:
-    """The same two steps in one process: micro-batches 3, 5 (rank 0's) and 2, 6 (rank 1's)
-    of the global batch of 16, the loss scaled by n_k/16."""
+    """The same steps in one process: rank 0's micro-batches, then rank 1's, of the global
+    batch of 16, the loss scaled by n_k/16."""
     model = make_model()
     est = MicroBatchStats(model, needs=NEEDS, track="hooks")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     xs, ys = data()
     steps = []
-    for step in range(2):
+    for step, sizes in enumerate(SIZES):
         opt.zero_grad()
         with est.step() as scope:
             start = 0
-            for n in SIZES[0] + SIZES[1]:
+            for n in sizes[0] + sizes[1]:
                 with scope.micro_batch(n):
                     sl = slice(start, start + n)
                     loss = nn.functional.mse_loss(model(xs[step, sl]), ys[step, sl]) * n / 16
@@ -77,10 +77,13 @@ def _close(a, b) -> None:
     assert float((ta - tb).abs().max()) <= RTOL * float(tb.abs().max())
 
 
-def test_fsdp2_statistics_equal_one_process(fsdp2):
+@pytest.mark.parametrize("run", ["steps", "ddp_steps"])
+def test_fsdp2_and_ddp_statistics_equal_one_process(fsdp2, run):
+    """Every (rank, micro-batch) pair is one micro-batch: also the last step, with one
+    micro-batch per rank, has M = 2."""
     ref = one_process()
-    assert len(fsdp2["steps"]) == len(ref) == 2
-    for got, want in zip(fsdp2["steps"], ref):
+    assert len(fsdp2[run]) == len(ref) == len(SIZES)
+    for got, want in zip(fsdp2[run], ref):
         assert got["batch_size"] == want["batch_size"] == 16
         for name in ("grad_sq_norm", "variance_trace"):
             assert got[name] == pytest.approx(want[name], rel=RTOL)
@@ -98,7 +101,8 @@ def test_fsdp2_communication_per_measured_step(fsdp2):
         # FSDP2's reduce-scatter: once per micro-batch with sync (step 0), once without
         per_call = counted["fsdp_reduce_scatter"] / (2 if step == 0 else 1)
         assert numel * 8 <= per_call  # FSDP2 pads the uneven shards
-    assert fsdp2["bytes"][0]["fsdp_reduce_scatter"] == 2 * fsdp2["bytes"][1]["fsdp_reduce_scatter"]
+    once = fsdp2["bytes"][1]["fsdp_reduce_scatter"]
+    assert [b["fsdp_reduce_scatter"] for b in fsdp2["bytes"]] == [2 * once, once, once]
 
 
 def test_fsdp2_refuses_what_would_be_wrong(fsdp2):
