@@ -6,7 +6,8 @@ with gradient sync after each micro-batch, step 2 accumulating without sync). Th
 micro-batches in one process without FSDP give the same G, V, v_j and ḡ (every (rank,
 micro-batch) pair is one micro-batch), also after an optimizer step. The statistics' own
 communication per measured step is 48 bytes all-reduced plus one reduce-scatter of the
-parameters' size: no more than one of FSDP2's gradient reduce-scatters.
+parameters' size: no more than one of FSDP2's gradient reduce-scatters. The norm test and
+the coordinate test (max, mean) decide as in one process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from adabatch.batching import MicroBatchStats
+from adabatch.batching.batch_tests import CoordinateNormTest, NormTest
 from tests.distributed._fsdp2_stats_worker import NEEDS, SIZES, data, make_model
 
 pytestmark = pytest.mark.slow
@@ -66,7 +68,10 @@ def one_process() -> list[dict]:
         steps.append({"batch_size": stats.batch_size, "grad_sq_norm": stats.grad_sq_norm,
                       "variance_trace": stats.variance_trace,
                       "coord_variance": [v.tolist() for v in stats.coord_variance],
-                      "mean_grad": [g.tolist() for g in stats.mean_grad]})
+                      "mean_grad": [g.tolist() for g in stats.mean_grad],
+                      "norm_ratio": NormTest(0.5).ratio(stats),
+                      "coord_ratio": {how: CoordinateNormTest(0.5, how).ratio(stats)
+                                      for how in ("max", "mean")}})
         opt.step()
     return steps
 
@@ -115,12 +120,15 @@ def test_fsdp2_refuses_what_would_be_wrong(fsdp2):
     assert all("FSDP2" in msg for msg in r.values())
 
 
-def test_fsdp2_norm_test_decides_coordinate_test_refuses(fsdp2):
-    """The norm test reads scalars (the same on every rank); the coordinate test's
-    reductions over v_j are not shard-aware yet: on the sharded DTensors they raise rather
-    than reduce one rank's shard."""
-    for got in fsdp2["steps"]:
-        want = got["variance_trace"] / (0.25 * got["grad_sq_norm"])
-        assert got["norm_ratio"] == pytest.approx(want, rel=1e-12)
-        for msg in got["coord_ratio"].values():
-            assert isinstance(msg, str) and msg.startswith("RuntimeError")
+def test_fsdp2_norm_and_coordinate_tests_equal_one_process(fsdp2):
+    """The norm test reads scalars (the same on every rank); the coordinate test reduces
+    each rank's shard of v_j/(η²ḡ_j²) over the ranks (max, mean) without gathering them,
+    and refuses the quantile (it would gather every v_j)."""
+    for got, want in zip(fsdp2["steps"], one_process(), strict=True):
+        assert got["norm_ratio"] == pytest.approx(want["norm_ratio"], rel=RTOL)
+        for how in ("max", "mean"):
+            assert want["coord_ratio"][how] > 0
+            assert got["coord_ratio"][how] == pytest.approx(want["coord_ratio"][how],
+                                                            rel=RTOL)
+        quantile = got["coord_ratio"]["('quantile', 0.9)"]
+        assert quantile.startswith("ValueError") and "FSDP2" in quantile

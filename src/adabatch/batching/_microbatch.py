@@ -63,12 +63,19 @@ equal N_r — the DDP case, every (rank, micro-batch) pair one micro-batch:
     v_j = (C_j − N·ḡ_j²)/(M − 1)            on this rank's shard only.
 
 ``coord_variance`` and ``mean_grad`` come back as DTensors with the parameters' shapes and
-placements (each rank holding its shard). Communication per measured step: 48 bytes
-(6 float64) all-reduced, plus, with ``coord_variance``, one reduce-scatter of the parameters'
-size in their dtype — as much as one of FSDP2's own gradient reduce-scatters (FSDP2 does one
-per micro-batch with gradient sync, one per step without). Memory with ``coord_variance``:
-two unsharded model-sized buffers per rank (the micro-batch's Δ² and C). ``ip_variance`` and
-``orth_variance`` under FSDP2 raise NotImplementedError (ip_k needs ḡ across a layer).
+placements (each rank holding its shard); :class:`~adabatch.batching.CoordinateNormTest`
+reduces its ratios v_j/(η²ḡ_j²) over the ranks without gathering them (``"max"``: an
+all-reduce MAX of each rank's maximum; ``"mean"``: an all-reduce of [count, sum]) and refuses
+``"quantile"`` (a ValueError: it would gather every v_j).
+
+Communication per measured step: 48 bytes (6 float64) all-reduced, plus, with
+``coord_variance``, one reduce-scatter of the parameters' size in their dtype — as much as
+one of FSDP2's own gradient reduce-scatters (FSDP2 does one per micro-batch with gradient
+sync, one per step without); the coordinate test adds two 1- and 3-element all-reduces.
+Memory with ``coord_variance``: two unsharded model-sized buffers per rank (the micro-batch's
+Δ² and C). ``ip_variance`` and ``orth_variance`` under FSDP2 raise NotImplementedError (ip_k
+needs ḡ across a layer). tests/distributed/test_fsdp2_stats.py checks all of this with 2
+processes against 1 process and DDP, and counts the bytes.
 """
 
 from __future__ import annotations

@@ -60,13 +60,14 @@ The ratios are computed in float64 whatever the dtype of the statistics.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from adabatch._validation import check_positive
-from adabatch.batching.stats import GradientStats
+from adabatch.batching.stats import GradientStats, reduce_over_shards, shard_groups
 
 __all__ = [
     "AugmentedInnerProductTest",
@@ -233,6 +234,9 @@ def _coord_ratios(stats: GradientStats, eta: float) -> list[Tensor] | None:
 
 
 def _coord_ratio(stats: GradientStats, eta: float, reduce: str, q: float | None) -> float | None:
+    groups = shard_groups(stats.coord_variance)
+    if groups is not None:
+        return _coord_ratio_sharded(stats, eta, reduce, groups)
     ratios = _coord_ratios(stats, eta)
     if ratios is None:
         return None
@@ -248,6 +252,21 @@ def _coord_ratio(stats: GradientStats, eta: float, reduce: str, q: float | None)
     k = ceil_batch(q * n)
     assert isinstance(k, int)  # invariant: q * n is finite and > 0
     return float(torch.kthvalue(flat, min(k, n)).values)
+
+
+def _coord_ratio_sharded(stats: GradientStats, eta: float, reduce: str,
+                         groups: list[Any]) -> float | None:
+    """The ratio of FSDP2-sharded statistics (DTensors): each rank's shard, reduced over the
+    ranks without gathering v_j (:func:`~adabatch.batching.stats.reduce_over_shards`)."""
+    if reduce == "quantile":
+        raise ValueError("coordinate_norm_test: reduce='quantile' is not available on "
+                         "statistics sharded by FSDP2 (it would gather every v_j); use "
+                         "reduce='max' or 'mean'")
+    mean_grad = stats.mean_grad
+    local = replace(stats, coord_variance=[v.to_local() for v in stats.coord_variance or []],
+                    mean_grad=None if mean_grad is None else [g.to_local() for g in mean_grad])
+    device = local.coord_variance[0].device if local.coord_variance else "cpu"
+    return reduce_over_shards(_coord_ratios(local, eta), groups, reduce, device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -253,3 +254,45 @@ def read_f64(parts: list[Tensor]) -> list[float]:
     if parts[0].device.type == "cpu":
         return [t.item() for t in parts]
     return stack_f64(parts).tolist()
+
+
+def shard_groups(tensors: list[Tensor] | None) -> list[Any] | None:
+    """None for plain tensors; for DTensors sharded by FSDP2 (the statistics of
+    :class:`~adabatch.batching.MicroBatchStats` under ``fully_shard``), the process groups
+    of the mesh dimensions they are sharded over (a sum over these groups counts every
+    coordinate once)."""
+    if not tensors:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without distributed
+        return None
+    first = tensors[0]
+    if not isinstance(first, DTensor):
+        return None
+    mesh = first.device_mesh
+    return [mesh.get_group(d) for d, p in enumerate(first.placements) if isinstance(p, Shard)]
+
+
+def reduce_over_shards(local: list[Tensor] | None, groups: list[Any], how: str,
+                       device: torch.device | str = "cpu") -> float | None:
+    """The max (``how="max"``) or the mean (``"mean"``) of the values of all ranks, each rank
+    holding ``local`` (None: a non-finite statistic on this rank), without gathering them:
+    one SUM all-reduce of [non-finite ranks, count, sum] and one MAX all-reduce of the local
+    maximum per group (on ``device``: the one the groups' backend needs). The same float (or
+    None: some rank non-finite, or no value at all) on every rank; every rank must call it."""
+    import torch.distributed as dist
+
+    f64 = {"dtype": torch.float64, "device": device}
+    flat = torch.cat([t.reshape(-1) for t in local]).to(**f64) if local else torch.zeros(0, **f64)
+    zero = flat.new_zeros(())
+    sums = torch.stack([zero + float(local is None), zero + flat.numel(),
+                        flat.sum() if flat.numel() else zero])
+    top = (flat.max() if flat.numel() else zero - math.inf).reshape(1)
+    for group in groups:
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    bad, count, total = sums.tolist()
+    if bad > 0 or count == 0:
+        return None
+    return float(top) if how == "max" else total / count
