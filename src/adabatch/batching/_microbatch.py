@@ -81,6 +81,7 @@ processes against 1 process and DDP, and counts the bytes.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -476,11 +477,8 @@ class MicroBatchStats:
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor before its import
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def _fsdp2_unsharded(model: nn.Module | Iterable[Tensor], params: list[Tensor],

@@ -21,6 +21,7 @@ Fields that were not requested (see :data:`STAT_NAMES` and the tests' ``needs``)
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,15 +262,12 @@ def shard_groups(tensors: list[Tensor] | None) -> list[Any] | None:
     :class:`~adabatch.batching.MicroBatchStats` under ``fully_shard``), the process groups
     of the mesh dimensions they are sharded over (a sum over these groups counts every
     coordinate once)."""
-    if not tensors:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor before its import
+    if not tensors or dtensor is None or not isinstance(tensors[0], dtensor.DTensor):
         return None
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # torch without distributed
-        return None
+    from torch.distributed.tensor import Shard
+
     first = tensors[0]
-    if not isinstance(first, DTensor):
-        return None
     mesh = first.device_mesh
     return [mesh.get_group(d) for d, p in enumerate(first.placements) if isinstance(p, Shard)]
 
