@@ -72,6 +72,21 @@ def test_refuses_what_would_silently_do_nothing():
     assert torch.is_tensor(net[0].weight)
 
 
+def torchrun(script: Path, out: Path, *args: str) -> list[dict]:
+    """``script OUT ARGS`` in 2 processes under torchrun (the Lightning and Hugging Face
+    tests' launcher); every rank's result."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(script), str(out), *args]
+    return _ranks(cmd, env, out)
+
+
+def _ranks(cmd: list[str], env: dict[str, str], out: Path) -> list[dict]:
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+
+
 def accelerate_launch(script: Path, out: Path, *args: str) -> list[dict]:
     """``accelerate launch`` with 2 processes on CPU. ``--cpu`` would need mpirun for more
     than one process; ``--multi_gpu`` launches through torchrun, and on a machine without a
@@ -80,9 +95,7 @@ def accelerate_launch(script: Path, out: Path, *args: str) -> list[dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", str(script), str(out), *args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    return _ranks(cmd, env, out)
 
 
 @pytest.mark.slow
