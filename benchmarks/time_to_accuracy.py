@@ -11,8 +11,8 @@ Run (one setup at a time; every finished run is cached, so an interrupted run re
 It writes ``OUT/report.md`` (the tables and the goals of issue #18, point 3) and
 ``OUT/img/<setup>-*.png`` (accuracy against training wall time and against steps, batch size
 against samples, the steps-versus-samples frontier at the 95% target); the cache is
-``OUT/cache/<device>/<setup>-<samples>/<policy>/lr<lr>-seed<seed>.json``, one file per
-finished run.
+``OUT/cache/<device>/<setup>-s<samples>-e<eval_samples>/<policy>/lr<lr>-seed<seed>.json``,
+one file per finished run.
 
 Rules (stated on the report):
 
@@ -91,7 +91,7 @@ SETUPS: dict[str, Setup] = {
                        samples=120_000, max_batch=4096, eval_samples=4000,
                        lrs={"adagrad": 8e-3}, flags={"eta": 0.1}, needs_mnist=True),
     "mnist-logistic": Setup("mnist-logistic", "MNIST, logistic regression", "mnist",
-                            "logistic", samples=120_000, max_batch=4096, eval_samples=4000,
+                            "logistic", samples=120_000, max_batch=4096, eval_samples=1000,
                             lrs={"adagrad": 8e-3}, flags={"eta": 0.1}, needs_mnist=True),
 }
 
@@ -232,7 +232,8 @@ def train_one(setup: Setup, policy: Policy, lr: float, seed: int, *, device: str
 
 def cache_path(cache: Path, setup: Setup, policy: str, lr: float, seed: int,
                device: str) -> Path:
-    return cache / device / f"{setup.name}-{setup.samples}" / policy / f"lr{lr:g}-seed{seed}.json"
+    run = f"{setup.name}-s{setup.samples}-e{setup.eval_samples}"
+    return cache / device / run / policy / f"lr{lr:g}-seed{seed}.json"
 
 
 def run_all(setup: Setup, pols: Sequence[Policy], seeds: Sequence[int], cache: Path, *,
@@ -364,7 +365,7 @@ def setup_markdown(setup: Setup, summary: dict[str, Any], seeds: int) -> str:
     head += ["steps / fixed-16 at 95%", "best acc.", "eval time (s)"]
     lines = [f"### {setup.title} (`{setup.name}`)", "",
              f"Budget {setup.samples} samples per run, maximum batch {setup.max_batch}, "
-             f"evaluation every {setup.eval_samples} samples; {seeds} seeds. Best accuracy of "
+             f"evaluation every {setup.eval_samples} samples; {seeds} seed(s). Best accuracy of "
              f"any run: {summary['best']:.4f}; targets " + ", ".join(
                  f"{round(f * 100)}% = {t:.4f}" for f, t in summary["targets"].items())
              + ". Medians over seeds at the chosen learning rate; — : the median run never "

@@ -58,6 +58,9 @@ def test_quick_report_matches_the_run_files_and_resumes(tta, tmp_path):
     assert first["trained"] == 6  # 2 policies x 3 learning rates x 1 seed
     files = sorted((tmp_path / "cache").rglob("*.json"))
     assert len(files) == 6
+    # the key holds everything that changes a run's record: budget and evaluation grid too
+    assert {f.parent.parent.relative_to(tmp_path / "cache") for f in files} == {
+        Path("cpu") / f"digits-cnn-s480-e{setup.eval_samples}"}
     runs = [json.loads(f.read_text()) for f in files]
     best = max(e["accuracy"] for r in runs for e in r["evals"])
     summary = first["summaries"]["digits-cnn"]
