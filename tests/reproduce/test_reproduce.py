@@ -227,3 +227,34 @@ def test_section_round_trip_and_report(tmp_path):
     assert "| toy | 1.5 |" in text and "| total | 1.5 |" in text
     assert "Sections not in this run: rates" in text
     assert text.rstrip().endswith("body | with table")
+
+
+def test_hand_written_reading_survives_regeneration(tmp_path):
+    """Issue #18 point 4: the hand-written reading lives in out/reading/*.md, which every
+    regenerated results.md ends with, in file-name order."""
+    from adabatch.reproduce.common import Section
+    from adabatch.reproduce.report import READING_DIR, write_report
+
+    section = Section("toy", "A title", "numbers\n", [], 1.0, {})
+    info = {"platform": "P", "processor": "x", "python": "3", "cpu_count": 2, "torch": "T",
+            "torch_threads": 1, "date_utc": "D"}
+    (tmp_path / READING_DIR).mkdir()
+    (tmp_path / READING_DIR / "20-later.md").write_text("## Later\n\nsecond\n")
+    (tmp_path / READING_DIR / "10-reading.md").write_text("## Reading\n\nfirst\n")
+    for _ in range(2):  # regenerated: still there, once
+        text = write_report(tmp_path, [section], scale="full", command="cmd",
+                            info=info).read_text()
+        assert text.count("## Reading") == 1
+        assert text.index("numbers") < text.index("## Reading") < text.index("## Later")
+        assert text.rstrip().endswith("second")
+
+
+def test_the_docs_page_ends_with_its_reading_sources():
+    """docs/results.md is what the report writer makes of its sections plus docs/reading."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    page = (docs / "results.md").read_text()
+    tail = "\n\n".join(p.read_text().rstrip() for p in sorted(
+        (docs / "reading").glob("*.md")))
+    assert tail and page.rstrip().endswith(tail)

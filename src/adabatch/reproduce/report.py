@@ -54,6 +54,10 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+#: The folder below ``out`` whose ``*.md`` files end every regenerated results.md.
+READING_DIR = "reading"
+
+
 def write_report(out: Path, sections: Sequence[Section], *, scale: str, command: str,
                  info: dict[str, Any] | None = None, skipped: Sequence[str] = (),
                  note: str | None = None) -> Path:
@@ -61,6 +65,9 @@ def write_report(out: Path, sections: Sequence[Section], *, scale: str, command:
 
     ``skipped`` names the sections that this run left out (said in the header); ``note`` is
     an optional paragraph under the machine table (for example, other load on the machine).
+    Hand-written text (a reading of the numbers, sections of other benchmarks) lives in
+    ``out/reading/*.md`` and is appended in file-name order, so regenerating the page never
+    loses it.
     """
     info = machine_info() if info is None else info
     total = sum(s.wall_time_s for s in sections)
@@ -88,6 +95,8 @@ def write_report(out: Path, sections: Sequence[Section], *, scale: str, command:
     ]
     for s in sections:
         lines += [f"## {s.title}", "", s.markdown.rstrip(), ""]
+    for extra in sorted((out / READING_DIR).glob("*.md")):
+        lines += [extra.read_text().rstrip(), ""]
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
