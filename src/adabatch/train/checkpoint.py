@@ -94,41 +94,30 @@ def _fsync_dir(path: Path) -> None:
 
 def write_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # serialised in memory first: torch's zip writer turns a failed write into a RuntimeError
     # ("unexpected pos ..."), while a plain write keeps the OSError that names the cause
     # (ENOSPC: disk full, EFBIG: file size limit, EDQUOT, ...)
     buf = io.BytesIO()
     torch.save(obj, buf)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _umask_mode(fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _write_bytes_atomic(buf.getbuffer(), Path(path))
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`write_atomic` does: a crash or a
     full disk during the write leaves the previous file (or none), never a truncated one."""
-    path = Path(path)
+    return _write_bytes_atomic(text.encode("utf-8"), Path(path))
+
+
+def _write_bytes_atomic(data: bytes | memoryview, path: Path) -> Path:
+    """``data`` into a temporary file beside ``path`` (the mode of a plain open), flushed and
+    fsynced, renamed over ``path``, then the directory fsynced; the temporary file is removed
+    when anything fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         _umask_mode(fd)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
