@@ -92,6 +92,24 @@ def assert_same_decisions(history: list[dict], expected: list[dict], rel: float 
             assert abs(got["statistic"] - want["statistic"]) <= rel * abs(want["statistic"])
 
 
+def assert_two_ranks_match_one(ranks: list[dict], want: dict, estimator: str,
+                                steps: int = 8) -> None:
+    """(d) of every framework: each of 2 ranks trained on its half of the same global batches
+    (no sample twice), the decisions and weights are those of 1 process (``want``), and DDP
+    all-reduced once per step (the last micro-batch; the tiny model is one bucket), never on a
+    step MicroBatchStats measured (it averages by hand)."""
+    for r0, r1, batch in zip(ranks[0]["batches"], ranks[1]["batches"], want["batches"]):
+        assert len(r0) == len(r1) == len(batch) // 2
+        assert sorted(r0 + r1) == sorted(batch)
+    assert_same_decisions(ranks[0]["history"], want["history"], rel=1e-6)
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert max(abs(a - b) for a, b in zip(ranks[0]["params"], want["params"])) < 1e-5
+    measured = sum(1 for h in want["history"] if h["statistic"] is not None)
+    expected = steps if estimator == "per-sample" else steps - measured
+    assert ranks[0]["allreduces"] == ranks[1]["allreduces"] == expected
+
+
 def assert_epoch_covered(batches: list[list[int]]) -> None:
     """The first len(dataset) samples of the stream are a permutation (each sample once)."""
     stream = [i for b in batches for i in b]

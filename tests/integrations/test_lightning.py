@@ -115,19 +115,7 @@ def test_ddp_two_processes_take_the_decisions_of_one(tmp_path, estimator):
     """(d) Trainer(strategy="ddp", devices=2) on CPU (gloo): each rank trains on its half of
     the same global batches, and the decisions and weights are those of 1 process."""
     ranks = torchrun_lightning(tmp_path, estimator)
-    want = c.reference(8, estimator)
-    for r0, r1, batch in zip(ranks[0]["batches"], ranks[1]["batches"], want["batches"]):
-        assert len(r0) == len(r1) == len(batch) // 2
-        assert sorted(r0 + r1) == sorted(batch)
-    c.assert_same_decisions(ranks[0]["history"], want["history"], rel=1e-6)
-    assert ranks[0]["history"] == ranks[1]["history"]
-    assert ranks[0]["params"] == ranks[1]["params"]
-    assert max(abs(a - b) for a, b in zip(ranks[0]["params"], want["params"])) < 1e-5
-    # DDP all-reduced once per step (the last micro-batch; the tiny model is one bucket),
-    # never on a step MicroBatchStats measured (it averages by hand): every step here
-    measured = sum(1 for h in want["history"] if h["statistic"] is not None)
-    expected = 8 if estimator == "per-sample" else 8 - measured
-    assert ranks[0]["allreduces"] == ranks[1]["allreduces"] == expected
+    c.assert_two_ranks_match_one(ranks, c.reference(8, estimator), estimator)
 
 
 def torchrun_lightning(tmp_path: Path, estimator: str) -> list[dict]:

@@ -86,15 +86,4 @@ def test_two_processes_take_the_decisions_of_one(tmp_path):
     those of 1 process."""
     ranks = torchrun(ROOT / "tests/integrations/_hf_loop.py", tmp_path / "r", "8",
                      "micro-batch")
-    want = reference(8, "micro-batch")
-    for r0, r1, batch in zip(ranks[0]["batches"], ranks[1]["batches"], want["batches"]):
-        assert len(r0) == len(r1) == len(batch) // 2
-        assert sorted(r0 + r1) == sorted(batch)
-    c.assert_same_decisions(ranks[0]["history"], want["history"], rel=1e-6)
-    assert ranks[0]["history"] == ranks[1]["history"]
-    assert ranks[0]["params"] == ranks[1]["params"]
-    assert max(abs(a - b) for a, b in zip(ranks[0]["params"], want["params"])) < 1e-5
-    # MicroBatchStats' measured steps average by hand; DDP all-reduces only on the others
-    # (the last micro-batch of each; the tiny model is one bucket)
-    measured = sum(1 for h in want["history"] if h["statistic"] is not None)
-    assert ranks[0]["allreduces"] == ranks[1]["allreduces"] == 8 - measured
+    c.assert_two_ranks_match_one(ranks, reference(8, "micro-batch"), "micro-batch")
