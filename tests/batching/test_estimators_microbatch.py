@@ -184,7 +184,8 @@ def test_one_micro_batch_is_fine_without_variances():
 
 
 def _two_ranks(parts_per_rank, needs=STAT_NAMES):
-    """stats() of 2 simulated ranks (threads) with a summing reduce; grads averaged first."""
+    """stats() of 2 simulated ranks (threads) with a summing reduce; grads averaged first.
+    Returns each rank's statistics (or its ValueError) and each rank's number of reduces."""
     models = [model_and_data(12, seed=3)[0] for _ in range(2)]
     barrier = threading.Barrier(2)
     slots: dict[tuple[int, int], torch.Tensor] = {}
@@ -224,7 +225,7 @@ def _two_ranks(parts_per_rank, needs=STAT_NAMES):
         t.start()
     for t in threads:
         t.join()
-    return out
+    return out, calls
 
 
 def test_one_local_micro_batch_per_rank_is_two_in_all():
@@ -233,7 +234,7 @@ def test_one_local_micro_batch_per_rank_is_two_in_all():
     model, x, y = model_and_data(12, seed=3)
     parts = [(x[:6], y[:6]), (x[6:], y[6:])]
     ref = micro_reference(model, parts)
-    out = _two_ranks([[parts[0]], [parts[1]]])
+    out, _ = _two_ranks([[parts[0]], [parts[1]]])
     for s in out:
         assert not isinstance(s, Exception), s
         assert s.batch_size == 12
@@ -287,39 +288,8 @@ def test_reduce_two_simulated_ranks_equal_one_process():
     model, x, y = model_and_data(12, seed=3)
     parts = [(x[3 * i:3 * i + 3], y[3 * i:3 * i + 3]) for i in range(4)]
     ref = micro_reference(model, parts)
-    models = [model_and_data(12, seed=3)[0] for _ in range(2)]
-    barrier = threading.Barrier(2)
-    slots: dict[tuple[int, int], torch.Tensor] = {}
-    calls = [0, 0]
-
-    def make_reduce(rank):
-        def reduce(flat_):
-            key = calls[rank]
-            calls[rank] += 1
-            slots[(rank, key)] = flat_.clone()
-            barrier.wait()
-            out = slots[(0, key)] + slots[(1, key)]
-            barrier.wait()
-            return out
-        return reduce
-
-    ests = [MicroBatchStats(m, reduce=make_reduce(r)) for r, m in enumerate(models)]
-    for r, (m, est) in enumerate(zip(models, ests)):
-        m.zero_grad()
-        for xk, yk in parts[2 * r:2 * r + 2]:  # local loss: mean over this rank's 6 samples
-            (F.cross_entropy(m(xk), yk) * 0.5).backward()
-            est.accumulate(len(xk))
-    for ps in zip(*(m.parameters() for m in models)):  # the gradient all-reduce (average)
-        mean = (ps[0].grad + ps[1].grad) / 2
-        for p in ps:
-            p.grad = mean.clone()
-    out = [None, None]
-    threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, ests[r].stats()))
-               for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # each rank: 2 local micro-batches, local loss the mean over its 6 samples
+    out, calls = _two_ranks([parts[0:2], parts[2:4]])
     assert calls == [2, 2]
     for s in out:
         assert s.batch_size == 12
