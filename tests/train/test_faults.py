@@ -10,7 +10,6 @@ gets a chance to run.
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import signal
@@ -24,10 +23,11 @@ import torch
 
 from adabatch.cli import main
 from adabatch.train.rundir import LOCK_NAME
+from tests.train._runs import metric_rows as _rows
+from tests.train._runs import subprocess_env as _env
 
 pytestmark = pytest.mark.faults
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 RUNNER = str(Path(__file__).resolve().parents[1] / "_fault_runner.py")
 # a run whose batch grows, with an evaluation every 4 steps and a checkpoint every step
 FLAGS = ["--steps", "10", "--eta", "0.6", "--initial-batch", "8", "--max-batch", "64",
@@ -35,17 +35,6 @@ FLAGS = ["--steps", "10", "--eta", "0.6", "--initial-batch", "8", "--max-batch",
          "--keep-checkpoints", "2", "--threads", "1", "--quiet", "--no-plots"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _rows(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("time")
-    return rows
 
 
 @pytest.fixture(scope="module")

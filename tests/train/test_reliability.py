@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import resource
 import signal
@@ -26,23 +25,13 @@ from torch import nn
 from adabatch.cli import main
 from adabatch.train.checkpoint import list_checkpoints
 from adabatch.train.rundir import LOCK_NAME
+from tests.train._runs import metric_rows as _rows
+from tests.train._runs import subprocess_env as _env
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 TESTS = Path(__file__).resolve().parents[1]
 TINY = ["--threads", "1", "--quiet", "--no-plots"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _rows(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("time")
-    return rows
 
 
 def _same_final(a: Path, b: Path) -> None:

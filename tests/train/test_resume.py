@@ -15,6 +15,7 @@ import torch
 
 from adabatch.cli import main
 from adabatch.train.checkpoint import latest_checkpoint, list_checkpoints, write_atomic
+from tests.train._runs import metric_rows as _rows
 
 # a run whose batch grows across the interruption (controller state matters) with micro-batch
 # accumulation (sampler position in micro-batches) and a cosine schedule in samples
@@ -23,12 +24,6 @@ FLAGS = ["--eta", "0.6", "--initial-batch", "8", "--max-batch", "64", "--micro-b
          "--checkpoint-every", "2", "--keep-checkpoints", "2", "--threads", "1", "--quiet",
          "--no-plots"]
 
-
-def _rows(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("time")
-    return rows
 
 
 def _assert_same_run(run: Path, ref: Path) -> None:
