@@ -79,6 +79,7 @@ data, activations, gradients, estimator buffers and temporaries). Ratios are to 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import math
 import os
@@ -104,8 +105,8 @@ NEEDS = {
     "coord": {"coord_variance", "mean_grad"},
 }
 HAVE_BACKPACK = importlib.util.find_spec("backpack") is not None
-KINDS = ["plain", "floor", "norm", "ip", "ip-floor", "aip", "coord", "plain×4", "micro",
-         "micro-hooks",
+KINDS = ["plain", "floor", "norm", "norm-floor", "ip", "ip-floor", "aip", "coord",
+         "coord-floor", "plain×4", "micro", "micro-hooks",
          "micro-floor", "vmap", *(["backpack"] if HAVE_BACKPACK else [])]
 MICRO = 4
 #: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from copies of
@@ -250,7 +251,8 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
     if kind in ("plain×4", "micro", "micro-hooks", "micro-floor"):
         return micro_step(model, x, y, opt, kind, mb_cls)
     builders = {"ip-floor": ip_floor_step, "floor": floor_step, "vmap": vmap_step,
-                "backpack": backpack_step}
+                "backpack": backpack_step, "norm-floor": norm_floor_step,
+                "coord-floor": coord_floor_step}
     return builders.get(kind, plain_step)(model, x, y, opt)
 
 
@@ -299,6 +301,127 @@ def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         opt.step()
         return G, W
     return step
+
+
+def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      opt: torch.optim.Optimizer, coord: bool
+                      ) -> Callable[[], tuple[float, float, list[torch.Tensor]]]:
+    """The ``norm-floor`` / ``coord-floor`` rows: ``floor`` plus the least arithmetic of exact
+    per-sample norms Σ_i ‖g_i‖² (``coord``: per-coordinate sums Σ_i g_i²), with no
+    bookkeeping. Per Linear call (input a [b, in], output gradient δ): ‖a_i‖²‖δ_i‖² (+ ‖δ_i‖²
+    for the bias), or (δ²)ᵀ(a²) and Σ_i δ_i². Per convolution: the per-sample weight gradients
+    by the library's own kernel (:meth:`ConvRule.weight_grads`, im2col + batched matmul or one
+    grouped convolution, in the estimator's chunks), whose sum *is* the weight gradient: the
+    convolutions' weights are frozen (``requires_grad=False``), so the backend never computes
+    the batch weight gradient, and p.grad is set from the sum (what ``fuse_conv_grad`` does
+    inside the estimator). Returns (G, V, [v_j] or []) like the estimator's statistics."""
+    from adabatch.batching.persample.conv import ConvRule
+    from adabatch.batching.persample.estimator import DEFAULT_BUDGET
+    from adabatch.batching.persample.records import Chunking, PerSampleTuning
+
+    tuning = PerSampleTuning()
+    rules = {m: ConvRule(m, ("weight", "bias"), tuning)
+             for m in model.modules() if isinstance(m, nn.Conv2d)}
+    for m in rules:
+        m.weight.requires_grad_(False)
+    chunks = Chunking(DEFAULT_BUDGET)
+    kept: list[list] = []
+
+    def keep(module, args, out):
+        rec = [module, args[0].detach(), None]
+        kept.append(rec)
+
+        def grad_hook(g, rec=rec):
+            rec[2] = g
+        out.register_hook(grad_hook)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.register_forward_hook(keep)
+    params = list(model.parameters())
+    n = len(x)
+
+    def conv_sums(m: nn.Module, a: torch.Tensor, d: torch.Tensor, parts: list, sq: dict):
+        rule = rules[m]
+        per = rule.module.out_channels * d[0, 0].numel() + m.weight.numel() * 2
+        wsum = None
+        for lo, hi in chunks(n, per, rule.max_chunk()):
+            gw, gb = rule.weight_grads(a[lo:hi], d[lo:hi], bias=True)
+            if gb is None:
+                gb = d[lo:hi].sum((2, 3))
+            wsum = gw.sum(0) if wsum is None else wsum.add_(gw.sum(0))
+            for p, g in ((m.weight, gw), (m.bias, gb)):
+                if coord:
+                    c = g.square().sum(0)
+                    sq[p] = c if p not in sq else sq[p].add_(c)
+                else:
+                    flat = g.reshape(-1)
+                    parts.append(torch.dot(flat, flat))
+        m.weight.grad = wsum
+
+    def linear_sums(m: nn.Module, a: torch.Tensor, d: torch.Tensor, parts: list, sq: dict):
+        if coord:
+            dsq = d.square()
+            sq[m.weight] = dsq.T @ a.square()
+            sq[m.bias] = dsq.sum(0)
+        else:
+            nd = torch.linalg.vector_norm(d, dim=1)
+            t = torch.linalg.vector_norm(a, dim=1).mul_(nd)
+            parts += [torch.dot(t, t), torch.dot(nd, nd)]
+
+    def step():
+        kept.clear()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        parts: list[torch.Tensor] = []
+        sq: dict = {}
+        with torch.no_grad():
+            for m, a, d in kept:
+                (conv_sums if m in rules else linear_sums)(m, a, d, parts, sq)
+        G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
+                         for p in params]).sum().item()
+        V, coords = 0.0, []
+        if coord:  # the mean loss scales each per-sample gradient by 1/n
+            coords = [(sq[p] * n * n - n * p.grad.square()) / (n - 1) for p in params]
+        else:
+            V = (torch.stack(parts).sum().item() * n * n - n * G) / (n - 1)
+        opt.step()
+        return G, V, coords
+    return step
+
+
+def norm_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    opt: torch.optim.Optimizer) -> Callable[[], tuple]:
+    """The ``norm-floor`` row (see :func:`_per_sample_floor`)."""
+    return _per_sample_floor(model, x, y, opt, coord=False)
+
+
+def coord_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     opt: torch.optim.Optimizer) -> Callable[[], tuple]:
+    """The ``coord-floor`` row (see :func:`_per_sample_floor`)."""
+    return _per_sample_floor(model, x, y, opt, coord=True)
+
+
+def check_stat_floors(model_name: str) -> None:
+    """The ``norm-floor`` and ``coord-floor`` rows compute the real statistics: their G, V and
+    v_j equal PerSampleStats' in float64 (b = 8 and 300: one chunk and several), and the
+    weight gradients they set equal the backend's."""
+    for b in (8, 300):
+        needs = {"grad_sq_norm", "variance_trace", "coord_variance"}
+        model, x, y, ours = reference_stats(model_name, b, needs, seed=3)
+        grads = [p.grad.clone() for p in model.parameters()]
+        for kind, step in (("norm-floor", norm_floor_step), ("coord-floor", coord_floor_step)):
+            m = copy.deepcopy(model)
+            G, V, coords = step(m, x, y, torch.optim.SGD(m.parameters(), lr=0.0))()
+            checks = [(G, ours.grad_sq_norm)] + ([] if coords else [(V, ours.variance_trace)])
+            for a, c in checks:
+                if not math.isclose(a, c, rel_tol=1e-9):
+                    raise AssertionError(f"{kind} and PerSampleStats disagree on {model_name}, "
+                                         f"b = {b}: {a} {c}")
+            for a, c in zip(coords, ours.coord_variance):
+                torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-15)
+            for p, g in zip(m.parameters(), grads):
+                torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-15)
 
 
 def backpack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -468,6 +591,9 @@ def test_overhead_smoke():
                 assert out > 0
             elif kind == "ip-floor":
                 check_ip_floor(model)
+            elif kind in ("norm-floor", "coord-floor"):
+                assert out[0] > 0 and (out[1] > 0 or out[2])
+                check_stat_floors(model)
 
 
 def main() -> None:
