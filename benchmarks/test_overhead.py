@@ -256,11 +256,9 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
     return builders.get(kind, plain_step)(model, x, y, opt)
 
 
-def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  opt: torch.optim.Optimizer) -> Callable[[], tuple[float, float]]:
-    """A training step with the least arithmetic of exact per-sample inner products (the
-    ``ip-floor`` row); returns (G, W), W = (1/(b-1)) Σ_i (⟨g_i, ḡ⟩ − G)² over the samples'
-    gradients of the mean loss scaled by b (the gradients of each sample's own loss)."""
+def _keep_calls(model: nn.Module) -> list[list]:
+    """Forward hooks on the Linear/Conv layers that record [module, input, output gradient]
+    per call (the output gradient filled in by a gradient hook); the caller clears the list."""
     kept: list[list] = []
 
     def keep(module, args, out):
@@ -274,6 +272,15 @@ def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             m.register_forward_hook(keep)
+    return kept
+
+
+def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  opt: torch.optim.Optimizer) -> Callable[[], tuple[float, float]]:
+    """A training step with the least arithmetic of exact per-sample inner products (the
+    ``ip-floor`` row); returns (G, W), W = (1/(b-1)) Σ_i (⟨g_i, ḡ⟩ − G)² over the samples'
+    gradients of the mean loss scaled by b (the gradients of each sample's own loss)."""
+    kept = _keep_calls(model)
     params = list(model.parameters())
     b = len(x)
 
@@ -325,19 +332,7 @@ def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     for m in rules:
         m.weight.requires_grad_(False)
     chunks = Chunking(DEFAULT_BUDGET)
-    kept: list[list] = []
-
-    def keep(module, args, out):
-        rec = [module, args[0].detach(), None]
-        kept.append(rec)
-
-        def grad_hook(g, rec=rec):
-            rec[2] = g
-        out.register_hook(grad_hook)
-
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            m.register_forward_hook(keep)
+    kept = _keep_calls(model)
     params = list(model.parameters())
     n = len(x)
 
