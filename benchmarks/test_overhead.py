@@ -37,6 +37,14 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   chooses; a convolution: the convolution of a with ḡ, dotted with δ), then W from the b
   inner products; no bookkeeping, no checks, no chunking. The smoke test checks that its W
   equals ``PerSampleStats``' ip_variance. ``ip`` can approach this row, not go below it.
+- ``norm-floor`` / ``coord-floor``: ``floor`` plus the least arithmetic of the exact
+  per-sample norms Σ_i ‖g_i‖² (the norm test) or the per-coordinate sums Σ_i g_i² (the
+  coordinate-wise test), with no bookkeeping (:func:`_per_sample_floor`): a Linear takes
+  ‖a_i‖²‖δ_i‖² (cheap) or (δ²)ᵀ(a²) (one more product of the weight gradient's size); a
+  convolution needs its per-sample weight gradients for either (taken by the library's own
+  kernel, whose sum then replaces the backend's weight gradient, as the estimator's fused
+  convolution does). The smoke test checks their G, V, v_j and gradients against
+  ``PerSampleStats`` in float64. ``norm`` and ``coord`` can approach these rows, not go below.
 - ``floor``: what any hook-based per-sample estimator pays before computing anything: forward
   hooks on the Linear/Conv layers keep each input and register a hook that keeps the output
   gradient, and G = ‖ḡ‖² is read from the gradients (one dot product per tensor); no
