@@ -63,6 +63,8 @@ __all__ = [
 FORMAT_VERSION = 1
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+#: a sharded checkpoint (``--parallel fsdp``) is a directory: see sharded_checkpoint.py
+_SHARDED = re.compile(r"^step_(\d{8,})$")
 
 
 class CheckpointError(ValueError):
@@ -142,9 +144,13 @@ def is_temporary(name: str) -> bool:
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete the temporary files that a killed writer left in the run directory and its
     ``checkpoints/`` (names ``.<final name>.<random>.tmp``, as :func:`write_atomic` and
-    :func:`write_text_atomic` make them); returns what was removed. Call it only while this
-    process owns the run directory (no other writer can be in the middle of a write)."""
-    removed = []
+    :func:`write_text_atomic` make them) and the directories of an interrupted sharded save
+    (:func:`adabatch.train.sharded_checkpoint.remove_stale_directories`); returns what was
+    removed. Call it only while this process owns the run directory (no other writer can be
+    in the middle of a write)."""
+    from adabatch.train.sharded_checkpoint import remove_stale_directories
+
+    removed = remove_stale_directories(run_dir)
     for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
         if not folder.is_dir():
             continue
@@ -159,13 +165,14 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoint files, oldest first (by step)."""
+    """The run's checkpoints, oldest first (by step): the files ``step_XXXXXXXX.pt`` and the
+    sharded checkpoint directories ``step_XXXXXXXX/`` (complete or not)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         return []
     found = []
     for p in ckpt_dir.iterdir():
-        m = _NAME.match(p.name)
+        m = _NAME.match(p.name) or (_SHARDED.match(p.name) if p.is_dir() else None)
         if m:
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
@@ -185,7 +192,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], *, keep: int = 3
     state = {"format_version": FORMAT_VERSION, **state}
     path = Path(run_dir) / "checkpoints" / f"step_{int(state['step']):08d}.pt"
     write_atomic(state, path)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in [p for p in list_checkpoints(run_dir) if not p.is_dir()][:-keep]:
         try:
             old.unlink()
         except FileNotFoundError:
@@ -194,8 +201,15 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], *, keep: int = 3
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file (or a run directory's newest) and check its format version."""
+    """Load a checkpoint file (or a run directory's newest) and check its format version. Of a
+    sharded checkpoint (a directory ``checkpoints/step_XXXXXXXX``) only the trainer state is
+    read (``sharded`` is True in it; every rank then reads its shards of the model and
+    optimizer with :func:`adabatch.train.sharded_checkpoint.load_sharded`)."""
     path = Path(path)
+    if _is_sharded_dir(path):
+        from adabatch.train.sharded_checkpoint import load_trainer_state
+
+        return load_trainer_state(path)
     if path.is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -221,6 +235,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"reads version {FORMAT_VERSION}"
         )
     return state
+
+
+def _is_sharded_dir(path: Path) -> bool:
+    return (_SHARDED.match(path.name) is not None and path.parent.name == "checkpoints"
+            and path.is_dir())
 
 
 def newest_intact_checkpoint(
