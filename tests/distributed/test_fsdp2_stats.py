@@ -1,17 +1,21 @@
-"""MicroBatchStats under FSDP2 (fully_shard) with 2 processes (gloo, CPU) against 1 process.
+"""Both estimators under FSDP2 (fully_shard) with 2 processes (gloo, CPU) against 1 process.
 
-tests/distributed/_fsdp2_stats_worker.py runs a float64 MLP with uneven shards under
-torchrun: two steps of 16 samples, 8 per rank in micro-batches of unequal sizes (step 1
-with gradient sync after each micro-batch, step 2 accumulating without sync). The same
-micro-batches in one process without FSDP give the same G, V, v_j and ḡ (every (rank,
-micro-batch) pair is one micro-batch), also after an optimizer step. The statistics' own
-communication per measured step is 48 bytes all-reduced plus one reduce-scatter of the
-parameters' size: no more than one of FSDP2's gradient reduce-scatters. The norm test and
-the coordinate test (max, mean) decide as in one process.
+tests/distributed/_fsdp2_stats_worker.py runs float64 models under torchrun (one run checks
+every case): three steps of 16 samples, 8 per rank in micro-batches of unequal sizes (step 1
+with gradient sync after each micro-batch, the others accumulating without sync). The same
+micro-batches in one process without FSDP, and under DDP, give the same G, V, W, O, v_j and
+ḡ (MicroBatchStats: every (rank, micro-batch) pair is one micro-batch; PerSampleStats: every
+sample), also after optimizer steps, for an MLP with uneven shards, a model whose Embedding
+and output Linear share one Parameter, and one with frozen parameters; the batch tests and
+the CriticalBatchSize/Goodput policies read them as in one process. The statistics' own
+communication per measured step is 48 bytes all-reduced, plus one reduce-scatter of the
+parameters' size for the coordinate sums and one all-gather of it for the inner products
+(docs/fsdp.md, "Communication of the statistics").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,7 +28,17 @@ from torch import nn
 
 from adabatch.batching import MicroBatchStats
 from adabatch.batching.batch_tests import CoordinateNormTest, NormTest
-from tests.distributed._fsdp2_stats_worker import NEEDS, SIZES, data, make_model
+from tests.distributed._fsdp2_stats_worker import (
+    ESTIMATORS,
+    MODELS,
+    NEEDS,
+    SIZES,
+    data,
+    make_estimator,
+    make_model,
+    run_steps,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +130,8 @@ def test_fsdp2_refuses_what_would_be_wrong(fsdp2):
     assert r["track_grad"].startswith("ValueError") and "track='hooks'" in r["track_grad"]
     assert r["no_reduce"].startswith("ValueError") and "reduce=" in r["no_reduce"]
     assert r["params_list"].startswith("ValueError") and "module" in r["params_list"]
-    assert r["ip_variance"].startswith("NotImplementedError")
+    assert (r["persample_no_reduce"].startswith("ValueError")
+            and "reduce=" in r["persample_no_reduce"])
     assert all("FSDP2" in msg for msg in r.values())
 
 
@@ -125,10 +140,75 @@ def test_fsdp2_norm_and_coordinate_tests_equal_one_process(fsdp2):
     each rank's shard of v_j/(η²ḡ_j²) over the ranks (max, mean) without gathering them,
     and refuses the quantile (it would gather every v_j)."""
     for got, want in zip(fsdp2["steps"], one_process(), strict=True):
-        assert got["norm_ratio"] == pytest.approx(want["norm_ratio"], rel=RTOL)
+        assert got["ratios"]["norm"] == pytest.approx(want["norm_ratio"], rel=RTOL)
         for how in ("max", "mean"):
             assert want["coord_ratio"][how] > 0
-            assert got["coord_ratio"][how] == pytest.approx(want["coord_ratio"][how],
-                                                            rel=RTOL)
-        quantile = got["coord_ratio"]["('quantile', 0.9)"]
+            assert got["ratios"][f"coord_{how}"] == pytest.approx(want["coord_ratio"][how],
+                                                                  rel=RTOL)
+        quantile = got["ratios"]["coord_('quantile', 0.9)"]
         assert quantile.startswith("ValueError") and "FSDP2" in quantile
+
+
+def _one_process_case(name: str, kind: str) -> tuple[list[dict], list]:
+    """The worker's steps of one case in this process, without FSDP (all 16 samples)."""
+    model = make_model(name)
+    est = make_estimator(kind, model)
+    records, _, policies = run_steps(
+        train(model, est, lambda *a: contextlib.nullcontext(), name), lambda t: t)
+    return records, policies
+
+
+SCALARS = ("grad_sq_norm", "variance_trace", "ip_variance", "orth_variance")
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("kind", ESTIMATORS)
+def test_every_statistic_equals_one_process(fsdp2, name, kind):
+    """Every statistic, batch test and policy: FSDP2 = DDP = one process, for both
+    estimators, with tied and frozen parameters. The coordinate test's quantile is refused
+    under FSDP2 only (it would gather every v_j)."""
+    ref, ref_policies = _one_process_case(name, kind)
+    case = fsdp2["cases"][f"{name}/{kind}"]
+    for run in ("fsdp2", "ddp"):
+        assert len(case[run]) == len(ref) == len(SIZES)
+        for got, want in zip(case[run], ref):
+            assert got["batch_size"] == want["batch_size"] == 16
+            for k in SCALARS:
+                assert want[k] > 0
+                assert got[k] == pytest.approx(want[k], rel=RTOL), (run, k)
+            for k in ("coord_variance", "mean_grad"):
+                for a, b in zip(got[k], want[k], strict=True):
+                    _close(a, b)
+            for k, value in want["ratios"].items():
+                if run == "fsdp2" and "quantile" in k:
+                    assert got["ratios"][k].startswith("ValueError")
+                    assert "FSDP2" in got["ratios"][k]
+                elif value is None:
+                    assert got["ratios"][k] is None
+                else:
+                    assert got["ratios"][k] == pytest.approx(value, rel=RTOL), (run, k)
+        for a, b in zip(case["policies"][run], ref_policies, strict=True):
+            assert a[0] == b[0]
+            assert a[1:] == pytest.approx(b[1:], rel=RTOL)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("kind", ESTIMATORS)
+def test_communication_of_every_need(fsdp2, name, kind):
+    """Per measured step, every need of both estimators: 48 bytes all-reduced, one
+    reduce-scatter of the trainable parameters' bytes (coordinate sums) and one all-gather
+    of them (ḡ for the inner products); against FSDP2's own reduce-scatter per micro-batch
+    (step 0 syncs each of its 2 micro-batches, later steps once). The norm needs alone:
+    48 bytes."""
+    case = fsdp2["cases"][f"{name}/{kind}"]
+    numel = case["param_numel"]
+    for step, counted in enumerate(case["bytes"]):
+        assert counted["stats_all_reduce"] == 6 * 8
+        assert counted["stats_reduce_scatter"] == numel * 8
+        assert counted["stats_all_gather"] == numel * 8
+        per_sync = counted["fsdp_reduce_scatter"] / (2 if step == 0 else 1)
+        assert numel * 8 <= per_sync
+    for kind_bytes in fsdp2["norm_only"].values():
+        for counted in kind_bytes:
+            assert counted["stats_all_reduce"] == 6 * 8
+            assert counted["stats_reduce_scatter"] == counted["stats_all_gather"] == 0

@@ -68,20 +68,37 @@ reduces its ratios v_j/(η²ḡ_j²) over the ranks without gathering them (``"m
 all-reduce MAX of each rank's maximum; ``"mean"``: an all-reduce of [count, sum]) and refuses
 ``"quantile"`` (a ValueError: it would gather every v_j).
 
+Inner products (``ip_variance``, ``orth_variance``): ip_{r,k} = ⟨ĝ_{r,k}, ḡ⟩ =
+(N_r/n_{r,k})·⟨Δ_{r,k}, ḡ⟩ is a sum over every coordinate of the model, and rank r holds
+Δ_{r,k} whole (the hooks see it unsharded) but ḡ only on its shard. The cheapest exact way
+is to bring ḡ to the Δ's, not the Δ's to ḡ: every rank keeps its own Δ_{r,k} (as without
+FSDP2: M_r copies of the measured parameters, unsharded), and at :meth:`~MicroBatchStats.stats`
+gathers ḡ one parameter tensor at a time (an all-gather of the parameter: once per tensor
+per measured step), dots it with each kept Δ_{r,k} and frees it, so
+
+    s1 = Σ_{r,k} n_{r,k} ip_{r,k},   s2 = Σ_{r,k} n_{r,k} ip_{r,k}²
+
+travel in the same all-reduce as the norms, [N, M, P, s1, s2, G]. Sending the Δ's to the
+shards instead (each Δ_{r,k}|s to rank s, a partial ⟨Δ_{r,k}|s, ḡ|s⟩ there and one scalar per
+micro-batch all-reduced) moves M_r times the parameters per rank instead of once, and keeps
+as much memory (R·M_r shards of size D/R = M_r·D); a reduce-scatter of Δ_k would sum the
+ranks' micro-batches into one unit and change the statistic.
+
 Communication per measured step: 48 bytes (6 float64) all-reduced, plus, with
 ``coord_variance``, one reduce-scatter of the parameters' size in their dtype — as much as
 one of FSDP2's own gradient reduce-scatters (FSDP2 does one per micro-batch with gradient
-sync, one per step without); the coordinate test adds two 1- and 3-element all-reduces.
-Memory with ``coord_variance``: two unsharded model-sized buffers per rank (the micro-batch's
-Δ² and C). ``ip_variance`` and ``orth_variance`` under FSDP2 raise NotImplementedError (ip_k
-needs ḡ across a layer). tests/distributed/test_fsdp2_stats.py checks all of this with 2
-processes against 1 process and DDP, and counts the bytes.
+sync, one per step without) — and, with ``ip_variance`` or ``orth_variance``, one
+all-gather of the parameters' size (as much as one of FSDP2's forward all-gathers); the
+coordinate test adds two 1- and 3-element all-reduces. Memory with ``coord_variance``: two
+unsharded model-sized buffers per rank (the micro-batch's Δ² and C); with the inner products,
+M_r unsharded copies plus one gathered parameter tensor at a time.
+tests/distributed/test_fsdp2_stats.py checks all of this with 2 processes against 1 process
+and DDP, and counts the bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -89,14 +106,13 @@ import torch
 from torch import Tensor, nn
 
 from adabatch._validation import check_callable, check_choice, check_int
+from adabatch.batching import _sharded
 from adabatch.batching.protocol import StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
     GradientStats,
     Reduce,
     check_needs,
-    finish_stats,
-    sq_norm_parts,
     stack_f64,
     stats_from_parts,
 )
@@ -176,7 +192,7 @@ class MicroBatchStats:
         self.track = check_choice("track", track, ("grad", "hooks"))
         # under FSDP2: the unsharded parameters, where the hooks see each rank's Δ_k
         fsdp2 = _fsdp2_unsharded(params_or_model, self.params, self.needs, track, reduce)
-        self._sharded = fsdp2 is not None
+        self._fsdp2 = fsdp2 is not None
         self._hooked: list[Tensor] = self.params if fsdp2 is None else fsdp2
         self.enabled = True
         self._handles: list[Any] = []
@@ -306,7 +322,7 @@ class MicroBatchStats:
             if self._need_ip:
                 self._incs.append((batch_size, [
                     t if t is not None else torch.zeros_like(p)
-                    for t, p in zip(self._pend_inc, self.params)]))
+                    for t, p in zip(self._pend_inc, self._hooked)]))
         self._clear_pending()
 
     @property
@@ -318,8 +334,6 @@ class MicroBatchStats:
         g = p.grad
         if g is None:
             g = torch.zeros_like(p)
-        if self._sharded:  # this rank's shard of the DTensor
-            return g.detach().to_local()
         return g.to_dense() if g.is_sparse else g.detach()
 
     @torch.no_grad()
@@ -410,7 +424,7 @@ class MicroBatchStats:
         return counting
 
     def _stats(self) -> GradientStats:
-        if self._sharded:
+        if self._fsdp2:
             return self._stats_sharded()
         gbar = [self._grad(p) for p in self.params]
         n_loc = self._n
@@ -442,43 +456,43 @@ class MicroBatchStats:
             self._check_units(n_all, m_all)
         return out
 
+    def _sharded_ip_sums(self) -> tuple[Tensor, Tensor]:
+        """(Σ_k n_k ip_k, Σ_k n_k ip_k²) over this rank's micro-batches, ip_k = ⟨ĝ_k, ḡ⟩
+        = (N_r/n_k)⟨Δ_k, ḡ⟩ across the whole model: ḡ of one parameter at a time gathered
+        from the shards (once per parameter per measured step), dotted with every kept Δ_k
+        of it, then freed."""
+        f64 = {"dtype": torch.float64, "device": self._hooked[0].device}
+        dots = torch.zeros(len(self._incs), **f64)
+        for i, p in enumerate(self.params):
+            full = _sharded.whole_grad(p).reshape(-1).double()
+            for k, (_, incs) in enumerate(self._incs):
+                dots[k] += torch.dot(incs[i].reshape(-1).double(), full)
+        sizes = torch.tensor([float(n_k) for n_k, _ in self._incs], **f64)
+        ip = dots * float(self._n) / sizes
+        return (sizes * ip).sum(), (sizes * ip * ip).sum()
+
     def _stats_sharded(self) -> GradientStats:
         """FSDP2 (see the module docstring): the norms' sums local plus one all-reduce of
-        [N, M, P, 0, 0, G]; the coordinate sums reduce-scattered to each rank's shard."""
-        gbar = [self._grad(p) for p in self.params]  # this rank's shards of ḡ
+        [N, M, P, s1, s2, G]; the coordinate sums reduce-scattered to each rank's shard; ḡ
+        gathered one parameter at a time for the inner products."""
+        gbar = [_sharded.local_shard(p) for p in self.params]  # this rank's shards of ḡ
         n = self._n
-        vals = sq_norm_parts(gbar)
-        k = len(vals)
-        for _, parts in self._sq_parts:  # ‖Δ_k‖² per tensor (track="hooks")
-            vals.extend(parts)
-        stacked = stack_f64(vals)
-        f64 = {"dtype": torch.float64, "device": stacked.device}
-        weights = torch.tensor([1.0 / w for w, parts in self._sq_parts for _ in parts], **f64)
-        zero = stacked.new_zeros(())
-        flat = torch.stack([torch.tensor(float(n), **f64), torch.tensor(float(self._m), **f64),
-                            (stacked[k:] * weights).sum() * n**2, zero, zero,
-                            stacked[:k].sum()])
-        assert self.reduce is not None  # invariant: refused in __init__ under FSDP2
-        out = self.reduce(flat)
-        N, K, S, _, _, G = (flat if out is None else out).tolist()
-        self._check_units(N, K)  # the same reduced counts on every rank
+        f64 = {"dtype": torch.float64, "device": gbar[0].device}
+        vals = [t for _, parts in self._sq_parts for t in parts]  # ‖Δ_k‖² per tensor
+        S = torch.zeros((), **f64)
+        if vals:
+            weights = torch.tensor([1.0 / w for w, parts in self._sq_parts for _ in parts],
+                                   **f64)
+            S = (stack_f64(vals) * weights).sum() * n**2
+        s1, s2 = self._sharded_ip_sums() if self._need_ip else (None, None)
         coords = None
         if self._need_coord:
             assert self._coord is not None
-            coords = [_reduce_scatter(c.mul_(float(n * n)), p)
-                      for c, p in zip(self._coord, self.params)]
-        stats = finish_stats(self.needs, N, K, S, 0.0, 0.0, G, coords, gbar, in_place=True)
-        if stats.coord_variance is not None:
-            stats.coord_variance = [_like_dtensor(v, p)
-                                    for v, p in zip(stats.coord_variance, self.params)]
-        if stats.mean_grad is not None:
-            stats.mean_grad = [_like_dtensor(g, p) for g, p in zip(gbar, self.params)]
-        return stats
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor before its import
-    return dtensor is not None and isinstance(t, dtensor.DTensor)
+            coords = self._coord
+        assert self.reduce is not None  # invariant: refused in __init__ under FSDP2
+        return _sharded.finish_sharded(self.needs, self.params, gbar, n=n, units=self._m,
+                                       S=S, s1=s1, s2=s2, coords=coords, reduce=self.reduce,
+                                       check=self._check_units)
 
 
 def _fsdp2_unsharded(model: nn.Module | Iterable[Tensor], params: list[Tensor],
@@ -487,13 +501,9 @@ def _fsdp2_unsharded(model: nn.Module | Iterable[Tensor], params: list[Tensor],
     """None when no parameter is a DTensor; under FSDP2 the unsharded parameters (aligned
     with ``params``) whose gradient hooks see each rank's micro-batch gradients. Refuses
     what would give a wrong statistic under sharding."""
-    flags = [_is_dtensor(p) for p in params]
-    if not any(flags):
-        return None
     where = "MicroBatchStats under FSDP2 (DTensor parameters, fully_shard)"
-    if not all(flags):
-        raise ValueError(f"{where}: some parameters are DTensors and some are not; pass the "
-                         f"module that fully_shard wrapped")
+    if not _sharded.sharded_params(params, where):
+        return None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{where} needs the module, not a list of parameters (it hooks the "
                          f"unsharded parameters of its FSDP modules)")
@@ -501,48 +511,7 @@ def _fsdp2_unsharded(model: nn.Module | Iterable[Tensor], params: list[Tensor],
         raise ValueError(f"{where} needs track='hooks': after a backward p.grad holds this "
                          f"rank's shard of the mean over ranks, not the per-rank micro-batch "
                          f"gradients the statistics are made of")
-    if needs & {"ip_variance", "orth_variance"}:
-        raise NotImplementedError(f"{where}: ip_variance and orth_variance are not "
-                                  f"implemented yet (norm and coordinate tests only)")
     if reduce is None:
         raise ValueError(f"{where} needs reduce=, a SUM all-reduce over the ranks: each rank "
                          f"holds only its shard of the mean gradient")
-    return _unsharded_params(model, params, where)
-
-
-def _unsharded_params(model: nn.Module, params: list[Tensor], where: str) -> list[Tensor]:
-    from torch.distributed.fsdp import FSDPModule
-
-    names = {id(p): name for name, p in model.named_parameters()}
-    if any(id(p) not in names for p in params):
-        raise ValueError(f"{where}: a parameter is not one of the module's")
-    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not fsdp:
-        raise ValueError(f"{where}: the module has DTensor parameters but no FSDP module")
-    for m in fsdp:  # FSDP2 swaps its (persistent) unsharded parameters in
-        m.unshard()
-    try:
-        out = [model.get_parameter(names[id(p)]) for p in params]
-    finally:
-        for m in fsdp:
-            m.reshard()
-    if any(q is p or _is_dtensor(q) for q, p in zip(out, params)):
-        raise ValueError(f"{where}: a DTensor parameter is not sharded by fully_shard alone "
-                         f"(tensor parallelism is not supported)")
-    return out
-
-
-def _reduce_scatter(full: Tensor, like: Tensor) -> Tensor:
-    """This rank's shard (placed as ``like``) of the sum over ranks of ``full``."""
-    from torch.distributed.tensor import DTensor, Partial
-
-    mesh = like.device_mesh  # type: ignore[attr-defined]
-    partial = DTensor.from_local(full, mesh, [Partial()] * mesh.ndim, run_check=False)
-    return partial.redistribute(mesh, like.placements).to_local()  # type: ignore[attr-defined]
-
-
-def _like_dtensor(local: Tensor, like: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, like.device_mesh, like.placements,  # type: ignore[attr-defined]
-                              run_check=False, shape=like.shape, stride=like.stride())
+    return _sharded.unsharded_params(model, params, where)

@@ -5,6 +5,7 @@ step. The arithmetic of each layer type is in layers.py and conv.py."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -13,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten
 
 from adabatch._validation import check_callable, check_int
+from adabatch.batching import _sharded
 from adabatch.batching.persample.conv import ConvRule
 from adabatch.batching.persample.fused_conv import ConvFusion, fusable
 from adabatch.batching.persample.layers import (
@@ -44,6 +46,7 @@ from adabatch.batching.stats import (
     GradientStats,
     Reduce,
     check_needs,
+    stack_f64,
     stats_from_parts,
 )
 
@@ -84,14 +87,25 @@ def is_unit(module: nn.Module) -> bool:
     return False
 
 
+def module_type(module: nn.Module) -> type:
+    """The module's class; for a module wrapped by FSDP2's ``fully_shard``, which swaps in a
+    subclass ``FSDP<Class>`` of (FSDPModule, Class), the class it wrapped."""
+    cls = type(module)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # no FSDP module before its import
+    if fsdp is not None and issubclass(cls, fsdp.FSDPModule):
+        return next(b for b in cls.__bases__ if not issubclass(b, fsdp.FSDPModule))
+    return cls
+
+
 def rule_for(module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning) -> LayerRule:
     """The layer rule of ``module`` whose trainable parameters are ``names``."""
     if is_unit(module):
         return AttentionRule(module, names, tuning)
     if is_transposed_linear(module) and set(names) <= {"weight", "bias"}:
         return TransposedLinearRule(module, names, tuning)
+    kind = module_type(module)
     for cls, rule, known in RULES:
-        if type(module) is cls and set(names) <= set(known):
+        if kind is cls and set(names) <= set(known):
             return rule(module, names, tuning)
     return FuncRule(module, names, tuning)
 
@@ -279,8 +293,10 @@ class PerSampleStats:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._module_names: dict[nn.Module, str] = {}
         self._rules = self._make_rules(model)
+        self._fsdp2 = self._check_fsdp2()
         self.fused_convs: tuple[nn.Module, ...] = tuple(
-            m for m, r in self._rules.items() if self.fuse_conv_grad and fusable(m, r))
+            m for m, r in self._rules.items()
+            if self.fuse_conv_grad and not self._fsdp2 and fusable(m, r))
         self._fusion = ConvFusion(self.fused_convs)
         self._fused_pending = self._fusion.pending
         self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
@@ -317,6 +333,23 @@ class PerSampleStats:
         if not self.params:
             raise ValueError("PerSampleStats: the model has no parameters that require gradients"
                              " (among those selected by params= and exclude=)")
+
+    def _check_fsdp2(self) -> bool:
+        """Whether the parameters are sharded by FSDP2 (DTensors); refuses what would not
+        be exact there (see :meth:`_stats_sharded`)."""
+        where = "PerSampleStats under FSDP2 (DTensor parameters, fully_shard)"
+        if not _sharded.sharded_params(self.params, where):
+            return False
+        if self.reduce is None:
+            raise ValueError(f"{where} needs reduce=, a SUM all-reduce over the ranks: each "
+                             f"rank holds only its shard of the mean gradient")
+        recomputed = [r.label for r in self._rules.values() if isinstance(r, FuncRule)]
+        if recomputed and self._per_sample:
+            raise NotImplementedError(
+                f"{where}: layers {recomputed} are measured by recomputing them sample by "
+                f"sample after the backward pass, when FSDP2 has resharded their parameters; "
+                f"exclude their parameters (exclude=...) or use MicroBatchStats(track='hooks')")
+        return True
 
     def _make_rules(self, model: nn.Module) -> dict[nn.Module, LayerRule]:
         rules = {}
@@ -685,7 +718,7 @@ class PerSampleStats:
                                store)
         later: list[tuple[int, str]] = []
         for nm in names:
-            pid = id(rec.rule.param(nm))
+            pid = _pid(rec.rule, nm)
             self._seen.add(pid)
             sums = res[nm]
             self._add(pid, sums.norm, sums.coord)
@@ -715,12 +748,12 @@ class PerSampleStats:
                 if not isinstance(rec.rule, FuncRule) and rec.deltas[0] is None:
                     continue
                 shared = tuple(nm for nm in rec.names
-                               if self._uses.get(id(rec.rule.param(nm)), 0) > 1)
+                               if self._uses.get(_pid(rec.rule, nm), 0) > 1)
                 single = tuple(nm for nm in rec.names if nm not in shared)
                 if single:
                     self._process(rec, single, release=not shared)
                 for nm in shared:
-                    multi.setdefault(id(rec.rule.param(nm)), []).append((rec, nm))
+                    multi.setdefault(_pid(rec.rule, nm), []).append((rec, nm))
             for pid, uses in multi.items():
                 self._process_shared(pid, uses)
             n = self._pass_n
@@ -826,6 +859,8 @@ class PerSampleStats:
         return torch.stack(s_ip).sum(), torch.stack(s_ip2).sum()
 
     def _stats(self) -> GradientStats:
+        if self._fsdp2:
+            return self._stats_sharded()
         gbar = self._mean_grads()
         self._check_attributed(gbar)
         coords = None
@@ -839,3 +874,74 @@ class PerSampleStats:
             sq_groups=[(1, self._norm_parts)], squared=True,
             ip_sums=self._ip_sums(gbar) if self._need_ip else None, coord_sums=coords,
             reduce=self.reduce, in_place=True)
+
+    # --- FSDP2 -----------------------------------------------------------------------------
+    def _ip_sums_sharded(self) -> tuple[Tensor, Tensor]:
+        """:meth:`_ip_sums` under FSDP2: ḡ of one parameter at a time gathered from the shards
+        (every rank gathers every parameter once, in the same order), used by the items
+        whose last parameter it is, and freed once no later item needs it."""
+        n_loc = self._n_total
+        by_last: dict[int, list[tuple[int, IPItem]]] = {}
+        needed: dict[int, int] = {}
+        for k, part in enumerate(self._ip_parts):
+            for item in part.items:
+                pids = _item_pids(item)
+                by_last.setdefault(max(self._index[p] for p in pids), []).append((k, item))
+                for p in pids:
+                    needed[p] = needed.get(p, 0) + 1
+        ips: list[Tensor | None] = [None] * len(self._ip_parts)
+        whole: dict[int, Tensor] = {}
+        for i, p in enumerate(self.params):
+            whole[id(p)] = _sharded.whole_grad(p)
+            for k, item in by_last.get(i, []):
+                term = item.inner_products(whole, self._chunks, False).to(torch.float64)
+                ips[k] = term if ips[k] is None else ips[k].add_(term)  # type: ignore[union-attr]
+                for q in _item_pids(item):
+                    needed[q] -= 1
+            for q in [q for q in whole if needed.get(q, 0) == 0]:
+                del whole[q]
+        s_ip, s_ip2 = [], []
+        dev = self.params[0].device
+        for ip, part in zip(ips, self._ip_parts):
+            ip = torch.zeros(part.n, dtype=torch.float64, device=dev) if ip is None else ip
+            ip.mul_(n_loc)
+            s_ip.append(ip.sum())
+            s_ip2.append(torch.dot(ip, ip))
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        return torch.stack([zero, *s_ip]).sum(), torch.stack([zero, *s_ip2]).sum()
+
+    def _stats_sharded(self) -> GradientStats:
+        """The statistics under FSDP2. The hooks ran on whole layers (FSDP2 unshards a layer
+        for its forward and backward), on this rank's samples: the norm and coordinate sums
+        are this rank's, as under DDP. ḡ is sharded: G from the shards in the one all-reduce
+        [N, N, S, s1, s2, G]; the coordinate sums C_j reduce-scattered (each rank gets its
+        shard of Σ_r C_j, where v_j = (C_j − N·ḡ_j²)/(N − 1) is taken); the inner products
+        ⟨g_i, ḡ⟩ take ḡ gathered one parameter at a time (:meth:`_ip_sums_sharded`)."""
+        gbar = [_sharded.local_shard(p) for p in self.params]
+        self._check_attributed(gbar)
+        dev = gbar[0].device
+        n = self._n_total
+        S = torch.zeros((), dtype=torch.float64, device=dev)
+        if self._norm_parts:
+            S = stack_f64(self._norm_parts).sum() * float(n * n)
+        s1, s2 = self._ip_sums_sharded() if self._need_ip else (None, None)
+        coords = None
+        if self._need_coord:
+            coords = [c if c is not None else torch.zeros(p.shape, dtype=p.dtype, device=dev)
+                      for c, p in zip(self._coord, self.params)]
+        assert self.reduce is not None  # invariant: refused in _check_fsdp2
+        return _sharded.finish_sharded(self.needs, self.params, gbar, n=n, units=n, S=S,
+                                       s1=s1, s2=s2, coords=coords, reduce=self.reduce)
+
+
+def _pid(rule: LayerRule, name: str) -> int:
+    """id() of the parameter ``name`` of the rule as the estimator knows it (under FSDP2 the
+    module holds another, unsharded Parameter during forward and backward)."""
+    return rule.pids[rule.names.index(name)]
+
+
+def _item_pids(item: IPItem) -> tuple[int, ...]:
+    """The parameters (ids) whose ḡ an inner-product item reads."""
+    if isinstance(item, WeightBiasProducts):
+        return (item.weight,) if item.bias is None else (item.weight, item.bias)
+    return (item.pid,)
