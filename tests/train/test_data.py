@@ -43,7 +43,9 @@ def test_list_datasets():
         "fashion-mnist",
         "mnist",
         "mnist1d",
+        "pydoc",
         "synthetic",
+        "text",
     ]
 
 
@@ -64,7 +66,8 @@ def test_bundle_validates_shapes():
         DatasetBundle("t", x, torch.zeros(3), x, torch.zeros(4), "regression", 1, (3,))
     with pytest.raises(ValueError, match=r"x_test has per-sample shape \(3,\), expected \(2,\)"):
         DatasetBundle("t", x[:, :2], torch.zeros(4), x, torch.zeros(4), "regression", 1, (2,))
-    with pytest.raises(ValueError, match="task must be 'classification' or 'regression'"):
+    with pytest.raises(ValueError, match="task must be 'classification', 'regression' or "
+                                         "'language_model'"):
         DatasetBundle("t", x, torch.zeros(4), x, torch.zeros(4), "ranking", 1, (3,))
 
 

@@ -15,7 +15,8 @@ def _count(model: nn.Module) -> tuple[int, int]:
 
 
 def test_list_models():
-    assert list_models() == ["cifar-cnn", "cnn", "cnn1d", "logistic", "mlp", "resnet18"]
+    assert list_models() == ["charlm", "cifar-cnn", "cnn", "cnn1d", "logistic", "mlp",
+                             "resnet18"]
 
 
 CASES = [
@@ -152,7 +153,8 @@ def test_cnn1d_is_mnist1d_convbase():
 @pytest.mark.parametrize(
     ("name", "shape", "kwargs", "message"),
     [
-        ("vgg", (3, 32, 32), {}, r"unknown model 'vgg'; choose from: cifar-cnn, cnn, cnn1d"),
+        ("vgg", (3, 32, 32), {},
+         r"unknown model 'vgg'; choose from: charlm, cifar-cnn, cnn, cnn1d"),
         ("cnn", (40,), {}, r"model 'cnn' takes images of shape \(channels, height, width\)"),
         ("cnn", (1, 3, 3), {}, r"model 'cnn' with padding=2 needs images of at least 4x4 pixels"),
         ("cnn", (1, 8, 8), {"padding": 0}, r"padding=0 needs images of at least 16x16 pixels"),
@@ -195,7 +197,7 @@ def test_model_info():
     assert model_info("MLP")["input"] == "any" and model_info("mlp")["norm"] is False
     for name in list_models():
         model = create_model(
-            name, (40,) if model_info(name)["input"] == "sequence" else (1, 8, 8), 10
+            name, (40,) if model_info(name)["input"] in ("sequence", "tokens") else (1, 8, 8), 10
         )
         assert has_batchnorm(model) == model_info(name)["batchnorm"]
     with pytest.raises(ValueError, match="unknown model 'x'"):

@@ -563,7 +563,10 @@ def _check_paths(cfg: TrainConfig) -> None:
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise ConfigError(f"--resume: run directory not found: {cfg.resume}")
     if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
-        raise ConfigError(f"--data-dir: directory not found: {cfg.data_dir}")
+        if cfg.dataset != "text":
+            raise ConfigError(f"--data-dir: directory not found: {cfg.data_dir}")
+        if not Path(cfg.data_dir).is_file():  # dataset text: a file or a directory
+            raise ConfigError(f"--data-dir: file or directory not found: {cfg.data_dir}")
 
 
 def _option_kinds(family: str, name: str) -> dict[str, Any]:

@@ -34,6 +34,27 @@ Embedded, offline:
     with cross-entropy reaches the same loss value (only the difference of its two rows matters);
     when the classes are separable the minimiser does not exist and these three are ``None``.
 
+Text, byte-level language modelling (task ``"language_model"``):
+
+* ``pydoc``: the text of Python's ``pydoc_data.topics`` (the Python Language Reference topics
+  that ``help()`` shows, about 465 KB of English and code; shipped with every CPython, so it is
+  on every machine that runs adabatch): ``topics[k]`` joined in sorted key order, encoded as
+  UTF-8. The corpus differs slightly between Python versions; ``extra`` records
+  ``python_version`` and the corpus's ``sha256`` (compare them before comparing runs).
+* ``text``: any local file, read as bytes (UTF-8 text or anything else): ``data_dir`` is the
+  file, or a directory whose files matching ``pattern`` (option, default ``"*.txt"``, searched
+  recursively) are joined in sorted path order. A missing, empty or too short file raises
+  :class:`DatasetError`.
+
+  Both are byte-level (tokens 0..255, ``num_classes=256``) and split by position: the first
+  90% of the bytes (``len * 9 // 10``) train, the rest test (the validation split). Each split
+  is cut into non-overlapping windows of ``context`` tokens (option, default 64; input shape
+  ``(context,)``) whose targets are the next tokens (the window shifted by one), x and y int64
+  of shape (n, context). A corpus needs at least ``10 * context + 1`` bytes (one window in the
+  test split). The loss is the cross-entropy averaged over the tokens of a sequence and over
+  the sequences (every sequence has ``context`` tokens, so the per-sequence losses average to
+  the batch loss); the accuracy is the next-token accuracy.
+
 From a local directory (``data_dir``; ``None`` means ``$ADABATCH_DATA_DIR`` or ``./data``):
 
 * ``mnist`` and ``fashion-mnist``: the four IDX files ``train-images-idx3-ubyte``,
@@ -66,6 +87,7 @@ file and what was expected. Unknown names and options raise ``ValueError``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import io
 import math
@@ -73,6 +95,7 @@ import os
 import pickle
 import random
 import struct
+import sys
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +119,7 @@ __all__ = [
     "FASHION_MNIST_STD",
     "MNIST_MEAN",
     "MNIST_STD",
+    "TASKS",
     "DatasetBundle",
     "DatasetError",
     "default_data_dir",
@@ -115,6 +139,10 @@ CIFAR100_STD = (0.26733429, 0.25643846, 0.27615047)
 
 IDX_IMAGE_MAGIC = 2051
 IDX_LABEL_MAGIC = 2049
+
+
+#: The tasks a :class:`DatasetBundle` may have (the loss of each: :func:`task_loss`).
+TASKS = ("classification", "regression", "language_model")
 
 
 class DatasetError(ValueError):
@@ -139,7 +167,10 @@ class DatasetBundle:
     ``y_*`` are int64 class indices in ``[0, num_classes)`` of shape ``(n,)`` for
     classification and floating-point of shape ``(n,)`` for regression (``num_classes=1``; a
     model's output of shape ``(n, 1)`` is compared with ``y`` reshaped to its shape; :meth:`loss`
-    does that). The test split may be empty (``n = 0``: nothing is evaluated).
+    does that). For ``task="language_model"`` both ``x_*`` and ``y_*`` are int64 token ids in
+    ``[0, num_classes)`` of shape ``(n, T)`` (``y``: the next tokens) and the model's output
+    is ``(n, T, num_classes)`` logits. The test split may be empty (``n = 0``: nothing is
+    evaluated).
     ``augment(x, generator)``, when not ``None``, maps a batch of training inputs to an augmented
     batch of the same shape, deterministically given the generator's state (its random numbers
     are drawn on the generator's device and moved to ``x``'s). ``extra``: facts about the data
@@ -159,8 +190,9 @@ class DatasetBundle:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task not in ("classification", "regression"):
-            raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be 'classification', 'regression' or "
+                             f"'language_model', got {self.task!r}")
         for split in ("train", "test"):
             for kind in ("x", "y"):
                 value = getattr(self, f"{kind}_{split}")
@@ -185,7 +217,24 @@ class DatasetBundle:
                 )
             self._check_values(split, x, y)
 
+    def _check_tokens(self, split: str, x: Tensor, y: Tensor) -> None:
+        for kind, t in (("x", x), ("y", y)):
+            if t.dtype != torch.int64 or t.dim() != 2:
+                raise ValueError(f"{self.name}: {kind}_{split} of a language model must be "
+                                 f"int64 token ids of shape (n, T), got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+            if t.numel() and not (0 <= int(t.min()) and int(t.max()) < self.num_classes):
+                raise ValueError(f"{self.name}: {kind}_{split} holds tokens in "
+                                 f"[{int(t.min())}, {int(t.max())}], outside "
+                                 f"[0, num_classes={self.num_classes})")
+        if x.shape != y.shape:
+            raise ValueError(f"{self.name}: y_{split} has shape {tuple(y.shape)}, expected "
+                             f"x_{split}'s {tuple(x.shape)}")
+
     def _check_values(self, split: str, x: Tensor, y: Tensor) -> None:
+        if self.task == "language_model":
+            self._check_tokens(split, x, y)
+            return
         if not x.is_floating_point():
             raise ValueError(f"{self.name}: x_{split} must be floating-point, got {x.dtype}")
         if y.dim() != 1:
@@ -219,7 +268,24 @@ class DatasetBundle:
 def task_loss(task: str, output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy for classification, squared error for regression (the output reshaped
     to the target's shape, so an ``(n, 1)`` output fits an ``(n,)`` target), in float32
-    whatever the output's dtype (bf16 autocast)."""
+    whatever the output's dtype (bf16 autocast).
+
+    ``"language_model"``: output ``(n, T, V)``, target ``(n, T)``; a sequence's loss is the
+    mean cross-entropy of its T tokens; ``"mean"`` averages the sequences (= the mean over
+    all tokens), ``"sum"`` sums them (n times the mean) and ``"none"`` returns the n
+    per-sequence losses; float64 logits stay float64."""
+    if task == "language_model":
+        if output.dim() != 3 or target.dim() != 2 or output.shape[:2] != target.shape:
+            raise ValueError(f"language_model loss: output (n, T, V) and target (n, T) "
+                             f"expected, got {tuple(output.shape)} and {tuple(target.shape)}")
+        n, t = target.shape
+        logits = output if output.dtype == torch.float64 else output.float()
+        per_token = F.cross_entropy(logits.flatten(0, 1), target.flatten(),
+                                    reduction="mean" if reduction == "mean" else "none")
+        if reduction == "mean":
+            return per_token
+        per_sequence = per_token.view(n, t).mean(dim=1)
+        return per_sequence.sum() if reduction == "sum" else per_sequence
     if task == "classification":
         return F.cross_entropy(output.float(), target, reduction=reduction)
     return F.mse_loss(output.reshape(target.shape).float(), target.float(), reduction=reduction)
@@ -574,6 +640,86 @@ def _load_synthetic(
 
 
 # --------------------------------------------------------------------------------------------
+# text (byte-level language modelling)
+
+
+def _pydoc_corpus() -> bytes:
+    from pydoc_data.topics import topics
+
+    return "".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
+def _byte_windows(tokens: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    """Non-overlapping windows of ``context`` tokens and their next tokens."""
+    n = (len(tokens) - 1) // context
+    x = tokens[: n * context].reshape(n, context)
+    y = tokens[1 : n * context + 1].reshape(n, context)
+    return x.contiguous(), y.contiguous()
+
+
+def _byte_bundle(name: str, corpus: bytes, context: int, where: str,
+                 extra: dict[str, Any]) -> DatasetBundle:
+    """Byte tokens split by position (first 90% train) into windows of ``context``."""
+    context = check_int("context", context, 1)
+    if len(corpus) == 0:
+        raise DatasetError(f"{where}: empty (no text to train on)")
+    if len(corpus) < 10 * context + 1:
+        raise DatasetError(f"{where}: {len(corpus)} bytes is too short for context={context} "
+                           f"(needs at least {10 * context + 1} bytes: one window of "
+                           f"{context + 1} in the last 10%)")
+    tokens = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).to(torch.int64)
+    cut = len(tokens) * 9 // 10
+    x_train, y_train = _byte_windows(tokens[:cut], context)
+    x_test, y_test = _byte_windows(tokens[cut:], context)
+    facts = {"bytes": len(corpus), "sha256": hashlib.sha256(corpus).hexdigest(),
+             "context": context, "train_bytes": cut, "test_bytes": len(corpus) - cut,
+             "vocabulary": "bytes (256)"}
+    return DatasetBundle(name=name, x_train=x_train, y_train=y_train, x_test=x_test,
+                         y_test=y_test, task="language_model", num_classes=256,
+                         input_shape=(context,), extra={**facts, **extra})
+
+
+def _load_pydoc(data_dir: Path | None, seed: int, context: int = 64) -> DatasetBundle:
+    version = ".".join(map(str, sys.version_info[:3]))
+    return _byte_bundle("pydoc", _pydoc_corpus(), context, "pydoc_data.topics",
+                        {"corpus": "pydoc_data.topics (sorted keys, UTF-8)",
+                         "python_version": version})
+
+
+def _text_files(root: Path, pattern: str) -> list[Path]:
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DatasetError(f"{root}: file or directory not found (dataset 'text' reads a text "
+                           "file, or the files of a directory)")
+    files = sorted(p for p in root.rglob(pattern) if p.is_file())
+    if not files:
+        raise DatasetError(f"{root}: no file matching {pattern!r} (dataset 'text' reads a "
+                           "file, or a directory's files matching the option pattern)")
+    return files
+
+
+def _load_text(data_dir: Path | None, seed: int, context: int = 64,
+               pattern: str = "*.txt") -> DatasetBundle:
+    if not isinstance(pattern, str):
+        raise TypeError(f"Invalid pattern: {pattern!r} (must be a string)")
+    if not pattern:
+        raise ValueError("Invalid pattern: '' (must be a glob pattern such as '*.txt')")
+    root = data_dir if data_dir is not None else default_data_dir()
+    files = _text_files(root, pattern)
+    parts = []
+    for path in files:
+        try:
+            parts.append(path.read_bytes())
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
+    corpus = b"".join(parts)
+    where = str(root) if len(files) == 1 else f"{root} ({len(files)} files)"
+    return _byte_bundle("text", corpus, context, where,
+                        {"files": [str(p) for p in files]})
+
+
+# --------------------------------------------------------------------------------------------
 # files
 
 
@@ -913,4 +1059,6 @@ _LOADERS: dict[str, tuple[Callable[..., DatasetBundle], set[str]]] = {
     "fashion-mnist": (_load_fashion_mnist, set()),
     "cifar10": (_load_cifar10, {"augment"}),
     "cifar100": (_load_cifar100, {"augment", "labels"}),
+    "pydoc": (_load_pydoc, {"context"}),
+    "text": (_load_text, {"context", "pattern"}),
 }

@@ -34,6 +34,21 @@
   ``num_classes``; input (L,) or (C, L); option ``channels`` (default 25). 5,210 parameters on
   MNIST-1D (L = 40).
 
+* ``charlm``: a small causal transformer language model over tokens (bytes for the ``pydoc``
+  and ``text`` data sets): input int64 token ids of shape (T,) with T <= the context,
+  ``num_classes`` the vocabulary. Token embedding plus a learned position embedding, ``layers``
+  pre-LayerNorm blocks (LayerNorm, causal self-attention through
+  ``F.scaled_dot_product_attention(..., is_causal=True)`` on q, k, v from one ``nn.Linear``, an
+  output ``nn.Linear``, residual; LayerNorm, ``nn.Linear``/GELU/``nn.Linear`` MLP of width
+  ``mlp_ratio * d_model``, residual), a final LayerNorm and an output projection tied to the
+  token embedding (one Parameter: ``model.head.weight is model.tok.weight``). Output: logits of
+  shape (n, T, vocabulary). The blocks are ``model.blocks`` (an ``nn.ModuleList``, one
+  ``fully_shard`` unit each under FSDP2). Options ``d_model`` (default 64), ``layers`` (2),
+  ``heads`` (4), ``mlp_ratio`` (4), ``context`` (default: the input length). Weights are drawn
+  from N(0, 0.02²) (the residual output projections scaled by 1/√(2·layers), GPT-2's rule),
+  biases zero. Every sample's loss depends only on its own tokens (no dropout, no padding,
+  positions shared by every sample), so per-sample gradient statistics are exact.
+
 ``norm`` only changes ``resnet18``; the other models have no normalisation layers and accept any
 valid ``norm`` value unchanged (``model_info(name)["norm"]`` says whether a model uses it).
 
@@ -51,6 +66,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["NORMS", "create_model", "has_batchnorm", "list_models", "model_info", "option_kinds"]
@@ -275,6 +291,85 @@ def _cnn1d(
     return CNN1D(c, length, num_classes, channels)
 
 
+class CausalBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then h + mlp(ln2(h))."""
+
+    def __init__(self, d_model: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, mlp_ratio * d_model)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp_ratio * d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = (z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+                   for z in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class CharLM(nn.Module):
+    """Causal transformer language model with learned positions and a tied output layer."""
+
+    def __init__(self, vocab: int, context: int, d_model: int = 64, layers: int = 2,
+                 heads: int = 4, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.context = context
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(CausalBlock(d_model, heads, mlp_ratio)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.tok.weight  # tied: one Parameter
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = 1 / math.sqrt(2 * layers) if name.endswith(("proj.weight",
+                                                                    "fc2.weight")) else 1.0
+                nn.init.normal_(p, std=0.02 * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[-1]
+        if tokens.dim() != 2 or t > self.context:
+            raise ValueError(f"charlm takes token ids of shape (n, T) with T <= "
+                             f"{self.context}, got {tuple(tokens.shape)}")
+        # positions as a [1, T] row: one index set shared by every sample of the batch
+        h = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device)[None])
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _charlm(input_shape: tuple[int, ...], num_classes: int, norm: str, d_model: int = 64,
+            layers: int = 2, heads: int = 4, mlp_ratio: int = 4,
+            context: int | None = None) -> nn.Module:
+    if len(input_shape) != 1:
+        raise ValueError(f"model 'charlm' takes token sequences of shape (T,), got {input_shape}")
+    for name, value in (("d_model", d_model), ("layers", layers), ("heads", heads),
+                        ("mlp_ratio", mlp_ratio)):
+        _positive(name, value)
+    ctx = input_shape[0] if context is None else _positive("context", context)
+    if ctx < input_shape[0]:
+        raise ValueError(f"context ({ctx}) must be >= the input length ({input_shape[0]})")
+    if d_model % heads:
+        raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
+    return CharLM(num_classes, ctx, d_model, layers, heads, mlp_ratio)
+
+
 _MODELS: dict[str, tuple[Callable[..., nn.Module], set[str], dict[str, Any]]] = {
     "logistic": (
         _logistic,
@@ -333,6 +428,16 @@ _MODELS: dict[str, tuple[Callable[..., nn.Module], set[str], dict[str, Any]]] = 
             "norm": False,
         },
     ),
+    "charlm": (
+        _charlm,
+        {"d_model", "layers", "heads", "mlp_ratio", "context"},
+        {
+            "description": "causal pre-LayerNorm transformer language model, tied embeddings "
+            "(options d_model 64, layers 2, heads 4, mlp_ratio 4, context)",
+            "input": "tokens",
+            "norm": False,
+        },
+    ),
 }
 
 
@@ -361,7 +466,8 @@ def option_kinds(name: str) -> dict[str, Any]:
 
 
 def model_info(name: str) -> dict[str, Any]:
-    """Facts about a model: ``name``, ``description``, ``input`` ("any", "image", "sequence"),
+    """Facts about a model: ``name``, ``description``, ``input`` ("any", "image", "sequence",
+    "tokens"),
     ``norm`` (whether the ``norm`` argument changes it), ``batchnorm`` (whether the default
     configuration has BatchNorm layers; always False here, so per-sample statistics are valid
     by default), ``batchnorm_with`` (the ``norm`` value giving BatchNorm, or None) and

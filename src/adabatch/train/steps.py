@@ -54,6 +54,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 
              dist: Dist | None = None) -> tuple[float, float | None]:
     """Mean test loss and accuracy (None for regression) over ``x, y``.
 
+    For a language model (``task="language_model"``) a sequence's loss and accuracy are the
+    means over its tokens (the next-token accuracy), averaged over the sequences.
+
     With ``dist`` (several ranks) each rank evaluates a contiguous shard of ``x, y`` and the
     sums of losses, correct predictions and samples are all-reduced (one small all-reduce).
     """
@@ -62,7 +65,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 
         raise ValueError("evaluate(): the test set is empty")
     was_training = model.training
     model.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, correct = 0.0, 0.0 if task == "language_model" else 0
+    tokens = task == "language_model"  # per-sequence accuracy: a fraction of its tokens
     lo, hi = 0, n
     if dist is not None and dist.enabled:
         lo, hi = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
@@ -72,7 +76,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 
             with autocast if autocast is not None else contextlib.nullcontext():
                 out = model(xb)
             total_loss += float(task_loss(task, out, yb, reduction="sum"))
-            if task != "regression":
+            if tokens:
+                correct += float((out.argmax(dim=-1) == yb).double().mean(dim=1).sum())
+            elif task != "regression":
                 correct += int((out.argmax(dim=-1) == yb).sum())
     finally:
         model.train(was_training)
@@ -82,7 +88,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 
         sums = torch.tensor([total_loss, float(correct)], dtype=torch.float64,
                             device=x.device if x.device.type == "cuda" else "cpu")
         tdist.all_reduce(sums)
-        total_loss, correct = float(sums[0]), round(float(sums[1]))
+        total_loss, correct = float(sums[0]), float(sums[1])
+        if not tokens:
+            correct = round(correct)
     return total_loss / n, (None if task == "regression" else correct / n)
 
 
