@@ -164,7 +164,7 @@ def _flags_budget(p: argparse.ArgumentParser, d: Any) -> None:
 
 def _flags_run(p: argparse.ArgumentParser, d: Any) -> None:
     """Evaluation, checkpoints, outputs, device and processes."""
-    from adabatch.train.config import PRECISIONS
+    from adabatch.train.config import PARALLELS, PRECISIONS
 
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=_S,
@@ -209,6 +209,10 @@ def _flags_run(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--no-plots", dest="plots", action="store_const", const=False, default=_S,
                    help="do not write RUN/plots at the end")
     g = p.add_argument_group("processes (data parallel on this machine; see also torchrun)")
+    g.add_argument("--parallel", choices=PARALLELS, default=_S,
+                   help=f"ddp: every process holds the whole model (default {d.parallel}); "
+                        "fsdp: FSDP2 shards parameters, gradients and optimizer state over "
+                        "the processes (docs/fsdp.md; with --estimator micro-batch)")
     g.add_argument("--nproc", type=int, default=_S, metavar="N",
                    help="run N processes with torchrun (python -m torch.distributed.run "
                         "--standalone --nproc-per-node N -m adabatch train ...)")

@@ -112,6 +112,19 @@ def _make_model(cfg: TrainConfig, data: Any, device: torch.device) -> nn.Module:
     return model
 
 
+def _shard(cfg: TrainConfig, model: nn.Module, device: torch.device) -> None:
+    """--parallel fsdp: FSDP2 units and root (train/fsdp.py), before the optimizer is built
+    on the sharded parameters."""
+    if cfg.parallel != "fsdp":
+        return
+    from adabatch.train.fsdp import shard_model
+
+    try:
+        shard_model(model, device, cfg.precision)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--parallel fsdp: {one_line(e)}") from None
+
+
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     from adabatch import optim
 
@@ -222,6 +235,8 @@ def _make_forward(cfg: TrainConfig, model: nn.Module, d: Dist,
     """The module the training forward runs: the model, in DDP when distributed, compiled
     with ``--compile`` (validate() has refused the combinations that would split the graph
     or recompile as the batch grows; the micro-batches all have one shape)."""
+    if cfg.parallel == "fsdp":
+        return model  # sharded by fully_shard (validate() refused --compile)
     forward = wrap_ddp(model, d, device)
     if not cfg.compile:
         return forward
@@ -245,7 +260,9 @@ def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None, *,
     every global batch, the model is wrapped in DistributedDataParallel (``run.forward``), the
     batch-size granularity is micro-batch × world size and the estimator reduces its partial
     sums across ranks through ``run.reducer``. ``step_reducer``: a reducer also in one process
-    (see :attr:`adabatch.train.callbacks.Callbacks.reduce_statistics`).
+    (see :attr:`adabatch.train.callbacks.Callbacks.reduce_statistics`). With ``--parallel
+    fsdp`` the model is sharded with FSDP2 instead (:mod:`adabatch.train.fsdp`; also with one
+    rank) and ``run.forward`` is the model itself.
     """
     from adabatch import batching
 
@@ -254,6 +271,7 @@ def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None, *,
     device = _setup_device(cfg, d)
     data = _load_data(cfg)
     model = _make_model(cfg, data, device)
+    _shard(cfg, model, device)
     optimizer = _make_optimizer(cfg, model)
     n_train = len(data.x_train)
     if cfg.max_batch > n_train:
@@ -274,7 +292,7 @@ def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None, *,
     except (ValueError, TypeError) as e:
         raise ConfigError(one_line(e)) from None
     reducer = None
-    if d.enabled or step_reducer:
+    if d.enabled or step_reducer or cfg.parallel == "fsdp":  # FSDP2 statistics: reduce=
         reducer = StepReducer(d, device if device.type == "cuda" else torch.device("cpu"))
     estimator = _make_estimator(cfg, model, controller.needs, reducer)
     data.x_train, data.y_train = data.x_train.to(device), data.y_train.to(device)

@@ -33,6 +33,7 @@ __all__ = [
     "BUDGET_KEYS",
     "ESTIMATORS",
     "LR_SCHEDULES",
+    "PARALLELS",
     "PRECISIONS",
     "PRESETS",
     "RESUME_MUTABLE",
@@ -49,6 +50,8 @@ BATCH_SCHEDULES = ("constant", "linear", "stagewise")
 ESTIMATORS = ("per-sample", "micro-batch")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("32", "bf16")
+#: How the processes share the model: DDP replicates it, FSDP2 shards it (train/fsdp.py).
+PARALLELS = ("ddp", "fsdp")
 LR_SCALINGS = ("none", "linear", "sqrt", "gain")
 COORD_REDUCES = ("max", "mean", "quantile")
 BUDGET_KEYS = ("epochs", "samples", "steps")
@@ -164,6 +167,8 @@ class TrainConfig:
     # torch.compile of the training forward (fixed-size micro-batches: one graph)
     compile: bool = False
     compile_backend: str = "inductor"
+    # data parallelism: ddp (replicated model) or fsdp (FSDP2 fully_shard; train/fsdp.py)
+    parallel: str = "ddp"
 
     DEFAULT_EPOCHS: ClassVar[float] = 20.0
 
@@ -444,6 +449,7 @@ def _check_choices(cfg: TrainConfig) -> None:
     _choice(cfg, "estimator", ESTIMATORS)
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
     _choice(cfg, "precision", PRECISIONS)
+    _choice(cfg, "parallel", PARALLELS)
     _choice(cfg, "lr_scaling", LR_SCALINGS)
     _choice(cfg, "coord_reduce", COORD_REDUCES)
     if cfg.coord_reduce == "quantile" and not (cfg.coord_q is not None and 0 < cfg.coord_q <= 1):
@@ -627,6 +633,17 @@ def _check_compile(cfg: TrainConfig) -> None:
         raise ConfigError("--compile-backend must name a torch.compile backend")
 
 
+def _check_parallel(cfg: TrainConfig) -> None:
+    """--parallel fsdp: refuse what FSDP2 cannot run exactly (train/fsdp.py says why)."""
+    if cfg.parallel != "fsdp":
+        return
+    from adabatch.train.fsdp import fsdp_problem
+
+    problem = fsdp_problem(cfg)
+    if problem is not None:
+        raise ConfigError(f"--parallel fsdp: {problem}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check values and combinations; raise :class:`ConfigError` with one line.
 
@@ -640,6 +657,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_options(cfg)
     _check_compile(cfg)
     _check_max_micro_batch(cfg)
+    _check_parallel(cfg)
     return cfg
 
 

@@ -136,17 +136,22 @@ def restart_count() -> int:
         return 0
 
 
-def init_from_env(device_type: str, timeout_s: float = 600.0) -> Dist:
+def init_from_env(device_type: str, timeout_s: float = 600.0, *,
+                  group_of_one: bool = False) -> Dist:
     """Join the process group described by the environment (torchrun's variables).
 
     gloo on CPU, NCCL on CUDA. Uses an existing group when the caller created one. With
-    ``WORLD_SIZE`` unset or 1, nothing is initialised. ``timeout_s`` bounds every collective:
-    a process that waits longer for the others fails with a timeout (``--dist-timeout``).
+    ``WORLD_SIZE`` unset or 1, nothing is initialised, unless ``group_of_one`` (FSDP2 needs a
+    process group even for one process: a 1-rank group on an in-process store).
+    ``timeout_s`` bounds every collective: a process that waits longer for the others fails
+    with a timeout (``--dist-timeout``).
     """
     if dist.is_available() and dist.is_initialized():
         return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     world = env_world_size()
+    if world <= 1 and group_of_one:
+        return _group_of_one(device_type, timeout_s)
     if world <= 1:
         return Dist()
     if not dist.is_available():
@@ -173,6 +178,21 @@ def init_from_env(device_type: str, timeout_s: float = 600.0) -> Dist:
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return Dist(rank=rank, world_size=world, local_rank=local_rank, owns_group=True,
                 store=kwargs.get("store"), timeout_s=timeout_s)
+
+
+def _group_of_one(device_type: str, timeout_s: float) -> Dist:
+    if not dist.is_available():
+        raise RuntimeError("--parallel fsdp needs torch.distributed, which this torch build "
+                           "lacks")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    return Dist(owns_group=True, timeout_s=timeout_s)
 
 
 class PeerTimeout(RuntimeError):

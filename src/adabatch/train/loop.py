@@ -74,6 +74,7 @@ from adabatch.train.checkpoint import (
 )
 from adabatch.train.config import ConfigError, TrainConfig, replace, validate
 from adabatch.train.distributed import Dist, check_world_size, init_from_env, restart_count
+from adabatch.train.fsdp import full_model_state
 from adabatch.train.logging import MetricsWriter, Progress
 from adabatch.train.rundir import RunDirBusy, RunDirLock, check_new_run_dir
 from adabatch.train.state import check_compatible, restore, write_checkpoint
@@ -241,7 +242,8 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] | None = None,
     ``callbacks``: an :class:`adabatch.train.callbacks.Callbacks` whose events the loop calls.
     """
     validate(cfg)
-    d = init_from_env(resolve_device(cfg.device).type, cfg.dist_timeout)
+    d = init_from_env(resolve_device(cfg.device).type, cfg.dist_timeout,
+                      group_of_one=cfg.parallel == "fsdp")
     try:
         return _train(cfg, d, say, callbacks if callbacks is not None else Callbacks())
     finally:
@@ -357,6 +359,7 @@ def _train_claimed(cfg: TrainConfig, d: Dist, tell: Callable[[str], None], quiet
     progress = Progress(run.budget, unit, quiet=quiet,
                         start=run.step if unit == "step" else run.samples)
     procs = f" x {d.world_size} processes" if d.enabled else ""
+    procs += " (FSDP2, sharded)" if cfg.parallel == "fsdp" else ""
     tell(f"training {cfg.model} on {cfg.dataset} ({len(run.data.x_train)} samples) with "
          f"{cfg.optimizer} + batch policy "
          f"{cfg.batch_test if cfg.batch_test != 'none' else cfg.batch_schedule or 'constant'}"
@@ -414,8 +417,9 @@ def _finish(run: Run, final: dict[str, Any]) -> TrainResult:
         "device": str(run.device),
         "config": cfg.to_dict(),
     }
+    model_state = full_model_state(run.model)  # under FSDP2 a collective: every rank
     if d.is_main:
-        write_atomic(run.model.state_dict(), run.run_dir / "final.pt")
+        write_atomic(model_state, run.run_dir / "final.pt")
         write_text_atomic(json.dumps(summary, indent=2) + "\n", run.run_dir / "summary.json")
     d.barrier()  # every rank returns once the outputs exist
     return TrainResult(run.run_dir, summary, rank=d.rank)

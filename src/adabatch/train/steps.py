@@ -26,6 +26,7 @@ from adabatch.train.config import TrainConfig
 from adabatch.train.data import task_loss
 from adabatch.train.distributed import Dist, PeerTimeout, average_gradients, is_timeout
 from adabatch.train.divergence import Diverged
+from adabatch.train.fsdp import eval_padding
 from adabatch.train.state import write_checkpoint
 
 __all__ = ["StopFlag", "evaluate", "lr_multiplier", "run_steps"]
@@ -43,7 +44,8 @@ def lr_multiplier(cfg: TrainConfig, samples: int, step: int, budget_kind: str,
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.precision == "bf16":
+    """bf16: torch.autocast; under FSDP2 none (its MixedPrecisionPolicy casts, train/fsdp.py)."""
+    if cfg.precision == "bf16" and cfg.parallel != "fsdp":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -51,7 +53,8 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 1024,
              autocast: contextlib.AbstractContextManager | None = None,
-             dist: Dist | None = None) -> tuple[float, float | None]:
+             dist: Dist | None = None, same_passes: bool = False
+             ) -> tuple[float, float | None]:
     """Mean test loss and accuracy (None for regression) over ``x, y``.
 
     For a language model (``task="language_model"``) a sequence's loss and accuracy are the
@@ -59,6 +62,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 
 
     With ``dist`` (several ranks) each rank evaluates a contiguous shard of ``x, y`` and the
     sums of losses, correct predictions and samples are all-reduced (one small all-reduce).
+    ``same_passes`` (FSDP2, whose every forward all-gathers): every rank runs as many forward
+    passes, the ranks with fewer batches adding dummy one-sample passes.
     """
     n = len(x)
     if n == 0:
@@ -80,6 +85,10 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, task: str, *, batch: int = 
                 correct += float((out.argmax(dim=-1) == yb).double().mean(dim=1).sum())
             elif task != "regression":
                 correct += int((out.argmax(dim=-1) == yb).sum())
+        if same_passes and dist is not None and dist.enabled:
+            for _ in range(eval_padding(n, batch, dist.rank, dist.world_size)):
+                with autocast if autocast is not None else contextlib.nullcontext():
+                    model(x[:1])  # output discarded
     finally:
         model.train(was_training)
     if dist is not None and dist.enabled:
@@ -151,7 +160,7 @@ def eval_row(run: Run, writer: Any, progress: Any) -> dict[str, Any]:
         return row
     loss, acc = evaluate(run.model, run.data.x_test, run.data.y_test, run.data.task,
                          batch=run.cfg.eval_batch, autocast=autocast(run.cfg, run.device),
-                         dist=run.dist)
+                         dist=run.dist, same_passes=run.cfg.parallel == "fsdp")
     row = {"eval": True, "step": run.step, "samples": run.samples, "test_loss": loss,
            "test_accuracy": acc, "time": run.elapsed}
     writer.write(row)
@@ -174,6 +183,9 @@ class _Steps:
         self.autocast = autocast(run.cfg, run.device)
         self.move = run.device.type != "cpu"  # the sampler's indices live on the CPU
         self.params = [p for p in run.model.parameters() if p.requires_grad]
+        # FSDP2 reduce-scatters every micro-batch's gradient (train/fsdp.py): no DDP no_sync,
+        # and its estimator reads the local gradients in hooks, never by hand
+        self.ddp = run.dist.enabled and run.cfg.parallel != "fsdp"
         sampler = run.sampler
         max_pass = run.cfg.max_micro_batch
         if run.cfg.effective_micro_batch() is None:  # the whole share in one pass
@@ -205,7 +217,7 @@ class _Steps:
         data, loss_fn, forward = run.data, run.loss_fn, self.forward
         batches = self.take(B)
         # an estimator that needs each rank's local gradients: no DDP sync, one by hand
-        manual_sync = d.enabled and measure and self.est.needs_local_grads
+        manual_sync = self.ddp and measure and self.est.needs_local_grads
         last = len(batches) - 1
         loss_sum: Tensor | None = None
         with self.est.step(measure) as step:
@@ -216,7 +228,7 @@ class _Steps:
                 y = data.y_train.index_select(0, idx)
                 if data.augment is not None:
                     x = data.augment(x, run.augment_gen)
-                no_sync = d.enabled and (k < last or manual_sync)
+                no_sync = self.ddp and (k < last or manual_sync)
                 with (forward.no_sync() if no_sync  # type: ignore[operator]
                       else contextlib.nullcontext()), step.micro_batch(len(idx)):
                     with self.autocast:
