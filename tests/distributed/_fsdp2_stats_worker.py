@@ -1,7 +1,8 @@
 """Worker of tests/distributed/test_fsdp2_stats.py, run by torchrun with 2 processes (gloo).
 
-Three float64 models (:data:`MODELS`: an MLP with uneven shards, a language model whose
-Embedding and output Linear share one Parameter, an MLP with frozen parameters) measure both
+Four float64 models (:data:`MODELS`: an MLP with uneven shards, a language model whose
+Embedding and output Linear share one Parameter, an MLP with frozen parameters, the CLI's
+``charlm`` with its blocks sharded one by one) measure both
 estimators (:data:`ESTIMATORS`) with every statistic over three steps of a global batch of 16
 samples, 8 per rank in micro-batches of unequal sizes (:data:`SIZES`): step 1 with gradient
 sync after every micro-batch, the others accumulating without sync
@@ -38,13 +39,14 @@ from adabatch.batching.batch_tests import (
 )
 from adabatch.batching.policies import CriticalBatchSize, Goodput
 from adabatch.batching.stats import STAT_NAMES, GradientStats
+from adabatch.train.models import create_model
 
 #: per step, per rank: the sizes of its micro-batches (8 samples each rank; rank r takes rows
 #: 8r..8r+7 of the step's 16); the last step has one micro-batch per rank (M = 2 in all)
 SIZES = [{0: [3, 5], 1: [2, 6]}, {0: [3, 5], 1: [2, 6]}, {0: [8], 1: [8]}]
 NEEDS = ("grad_sq_norm", "variance_trace", "coord_variance", "mean_grad")
 ALL = tuple(sorted(STAT_NAMES))
-MODELS = ("mlp", "tied", "frozen")
+MODELS = ("mlp", "tied", "frozen", "charlm")
 ESTIMATORS = ("micro", "persample")
 VOCAB, TOKENS = 11, 4
 
@@ -70,6 +72,9 @@ def make_model(name: str = "mlp") -> nn.Module:
     torch.manual_seed(0)
     if name == "tied":
         return TiedLM().double()
+    if name == "charlm":  # the CLI's language model: pre-LN blocks, positions, tied output
+        return create_model("charlm", (TOKENS,), VOCAB, d_model=8, layers=2,
+                            heads=2).double()
     if name == "frozen":  # a frozen weight beside its trainable bias, and a frozen layer
         model = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
                               nn.Linear(5, 3)).double()
@@ -82,7 +87,10 @@ def make_model(name: str = "mlp") -> nn.Module:
 def shard(model: nn.Module) -> nn.Module:
     """fully_shard on every layer with parameters (not the tied ones), then the root."""
     for name, m in model.named_children():
-        if any(True for _ in m.parameters()) and name not in ("tok", "head"):
+        if name == "blocks":
+            for block in m:
+                fully_shard(block)
+        elif any(True for _ in m.parameters()) and name not in ("tok", "head"):
             fully_shard(m)
     fully_shard(model)
     return model
@@ -90,7 +98,7 @@ def shard(model: nn.Module) -> nn.Module:
 
 def data(name: str = "mlp") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    if name == "tied":
+    if name in ("tied", "charlm"):
         return (torch.randint(0, VOCAB, (3, 16, TOKENS), generator=g),
                 torch.randint(0, VOCAB, (3, 16, TOKENS), generator=g))
     return (torch.randn(3, 16, 7, generator=g, dtype=torch.float64),
@@ -98,7 +106,7 @@ def data(name: str = "mlp") -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_of(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if name == "tied":
+    if name in ("tied", "charlm"):
         return nn.functional.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
     return nn.functional.mse_loss(out, y)
 

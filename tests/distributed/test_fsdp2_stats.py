@@ -166,7 +166,10 @@ SCALARS = ("grad_sq_norm", "variance_trace", "ip_variance", "orth_variance")
 def test_every_statistic_equals_one_process(fsdp2, name, kind):
     """Every statistic, batch test and policy: FSDP2 = DDP = one process, for both
     estimators, with tied and frozen parameters. The coordinate test's quantile is refused
-    under FSDP2 only (it would gather every v_j)."""
+    under FSDP2 only (it would gather every v_j). charlm's coordinate ratios are not
+    compared: its attention key bias has ḡ_j = 0 in exact arithmetic (softmax ignores a
+    shift of all scores), so v_j/(η²ḡ_j²) is rounding noise there, in one process too; its
+    v_j and ḡ are compared like every other model's."""
     ref, ref_policies = _one_process_case(name, kind)
     case = fsdp2["cases"][f"{name}/{kind}"]
     for run in ("fsdp2", "ddp"):
@@ -185,7 +188,7 @@ def test_every_statistic_equals_one_process(fsdp2, name, kind):
                     assert "FSDP2" in got["ratios"][k]
                 elif value is None:
                     assert got["ratios"][k] is None
-                else:
+                elif not (name == "charlm" and k.startswith("coord")):
                     assert got["ratios"][k] == pytest.approx(value, rel=RTOL), (run, k)
         for a, b in zip(case["policies"][run], ref_policies, strict=True):
             assert a[0] == b[0]
