@@ -1,4 +1,11 @@
-"""A run's checkpoint: what is saved, what must match on resume, and the restore."""
+"""A run's checkpoint: what is saved, what must match on resume, and the restore.
+
+DDP and single-process runs write one file per checkpoint (rank 0, :mod:`.checkpoint`);
+``--parallel fsdp`` runs write sharded checkpoints, every rank its shards of the model and
+optimizer (:mod:`.sharded_checkpoint`), with the same trainer state beside them. A run
+resumes only from its own kind; with DCP's resharding, a sharded checkpoint loads into
+another number of processes.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +21,20 @@ from adabatch.train.checkpoint import (
 )
 from adabatch.train.config import RESUME_MUTABLE, RETIRED_KEYS, TrainConfig
 from adabatch.train.distributed import check_world_size
+from adabatch.train.sharded_checkpoint import load_sharded, save_sharded
 
 __all__ = ["check_compatible", "checkpoint_state", "restore", "write_checkpoint"]
 
 
-def checkpoint_state(run: Run, rng_ranks: list[Any] | None = None) -> dict[str, Any]:
+def _sharded(cfg: TrainConfig) -> bool:
+    """Whether the run's checkpoints are sharded (``--parallel fsdp``)."""
+    return getattr(cfg, "parallel", "ddp") == "fsdp"
+
+
+def checkpoint_state(run: Run, rng_ranks: list[Any] | None = None, *,
+                     sharded: bool = False) -> dict[str, Any]:
+    """What a checkpoint holds; ``sharded``: all but the model and optimizer (which DCP
+    writes beside it)."""
     from adabatch import __version__
 
     state = {
@@ -27,8 +43,11 @@ def checkpoint_state(run: Run, rng_ranks: list[Any] | None = None) -> dict[str, 
         "step": run.step,
         "samples": run.samples,
         "elapsed": run.elapsed,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+    }
+    if not sharded:  # in this order: the bytes of a DDP checkpoint are those of before
+        state["model"] = run.model.state_dict()
+        state["optimizer"] = run.optimizer.state_dict()
+    state |= {
         "controller": run.controller.state_dict(),
         "sampler": run.sampler.state_dict(),
         "rng": capture_rng(run.augment_gen),
@@ -43,9 +62,17 @@ def checkpoint_state(run: Run, rng_ranks: list[Any] | None = None) -> dict[str, 
 
 def write_checkpoint(run: Run, writer: Any) -> Path | None:
     """Rank 0 writes the checkpoint (atomically); with several ranks every rank's RNG states
-    travel to it first (one all_gather of small objects)."""
+    travel to it first (one all_gather of small objects). ``--parallel fsdp``: every rank
+    writes its shards and rank 0 the rest (a collective; atomic at the run level)."""
     d = run.dist
     rng_ranks = d.gather_objects(capture_rng(run.augment_gen)) if d.enabled else None
+    if _sharded(run.cfg):
+        state = None
+        if d.is_main:
+            run.metrics_offset = writer.flush()
+            state = checkpoint_state(run, rng_ranks, sharded=True)
+        return save_sharded(run.run_dir, run.step, run.model, run.optimizer, state,
+                            keep=run.cfg.keep_checkpoints)
     if not d.is_main:
         return None
     run.metrics_offset = writer.flush()
@@ -72,6 +99,19 @@ def check_compatible(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> No
     missing = sorted(set(saved) - set(current) - RETIRED_KEYS)
     if missing:
         raise CheckpointError(f"checkpoint {where} has unknown config keys {missing}")
+    _check_kind(cfg, Path(where))  # for checkpoints older than the key ``parallel``
+
+
+def _check_kind(cfg: TrainConfig, where: Path) -> None:
+    """A sharded checkpoint (a directory) resumes only under ``--parallel fsdp``, a
+    single-file one only without it."""
+    if where.is_dir() and not _sharded(cfg):
+        raise CheckpointError(f"checkpoint {where} is sharded (written by a --parallel fsdp "
+                              f"run); resume it with --parallel fsdp")
+    if not where.is_dir() and _sharded(cfg):
+        raise CheckpointError(f"checkpoint {where} was written by a run without --parallel "
+                              f"fsdp (one file, not sharded); resume it without --parallel "
+                              f"fsdp")
 
 
 def _check_world(run: Run, state: dict[str, Any], path: Path) -> None:
@@ -103,8 +143,11 @@ def _restore(run: Run, state: dict[str, Any], path: Path) -> None:
     d = run.dist
     _check_world(run, state, path)
     try:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        if _sharded(run.cfg):  # every rank reads its shards (DCP reshards to this world)
+            load_sharded(path, run.model, run.optimizer)
+        else:
+            run.model.load_state_dict(state["model"])
+            run.optimizer.load_state_dict(state["optimizer"])
         run.controller.load_state_dict(state["controller"])
         run.sampler.load_state_dict(state["sampler"])
         if "divergence" in state:  # checkpoints of 0.1.0 before the rule have none
