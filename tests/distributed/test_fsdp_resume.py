@@ -1,0 +1,131 @@
+"""``adabatch train --parallel fsdp``: sharded checkpoints in the trainer (gloo, CPU).
+
+A 2-process FSDP2 run under torchrun ``--max-restarts 1`` with rank 1 killed (SIGKILL) in
+step 10 restarts the group, which resumes from the newest sharded checkpoint (step 8) and ends
+like an uninterrupted run (the same decisions; the model within float tolerance: the
+reference is the 1-process FSDP2 run, which takes the 2-process run's decisions, see
+tests/distributed/test_fsdp_train.py). The same 2-process run continued in 1 process from its
+step-4 checkpoint (``--from-step 4``, DCP resharding 2 → 1) ends like it too. A sharded
+checkpoint does not resume without ``--parallel fsdp``, nor a single-file one with it: one
+line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adabatch.cli import main
+from tests.train._runs import metric_rows, subprocess_env
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:.*could not decide:RuntimeWarning")]
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNNER = str(ROOT / "tests" / "_fault_runner.py")
+# batch sizes are multiples of 16 (--batch-granularity): the same micro-batches of 8 in 1 and
+# 2 processes; a checkpoint every 4 steps, all kept
+FLAGS = ["--parallel", "fsdp", "--epochs", "1", "--estimator", "micro-batch",
+         "--micro-batch", "8", "--batch-granularity", "16", "--initial-batch", "16",
+         "--max-batch", "128", "--eta", "0.3", "--optimizer", "adam", "--lr", "3e-3",
+         "--threads", "1", "--no-plots", "--checkpoint-every", "4", "--keep-checkpoints",
+         "20", "--eval-every", "6", "--dist-timeout", "60"]  # not --quiet: the resume line
+KILL_STEP = "10"
+
+
+def _env() -> dict[str, str]:
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _steps(run: Path) -> list[dict]:
+    return [r for r in metric_rows(run) if not r.get("eval")]
+
+
+def _in_process(args: list[str]) -> int:
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("WORLD_SIZE", "RANK", "TORCHELASTIC_RESTART_COUNT"):
+            mp.delenv(k, raising=False)
+        return main([*args, "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("fsdp_resume")
+    one, two, two_to_one = tmp / "one", tmp / "two", tmp / "two_to_one"
+    assert _in_process(["train", *FLAGS, "--out", str(one)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "--max-restarts", "1", RUNNER,
+                           "--kill-rank", "1", "--kill-at", KILL_STEP, "--", *FLAGS,
+                           "--out", str(two)], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(two, two_to_one)
+    assert _in_process(["train", "--resume", str(two_to_one), "--from-step", "4",
+                        "--threads", "1"]) == 0
+    return {"one": one, "two": two, "two_to_one": two_to_one,
+            "log": proc.stdout + proc.stderr}
+
+
+def _assert_like(reference: Path, run: Path) -> None:
+    a, b = _steps(reference), _steps(run)
+    assert [r["step"] for r in b] == list(range(1, len(b) + 1))  # none lost, none twice
+    assert [r["batch_size"] for r in a] == [r["batch_size"] for r in b]
+    assert len({r["batch_size"] for r in a}) > 2  # the batch size really grows
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["required"] == ra["required"] and rb["passed"] == ra["passed"]
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
+    fa = torch.load(reference / "final.pt", weights_only=True)
+    fb = torch.load(run / "final.pt", weights_only=True)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert float((fa[k] - fb[k]).abs().max()) <= 1e-4, k
+
+
+def test_killed_rank_restarts_the_group_from_the_sharded_checkpoint(runs) -> None:
+    two = runs["two"]
+    assert "restarted by torchrun (restart 1); resuming" in runs["log"]
+    assert "from step_00000008 (step 8," in runs["log"]
+    _assert_like(runs["one"], two)
+    marker = json.loads((two / "checkpoints" / "step_00000008" / "complete.json").read_text())
+    assert marker["world_size"] == 2 and marker["step"] == 8
+    assert sorted((two / "checkpoints" / "step_00000008").glob("*.distcp")) != []
+    assert not [p for p in (two / "checkpoints").iterdir() if p.suffix == ".tmp"]
+
+
+def test_two_processes_resume_in_one(runs) -> None:
+    run = runs["two_to_one"]
+    _assert_like(runs["one"], run)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 1
+    last = max(p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")
+               and "." not in p.name)
+    assert json.loads((last / "complete.json").read_text())["world_size"] == 1
+
+
+def test_checkpoint_kinds_do_not_mix(runs, tmp_path, capsys) -> None:
+    sharded = tmp_path / "sharded"
+    shutil.copytree(runs["one"], sharded)
+    assert _in_process(["train", "--resume", str(sharded), "--parallel", "ddp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "parallel='fsdp', this run has parallel='ddp'" in err and "\n" not in err
+    # a single-file checkpoint of a version before --parallel (no "parallel" in its config)
+    single = tmp_path / "single"
+    plain = ["--steps", "2", "--estimator", "micro-batch", "--micro-batch", "8",
+             "--initial-batch", "16", "--max-batch", "32", "--optimizer", "adam",
+             "--threads", "1", "--no-plots"]
+    assert _in_process(["train", *plain, "--out", str(single)]) == 0
+    for path in (single / "checkpoints").iterdir():
+        state = torch.load(path, weights_only=True)
+        del state["config"]["parallel"]
+        torch.save(state, path)
+    assert _in_process(["train", "--resume", str(single), "--parallel", "fsdp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was written by a run without --parallel fsdp (one file, not sharded)" in err
+    assert "\n" not in err
