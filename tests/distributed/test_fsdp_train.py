@@ -9,7 +9,8 @@ tolerance). The digits test set has 359 samples and ``--eval-batch 179`` gives r
 batch and rank 1 two: the evaluation pads rank 0 with a dummy pass (without it the ranks'
 collectives would not match and the run would time out). Also a model with tied embeddings
 (``blocks`` units, the embedding and the head in the root), one with a frozen weight (the
-direct-children units), bfloat16 mixed precision through gloo, and the refusals.
+direct-children units), the byte-level transformer ``charlm`` measured by the per-sample
+estimator, bfloat16 mixed precision through gloo, and the refusals.
 
 The torchrun launches are the cost (a few seconds each): ``--nproc 2`` once (the CLI's own
 launcher), and one launch of tests/distributed/_fsdp_train_worker.py for the other
@@ -47,6 +48,13 @@ FLAGS = ["--epochs", "1", "--estimator", "micro-batch", "--micro-batch", "8",
          "--dist-timeout", "60", "--quiet"]
 TIED = [*FLAGS, "--model", f"{MODELS}:tied"]
 FROZEN = [*FLAGS, "--model", f"{MODELS}:frozen"]
+# the byte-level transformer (blocks, tied embedding) on pydoc, measured by PerSampleStats
+LM = ["--dataset", "pydoc", "--data-option", "context=16", "--model", "charlm",
+      "--model-option", "d_model=16", "--model-option", "layers=2", "--model-option",
+      "heads=2", "--optimizer", "adamw", "--lr", "3e-3", "--steps", "6", "--micro-batch", "4",
+      "--batch-granularity", "8", "--initial-batch", "8", "--max-batch", "128", "--eta",
+      "0.25", "--threads", "1", "--no-plots", "--checkpoint-every", "0", "--eval-every", "2",
+      "--eval-batch", "4096", "--dist-timeout", "60", "--quiet"]
 
 
 def _env() -> dict[str, str]:
@@ -73,7 +81,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("fsdp")
     out = {name: tmp / name for name in ("one", "fsdp_one", "fsdp_two", "ddp_two", "tied_one",
                                          "tied_two", "frozen_one", "frozen_two",
-                                         "bf16_two")}
+                                         "bf16_two", "lm_one", "lm_two")}
     with pytest.MonkeyPatch.context() as mp:
         for k in ("WORLD_SIZE", "RANK"):
             mp.delenv(k, raising=False)
@@ -81,7 +89,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             mp.setenv(k, v)
         mp.syspath_prepend(str(ROOT))
         for name, flags in (("one", FLAGS), ("fsdp_one", [*FLAGS, "--parallel", "fsdp"]),
-                            ("tied_one", TIED), ("frozen_one", FROZEN)):
+                            ("tied_one", TIED), ("frozen_one", FROZEN), ("lm_one", LM)):
             assert main(["train", *flags, "--out", str(out[name])]) == 0, name
         assert main(["train", "--nproc", "2", "--parallel", "fsdp", *FLAGS, "--out",
                      str(out["fsdp_two"])]) == 0
@@ -89,7 +97,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     arg_lists = [[*FLAGS, "--out", str(out["ddp_two"])],
                  [*TIED, *fsdp, "--out", str(out["tied_two"])],
                  [*FROZEN, *fsdp, "--out", str(out["frozen_two"])],
-                 [*FROZEN, *fsdp, "--precision", "bf16", "--out", str(out["bf16_two"])]]
+                 [*FROZEN, *fsdp, "--precision", "bf16", "--out", str(out["bf16_two"])],
+                 [*LM, *fsdp, "--out", str(out["lm_two"])]]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", WORKER, json.dumps(arg_lists)],
                           env=_env(), capture_output=True, text=True, timeout=300)
@@ -97,8 +106,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _assert_same_run(a: Path, b: Path, *, loss_tol: float = 1e-5, model_tol: float = 1e-4
-                     ) -> None:
+def _assert_same_run(a: Path, b: Path, *, loss_tol: float = 1e-5, model_tol: float = 1e-4,
+                     evals: int = 3) -> None:
     sa, sb = _steps(a), _steps(b)
     assert [r["batch_size"] for r in sa] == [r["batch_size"] for r in sb]
     assert len({r["batch_size"] for r in sa}) > 2  # the batch size really grows
@@ -106,7 +115,7 @@ def _assert_same_run(a: Path, b: Path, *, loss_tol: float = 1e-5, model_tol: flo
         assert rb["required"] == ra["required"] and rb["passed"] == ra["passed"]
         assert rb["loss"] == pytest.approx(ra["loss"], abs=loss_tol)
     ea, eb = _evals(a), _evals(b)
-    assert [e["step"] for e in ea] == [e["step"] for e in eb] and len(ea) >= 3
+    assert [e["step"] for e in ea] == [e["step"] for e in eb] and len(ea) >= evals
     for x, y in zip(ea, eb):
         assert y["test_loss"] == pytest.approx(x["test_loss"], abs=loss_tol)
         assert y["test_accuracy"] == pytest.approx(x["test_accuracy"], abs=1e-9)
@@ -131,6 +140,14 @@ def test_tied_embeddings(runs):
     _assert_same_run(runs["tied_one"], runs["tied_two"])
     final = _final(runs["tied_two"])
     assert torch.equal(final["embed.weight"], final["head.weight"])
+
+
+def test_language_model_with_per_sample_statistics(runs):
+    """charlm: each block a unit, the tied embedding in the root; PerSampleStats under FSDP2
+    (its attention and linear rules on the unsharded parameters)."""
+    _assert_same_run(runs["lm_one"], runs["lm_two"], model_tol=2e-4)
+    final = _final(runs["lm_two"])
+    assert any(k.startswith("blocks.1.") for k in final)
 
 
 def _initial(factory: str) -> nn.Module:
@@ -180,11 +197,9 @@ def test_eval_padding_gives_every_rank_the_same_number_of_passes():
 
 
 @pytest.mark.parametrize("flags, message", [
-    ([], "--parallel fsdp: --estimator per-sample cannot measure an FSDP2-sharded model"),
-    (["--estimator", "micro-batch", "--optimizer", "adagradnorm"],
-     "--parallel fsdp: optimizer 'adagradnorm' does not step sharded (DTensor) parameters"),
-    (["--estimator", "micro-batch", "--optimizer", "sgd", "--batch-test", "ip"],
-     "--parallel fsdp: --batch-test ip needs the mean gradient across whole layers"),
+    ([], "--parallel fsdp: optimizer 'adagradnorm' does not step sharded (DTensor) parameters"),
+    (["--optimizer", "adabelief"],
+     "--parallel fsdp: optimizer 'adabelief' does not step sharded (DTensor) parameters"),
     (["--estimator", "micro-batch", "--optimizer", "sgd", "--batch-test", "coord",
       "--coord-reduce", "quantile", "--coord-q", "0.9"],
      "--parallel fsdp: --coord-reduce quantile would gather"),

@@ -212,7 +212,7 @@ def _make_estimator(cfg: TrainConfig, model: nn.Module, needs: frozenset[str],
         # increments read in gradient hooks: one pass over each gradient per micro-batch
         # instead of three (benchmarks/test_overhead.py, micro vs micro-hooks)
         return batching.MicroBatchStats(model, needs=needs, reduce=reduce, track="hooks")
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, NotImplementedError) as e:  # NotImplementedError: FSDP2
         raise ConfigError(f"--estimator {cfg.estimator}: {one_line(e)}") from None
 
 

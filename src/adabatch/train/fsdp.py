@@ -19,11 +19,13 @@ every parameter that no unit took.
 p.grad, which accumulates over the micro-batches (FSDP2's default; the alternative,
 ``set_requires_gradient_sync(False)`` until the last micro-batch, gives the same statistics
 but keeps an unsharded gradient of the whole model between micro-batches, which is what
-sharding is for avoiding). The micro-batch estimator (``track="hooks"``) reads each rank's
-micro-batch gradient on the unsharded parameters before the reduce-scatter and sums its
-statistics with one small all-reduce (:mod:`adabatch.batching._microbatch`, module
-docstring): the batch-size decisions are those of DDP and of one process on the same global
-batch. The loss scaling is DDP's: each rank scales its micro-batch losses by
+sharding is for avoiding). Both estimators measure on the unsharded parameters, before the
+reduce-scatter: the micro-batch estimator (``track="hooks"``) each rank's micro-batch
+gradients, the per-sample estimator each rank's per-sample gradients; their partial sums
+travel in one small all-reduce, per-coordinate sums are reduce-scattered
+(:mod:`adabatch.batching._microbatch` and :mod:`adabatch.batching._sharded`; docs/fsdp.md
+counts the bytes). The batch-size decisions are those of DDP and of one process on the same
+global batch. The loss scaling is DDP's: each rank scales its micro-batch losses by
 ``n_k / (B / R)`` and FSDP2 averages over the ranks.
 
 **Mixed precision.** ``--precision bf16`` becomes FSDP2's ``MixedPrecisionPolicy``: the
@@ -37,11 +39,12 @@ tests/distributed/test_fsdp_train.py); on CUDA the device must support bfloat16.
 number of forward passes: ranks whose shard of the test set needs fewer batches run dummy
 one-sample passes whose outputs are discarded (:func:`eval_padding`).
 
-**Refused** (:func:`fsdp_problem`, one line, exit code 2): the per-sample estimator (its
-layer hooks need the full parameters of every layer), the inner-product tests and the
-coordinate test's quantile (they need ḡ across whole layers), ``--compile``, a device
-other than CPU or CUDA, and the optimizers whose step is not written for DTensor
-parameters (:data:`FSDP_OPTIMIZERS` lists those that are).
+**Refused** (:func:`fsdp_problem`, one line, exit code 2): the coordinate test's quantile
+(it would gather every coordinate's variance), ``--compile``, a device other than CPU or
+CUDA, and the optimizers whose step is not written for DTensor parameters
+(:data:`FSDP_OPTIMIZERS` lists those that are). The per-sample estimator refuses, when it is
+built, a layer it can only measure by recomputing it sample by sample (FSDP2 has resharded
+its parameters by then): one line naming the layers.
 """
 
 from __future__ import annotations
@@ -63,17 +66,9 @@ FSDP_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad")
 
 def fsdp_problem(cfg: Any) -> str | None:
     """What ``--parallel fsdp`` cannot run in ``cfg`` (None: nothing)."""
-    measures = cfg.batch_test != "none"
-    if measures and cfg.estimator == "per-sample":
-        return ("--estimator per-sample cannot measure an FSDP2-sharded model (its layer "
-                "hooks need every layer's full parameters); use --estimator micro-batch")
     if cfg.optimizer not in FSDP_OPTIMIZERS:
         return (f"optimizer {cfg.optimizer!r} does not step sharded (DTensor) parameters "
                 f"yet; choose one of {', '.join(FSDP_OPTIMIZERS)}")
-    if cfg.batch_test in ("ip", "aip"):
-        return (f"--batch-test {cfg.batch_test} needs the mean gradient across whole layers, "
-                "which the micro-batch estimator does not gather under FSDP2; use --batch-test "
-                "norm, coord, critical or goodput")
     if cfg.batch_test == "coord" and cfg.coord_reduce == "quantile":
         return ("--coord-reduce quantile would gather every coordinate's variance; use max "
                 "or mean (reduced over the ranks without gathering)")
