@@ -1,8 +1,9 @@
 """Worker of tests/distributed/test_fsdp2_stats.py, run by torchrun with 2 processes (gloo).
 
-Four float64 models (:data:`MODELS`: an MLP with uneven shards, a language model whose
+Five float64 models (:data:`MODELS`: an MLP with uneven shards, a language model whose
 Embedding and output Linear share one Parameter, an MLP with frozen parameters, the CLI's
-``charlm`` with its blocks sharded one by one) measure both
+``charlm`` with its blocks sharded one by one, and a block with nn.MultiheadAttention, which
+PerSampleStats recomputes sample by sample) measure both
 estimators (:data:`ESTIMATORS`) with every statistic over three steps of a global batch of 16
 samples, 8 per rank in micro-batches of unequal sizes (:data:`SIZES`): step 1 with gradient
 sync after every micro-batch, the others accumulating without sync
@@ -46,7 +47,7 @@ from adabatch.train.models import create_model
 SIZES = [{0: [3, 5], 1: [2, 6]}, {0: [3, 5], 1: [2, 6]}, {0: [8], 1: [8]}]
 NEEDS = ("grad_sq_norm", "variance_trace", "coord_variance", "mean_grad")
 ALL = tuple(sorted(STAT_NAMES))
-MODELS = ("mlp", "tied", "frozen", "charlm")
+MODELS = ("mlp", "tied", "frozen", "charlm", "attn")
 ESTIMATORS = ("micro", "persample")
 VOCAB, TOKENS = 11, 4
 
@@ -68,10 +69,39 @@ class TiedLM(nn.Module):
         return self.head(self.norm(h + torch.tanh(self.mix(h))))
 
 
+class AttnBlock(nn.Module):
+    """nn.MultiheadAttention (PerSampleStats recomputes it sample by sample with torch.func)
+    and a Linear, sharded together by one fully_shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.ff = nn.Linear(6, 6)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return h + self.ff(torch.tanh(h + a))
+
+
+class AttnNet(nn.Module):
+    """[n, 7] -> two tokens of 6 -> :class:`AttnBlock` -> mean over the tokens -> [n, 3]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(7, 12)
+        self.block = AttnBlock()
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.block(self.inp(x).reshape(-1, 2, 6)).mean(1))
+
+
 def make_model(name: str = "mlp") -> nn.Module:
     torch.manual_seed(0)
     if name == "tied":
         return TiedLM().double()
+    if name == "attn":
+        return AttnNet().double()
     if name == "charlm":  # the CLI's language model: pre-LN blocks, positions, tied output
         return create_model("charlm", (TOKENS,), VOCAB, d_model=8, layers=2,
                             heads=2).double()
@@ -207,7 +237,8 @@ def run_steps(steps: Iterator[GradientStats], full, counter: dict[str, int] | No
 
 
 def count_bytes(counter: dict[str, int]) -> None:
-    """Count the bytes of the tensors handed to FSDP2's collectives and to ours."""
+    """Count the bytes of the whole (unsharded) tensors of FSDP2's collectives and of ours:
+    a reduce-scatter's input, an all-gather's output."""
     def wrap(mod, name: str, key: str, arg: int, kw: str) -> None:
         inner = getattr(mod, name)
 
@@ -217,7 +248,7 @@ def count_bytes(counter: dict[str, int]) -> None:
             return inner(*args, **kwargs)
         setattr(mod, name, counted)
     wrap(dist, "reduce_scatter_single", "fsdp_reduce_scatter", 1, "input")
-    wrap(dist, "all_gather_single", "fsdp_all_gather", 1, "input")
+    wrap(dist, "all_gather_single", "fsdp_all_gather", 0, "output")
     wrap(_sharded, "reduce_scatter", "stats_reduce_scatter", 0, "full")
     wrap(_sharded, "all_gather", "stats_all_gather", 0, "shard")
 
@@ -231,8 +262,18 @@ def refusals(model: nn.Module) -> dict:
         "params_list": lambda: mbs(list(model.parameters()), needs=NEEDS, reduce=sum,
                                    track="hooks"),
         "persample_no_reduce": lambda: PerSampleStats(model, needs=ALL),
+        "persample_recomputed_sharded": lambda: PerSampleStats(
+            _attn_sharded_inside(), needs=ALL, reduce=sum),
     }
     return {name: str(_attempt(make)) for name, make in cases.items()}
+
+
+def _attn_sharded_inside() -> nn.Module:
+    """The attention model with fully_shard on the nn.MultiheadAttention itself."""
+    model = make_model("attn")
+    fully_shard(model.block.attn)
+    fully_shard(model)
+    return model
 
 
 def _fsdp_sync(model: nn.Module):

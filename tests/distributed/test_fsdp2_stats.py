@@ -132,6 +132,8 @@ def test_fsdp2_refuses_what_would_be_wrong(fsdp2):
     assert r["params_list"].startswith("ValueError") and "module" in r["params_list"]
     assert (r["persample_no_reduce"].startswith("ValueError")
             and "reduce=" in r["persample_no_reduce"])
+    recomputed = r["persample_recomputed_sharded"]  # torch.func would run FSDP2's hooks
+    assert recomputed.startswith("NotImplementedError") and "fully_shard" in recomputed
     assert all("FSDP2" in msg for msg in r.values())
 
 
@@ -159,6 +161,7 @@ def _one_process_case(name: str, kind: str) -> tuple[list[dict], list]:
 
 
 SCALARS = ("grad_sq_norm", "variance_trace", "ip_variance", "orth_variance")
+ATTENTION = ("charlm", "attn")  # the models with an attention key bias
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -166,10 +169,10 @@ SCALARS = ("grad_sq_norm", "variance_trace", "ip_variance", "orth_variance")
 def test_every_statistic_equals_one_process(fsdp2, name, kind):
     """Every statistic, batch test and policy: FSDP2 = DDP = one process, for both
     estimators, with tied and frozen parameters. The coordinate test's quantile is refused
-    under FSDP2 only (it would gather every v_j). charlm's coordinate ratios are not
-    compared: its attention key bias has ḡ_j = 0 in exact arithmetic (softmax ignores a
-    shift of all scores), so v_j/(η²ḡ_j²) is rounding noise there, in one process too; its
-    v_j and ḡ are compared like every other model's."""
+    under FSDP2 only (it would gather every v_j). The coordinate ratios of the models with
+    attention are not compared: the key bias has ḡ_j = 0 in exact arithmetic (softmax
+    ignores a shift of all scores), so v_j/(η²ḡ_j²) is rounding noise there, in one process
+    too; their v_j and ḡ are compared like every other model's."""
     ref, ref_policies = _one_process_case(name, kind)
     case = fsdp2["cases"][f"{name}/{kind}"]
     for run in ("fsdp2", "ddp"):
@@ -188,7 +191,7 @@ def test_every_statistic_equals_one_process(fsdp2, name, kind):
                     assert "FSDP2" in got["ratios"][k]
                 elif value is None:
                     assert got["ratios"][k] is None
-                elif not (name == "charlm" and k.startswith("coord")):
+                elif not (name in ATTENTION and k.startswith("coord")):
                     assert got["ratios"][k] == pytest.approx(value, rel=RTOL), (run, k)
         for a, b in zip(case["policies"][run], ref_policies, strict=True):
             assert a[0] == b[0]
@@ -211,6 +214,14 @@ def test_communication_of_every_need(fsdp2, name, kind):
         assert counted["stats_all_gather"] == numel * 8
         per_sync = counted["fsdp_reduce_scatter"] / (2 if step == 0 else 1)
         assert numel * 8 <= per_sync
+    # the estimators add no FSDP2 all-gather, except PerSampleStats around the layers it
+    # recomputes (nn.MultiheadAttention): their FSDP module (attn's block) is unsharded after
+    # each pass and once more for the inner products
+    added = [a["fsdp_all_gather"] - b["fsdp_all_gather"] for a, b in zip(
+        fsdp2["cases"][f"{name}/persample"]["bytes"], fsdp2["cases"][f"{name}/micro"]["bytes"])]
+    block = sum(p.numel() for p in make_model("attn").block.parameters()) * 8
+    passes = [len(sizes[0]) for sizes in SIZES]
+    assert added == ([(n + 1) * block for n in passes] if name == "attn" else [0, 0, 0])
     for kind_bytes in fsdp2["norm_only"].values():
         for counted in kind_bytes:
             assert counted["stats_all_reduce"] == 6 * 8

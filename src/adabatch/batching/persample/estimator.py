@@ -293,6 +293,7 @@ class PerSampleStats:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._module_names: dict[nn.Module, str] = {}
         self._rules = self._make_rules(model)
+        self._owners: list[nn.Module] = []  # FSDP2: see _recompute_owners
         self._fsdp2 = self._check_fsdp2()
         self.fused_convs: tuple[nn.Module, ...] = tuple(
             m for m, r in self._rules.items()
@@ -343,13 +344,44 @@ class PerSampleStats:
         if self.reduce is None:
             raise ValueError(f"{where} needs reduce=, a SUM all-reduce over the ranks: each "
                              f"rank holds only its shard of the mean gradient")
-        recomputed = [r.label for r in self._rules.values() if isinstance(r, FuncRule)]
-        if recomputed and self._per_sample:
-            raise NotImplementedError(
-                f"{where}: layers {recomputed} are measured by recomputing them sample by "
-                f"sample after the backward pass, when FSDP2 has resharded their parameters; "
-                f"exclude their parameters (exclude=...) or use MicroBatchStats(track='hooks')")
+        if self._per_sample:
+            self._owners = self._recompute_owners(where)
         return True
+
+    def _recompute_owners(self, where: str) -> list[nn.Module]:
+        """The FSDP modules that hold the parameters of the layers measured by recomputation
+        (:class:`FuncRule`, run after the backward pass when FSDP2 has resharded them): they
+        are unsharded around that work (:meth:`_unsharded`). A recomputed layer that is
+        itself sharded by fully_shard (or holds a module that is) is refused: recomputing
+        it would run FSDP2's forward hooks."""
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp = {n: m for n, m in self.model.named_modules() if isinstance(m, FSDPModule)}
+        names = {m: n for n, m in self.model.named_modules()}
+        owners: dict[int, nn.Module] = {}
+        for module, rule in self._rules.items():
+            if not isinstance(rule, FuncRule):
+                continue
+            if any(isinstance(sub, FSDPModule) for sub in module.modules()):
+                raise NotImplementedError(
+                    f"{where}: layer {rule.label!r} is measured by recomputing it sample by "
+                    f"sample, and fully_shard was applied to it or inside it; apply "
+                    f"fully_shard to a module around it instead, exclude its parameters "
+                    f"(exclude=...), or use MicroBatchStats(track='hooks')")
+            name = names[module]
+            owner = max((n for n in fsdp if n == "" or name.startswith(n + ".")), key=len,
+                        default=None)
+            if owner is not None:  # (else its parameters are not DTensors: refused before)
+                owners[id(fsdp[owner])] = fsdp[owner]
+        return list(owners.values())
+
+    def _unsharded(self) -> contextlib.AbstractContextManager:
+        """Under FSDP2, a context in which the layers measured by recomputation hold their
+        whole parameters (an all-gather of their FSDP modules; every rank enters it at the
+        same points); else a no-op."""
+        if not self._owners:
+            return contextlib.nullcontext()
+        return _unsharded_modules(self._owners)
 
     def _make_rules(self, model: nn.Module) -> dict[nn.Module, LayerRule]:
         rules = {}
@@ -740,7 +772,7 @@ class PerSampleStats:
         if self._per_sample and records and not any(
                 rec.done or any(d is not None for d in rec.deltas) for rec in records):
             self._unreached += 1  # stats() refuses: its samples would count as zeros
-        with torch.no_grad():
+        with torch.no_grad(), self._unsharded():
             multi: dict[int, list[tuple[LayerCall, str]]] = {}
             for rec in records:
                 if rec.done or all(d is None for d in rec.deltas):
@@ -891,15 +923,16 @@ class PerSampleStats:
                     needed[p] = needed.get(p, 0) + 1
         ips: list[Tensor | None] = [None] * len(self._ip_parts)
         whole: dict[int, Tensor] = {}
-        for i, p in enumerate(self.params):
-            whole[id(p)] = _sharded.whole_grad(p)
-            for k, item in by_last.get(i, []):
-                term = item.inner_products(whole, self._chunks, False).to(torch.float64)
-                ips[k] = term if ips[k] is None else ips[k].add_(term)  # type: ignore[union-attr]
-                for q in _item_pids(item):
-                    needed[q] -= 1
-            for q in [q for q in whole if needed.get(q, 0) == 0]:
-                del whole[q]
+        with self._unsharded():
+            for i, p in enumerate(self.params):
+                whole[id(p)] = _sharded.whole_grad(p)
+                for k, item in by_last.get(i, []):
+                    term = item.inner_products(whole, self._chunks, False).to(torch.float64)
+                    ips[k] = term if ips[k] is None else ips[k].add_(term)  # type: ignore[union-attr]
+                    for q in _item_pids(item):
+                        needed[q] -= 1
+                for q in [q for q in whole if needed.get(q, 0) == 0]:
+                    del whole[q]
         s_ip, s_ip2 = [], []
         dev = self.params[0].device
         for ip, part in zip(ips, self._ip_parts):
@@ -932,6 +965,17 @@ class PerSampleStats:
         assert self.reduce is not None  # invariant: refused in _check_fsdp2
         return _sharded.finish_sharded(self.needs, self.params, gbar, n=n, units=n, S=S,
                                        s1=s1, s2=s2, coords=coords, reduce=self.reduce)
+
+
+@contextlib.contextmanager
+def _unsharded_modules(modules: list[nn.Module]) -> Iterator[None]:
+    for m in modules:
+        m.unshard()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()  # type: ignore[operator]
 
 
 def _pid(rule: LayerRule, name: str) -> int:
