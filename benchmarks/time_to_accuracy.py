@@ -1,16 +1,19 @@
 """Time to accuracy: wall time, steps and samples each batch-size policy takes to first reach
-a few accuracy targets, per setup, over 3 seeds.
+a few accuracy (or validation-loss) targets, per setup, over 3 seeds.
 
 Run (one setup at a time; every finished run is cached, so an interrupted run resumes)::
 
     python benchmarks/time_to_accuracy.py --only digits-cnn --out runs/tta
     python benchmarks/time_to_accuracy.py --only mnist1d-cnn1d --out runs/tta
+    python benchmarks/time_to_accuracy.py --only pydoc-charlm --out runs/tta
+    python benchmarks/time_to_accuracy.py --only pydoc-charlm --lr-rules --out runs/tta
     python benchmarks/time_to_accuracy.py --quick --out /tmp/tta-quick      # CI: a few minutes
     python benchmarks/time_to_accuracy.py --only digits-cnn --device cuda --out runs/tta-cuda
 
 It writes ``OUT/report.md`` (the tables and the goals of issue #18, point 3) and
-``OUT/img/<setup>-*.png`` (accuracy against training wall time and against steps, batch size
-against samples, the steps-versus-samples frontier at the 95% target); the cache is
+``OUT/img/<setup>-*.png`` (the metric, accuracy or validation loss, against training wall time
+and against steps, batch size against samples, the steps-versus-samples frontier at the 95%
+target); the cache is
 ``OUT/cache/<device>/<setup>-s<samples>-e<eval_samples>/<policy>/lr<lr>-seed<seed>.json``,
 one file per finished run.
 
@@ -22,22 +25,35 @@ Rules (stated on the report):
   every ``eval_samples`` training samples, the same sample grid for every policy (the
   benchmark's own callback; the trainer's ``--eval-every`` is off). With ``--device cuda``
   every clock reading is preceded by ``torch.cuda.synchronize()``.
-- **Targets.** 90/95/98% of the best test accuracy that any run of the setup reached (any
-  policy, learning rate and seed); "the target" is 95%.
+- **Targets.** Accuracy setups: 90/95/98% of the best test accuracy that any run of the setup
+  reached (any policy, learning rate and seed). Loss setups (the language model, whose metric
+  is the validation loss, lower is better): the losses that close 90/95/98% of the gap from
+  the initial validation loss (measured before the first step, the median over the runs) to
+  the lowest validation loss that any run reached, ``initial − f·(initial − best)``. "The
+  target" is 95%.
 - **Learning rate.** Every policy gets the same grid: the setup's centre learning rate for
   the policy's optimizer (the registry's default where the setup names none) times
   1/√10, 1 and √10. The rule picks the rate with the smallest median (over seeds) training
   time to the target; a rate whose median run never reaches it counts as infinitely slow;
-  where no rate reaches it, the highest median best accuracy wins.
+  where no rate reaches it, the highest median best accuracy (the lowest median best loss)
+  wins.
 - **Policies.** Fixed batches 16, 32, ... up to the setup's maximum; the AdAdaGrad authors'
   linear and stagewise ramps; the paper's tests (AdAdaGradNorm = AdaGrad-Norm + norm test,
   AdAdaGrad = AdaGrad + coordinate-wise test, AdaGrad + augmented inner-product test); the
   policies beyond the paper (critical batch size and goodput, with the learning-rate gain).
   "Adaptive" below means the tests and the policies beyond the paper (not the ramps).
+  ``--lr-rules`` adds the learning-rate coupling comparison: the critical-batch-size policy
+  with no learning-rate change (``critical-lr-none``), linear (``critical-lr-linear``, lr ∝ b)
+  and square-root (``critical-lr-sqrt``, lr ∝ √b) scaling, beside ``critical`` (the gain
+  rule); off by default, as its 27 runs per setup would take a setup's sweep past the hour.
 
-Not implemented yet (issue #18): the character-level transformer language model setup (target
-a validation loss); MNIST needs the four IDX files in ``--mnist-dir`` and is skipped with a
-line in the report when they are absent.
+Setups: digits and MNIST-1D CNNs, real MNIST (the AdAdaGrad authors' CNN and logistic
+regression; the four IDX files in ``--mnist-dir``, skipped with a line in the report when
+they are absent) and ``pydoc-charlm``: the byte-level causal transformer ``charlm`` (2
+pre-LayerNorm blocks, d_model 32, tied embedding) on the text of Python's
+``pydoc_data.topics`` (in every CPython; the corpus's Python version and SHA-256 are on the
+report, as the text differs slightly between Python versions), context 32, target a
+validation loss.
 """
 
 from __future__ import annotations
@@ -78,6 +94,8 @@ class Setup:
     lrs: dict[str, float] = field(default_factory=dict)
     flags: dict[str, Any] = field(default_factory=dict)
     needs_mnist: bool = False
+    #: "accuracy" (higher is better) or "loss" (the validation loss, lower is better)
+    metric: str = "accuracy"
 
 
 SETUPS: dict[str, Setup] = {
@@ -93,7 +111,17 @@ SETUPS: dict[str, Setup] = {
     "mnist-logistic": Setup("mnist-logistic", "MNIST, logistic regression", "mnist",
                             "logistic", samples=120_000, max_batch=4096, eval_samples=1000,
                             lrs={"adagrad": 8e-3}, flags={"eta": 0.1}, needs_mnist=True),
+    # sized for about an hour of sweep on 2 CPU cores (docs/time_to_accuracy.md: the timed
+    # single runs): about 1.2 epochs of the 419 KB training text
+    "pydoc-charlm": Setup("pydoc-charlm", "Python docs text (pydoc_data.topics), byte-level "
+                          "transformer LM", "pydoc", "charlm", samples=16_000, max_batch=512,
+                          eval_samples=1000, lrs={"adagrad": 0.03},
+                          flags={"data_options": {"context": 32},
+                                 "model_options": {"d_model": 32}}, metric="loss"),
 }
+
+#: ``--quick``: the setups and their (samples, eval_samples)
+QUICK = {"digits-cnn": (2 * 1437, 160), "pydoc-charlm": (2048, 512)}
 
 
 @dataclass(frozen=True)
@@ -105,8 +133,9 @@ class Policy:
     batch: int = 16  # the initial (or fixed) batch size
 
 
-def policies(setup: Setup) -> list[Policy]:
-    """Every policy of the benchmark on ``setup`` (fixed batches first)."""
+def policies(setup: Setup, lr_rules: bool = False) -> list[Policy]:
+    """Every policy of the benchmark on ``setup`` (fixed batches first); ``lr_rules``: also
+    the critical batch size with no, linear and square-root learning-rate scaling."""
     out, b = [], 16
     while b <= setup.max_batch:
         out.append(Policy(f"fixed-{b}", "fixed", "adagrad",
@@ -124,6 +153,10 @@ def policies(setup: Setup) -> list[Policy]:
         Policy("critical", "adaptive", "adagrad", {"batch_test": "critical", **gain}),
         Policy("goodput", "adaptive", "adagrad", {"batch_test": "goodput", **gain}),
     ]
+    if lr_rules:
+        out += [Policy(f"critical-lr-{rule}", "adaptive", "adagrad",
+                       {"batch_test": "critical", "lr_scaling": rule, "kappa": 1.0})
+                for rule in ("none", "linear", "sqrt")]
     return out
 
 
@@ -143,8 +176,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _clock_callbacks(every: int, budget: int, device: str) -> Any:
-    """The benchmark's evaluation and training clock, as trainer callbacks."""
+def _clock_callbacks(every: int, budget: int, device: str, initial: bool = False) -> Any:
+    """The benchmark's evaluation and training clock, as trainer callbacks; ``initial``: one
+    evaluation before the first step (outside the clock), the start of a loss setup's gap."""
     from adabatch.train.callbacks import Callbacks
     from adabatch.train.steps import evaluate
 
@@ -154,9 +188,14 @@ def _clock_callbacks(every: int, budget: int, device: str) -> Any:
             self.eval_total = 0.0
             self.next_eval = every
             self.rows: list[dict[str, Any]] = []
+            self.initial_loss: float | None = None
 
         def on_step_start(self, run: Any) -> None:
             if self.t0 is None:
+                if initial:
+                    data = run.data
+                    self.initial_loss, _ = evaluate(run.model, data.x_test, data.y_test,
+                                                    data.task, batch=run.cfg.eval_batch)
                 _sync(device)
                 self.t0 = time.perf_counter()
 
@@ -214,7 +253,8 @@ def train_one(setup: Setup, policy: Policy, lr: float, seed: int, *, device: str
         flags["threads"] = threads
     if setup.needs_mnist:
         flags["data_dir"] = str(mnist_dir)
-    clock = _clock_callbacks(setup.eval_samples, setup.samples, device)
+    clock = _clock_callbacks(setup.eval_samples, setup.samples, device,
+                             initial=setup.metric == "loss")
     diverged = None
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         flags["out"] = str(Path(tmp) / "run")
@@ -226,7 +266,7 @@ def train_one(setup: Setup, policy: Policy, lr: float, seed: int, *, device: str
     return {"setup": setup.name, "policy": policy.name, "lr": lr, "seed": seed,
             "device": device, "config": flags | {"out": None}, "diverged": diverged,
             "steps": curve[-1][2] if curve else 0, "evals": clock.rows,
-            "batch_curve": [c[:2] for c in curve],
+            "batch_curve": [c[:2] for c in curve], "initial_loss": clock.initial_loss,
             "eval_time": sum(r["eval_time"] for r in clock.rows)}
 
 
@@ -258,48 +298,90 @@ def run_all(setup: Setup, pols: Sequence[Policy], seeds: Sequence[int], cache: P
                 os.replace(tmp, path)  # a finished run only: an interrupted one reruns
                 trained += 1
                 runs.append(rec)
+                best = best_value(rec, setup.metric)
                 say(f"{setup.name} {policy.name} lr={lr:g} seed={seed}: "
-                    f"{time.perf_counter() - t:.1f} s, best acc {best_accuracy(rec):.4f}"
+                    f"{time.perf_counter() - t:.1f} s, best {_NAMES[setup.metric]} {best:.4f}"
                     + (f" (diverged: {rec['diverged']})" if rec["diverged"] else ""))
     return runs, trained
 
 
 # ---------------------------------------------------------------------------- analysis
-def time_to(run: dict[str, Any], target: float) -> dict[str, float] | None:
-    """Training time, steps and samples of the first evaluation at or above ``target``."""
+#: the evaluation row's key and the report's short name of each metric
+_KEYS = {"accuracy": "accuracy", "loss": "test_loss"}
+_NAMES = {"accuracy": "acc.", "loss": "val. loss"}
+
+
+def reached(value: float | None, target: float, metric: str = "accuracy") -> bool:
+    """Whether ``value`` is at the target: at or above it for an accuracy, at or below it
+    for a loss."""
+    if value is None or not math.isfinite(value):
+        return False
+    return value >= target if metric == "accuracy" else value <= target
+
+
+def time_to(run: dict[str, Any], target: float, metric: str = "accuracy"
+            ) -> dict[str, float] | None:
+    """Training time, steps and samples of the first evaluation at the target."""
     for row in run["evals"]:
-        if row["accuracy"] is not None and row["accuracy"] >= target:
+        if reached(row[_KEYS[metric]], target, metric):
             return {"time": row["train_time"], "steps": row["step"], "samples": row["samples"]}
     return None
 
 
-def median_to(runs: Sequence[dict[str, Any]], target: float) -> dict[str, float]:
+def median_to(runs: Sequence[dict[str, Any]], target: float, metric: str = "accuracy"
+              ) -> dict[str, float]:
     """Median over seeds of time, steps and samples to ``target`` (inf: not reached)."""
-    hits = [time_to(r, target) for r in runs]
+    hits = [time_to(r, target, metric) for r in runs]
     return {k: statistics.median(h[k] if h else math.inf for h in hits)
             for k in ("time", "steps", "samples")}
 
 
 def best_accuracy(run: dict[str, Any]) -> float:
     """The run's best test accuracy (0 for a run that diverged before its first evaluation)."""
-    return max((r["accuracy"] for r in run["evals"] if r["accuracy"] is not None), default=0.0)
+    return best_value(run, "accuracy")
 
 
-def choose_lr(by_lr: dict[float, list[dict[str, Any]]], target: float) -> float:
-    """The rule: the smallest median time to ``target``; none reaches it: the highest median
-    best accuracy."""
-    times = {lr: median_to(rs, target)["time"] for lr, rs in by_lr.items()}
+def best_value(run: dict[str, Any], metric: str = "accuracy") -> float:
+    """The run's best accuracy (0 when it has none) or lowest finite validation loss (inf)."""
+    values = [r[_KEYS[metric]] for r in run["evals"]
+              if r[_KEYS[metric]] is not None and math.isfinite(r[_KEYS[metric]])]
+    if metric == "accuracy":
+        return max(values, default=0.0)
+    return min(values, default=math.inf)
+
+
+def choose_lr(by_lr: dict[float, list[dict[str, Any]]], target: float,
+              metric: str = "accuracy") -> float:
+    """The rule: the smallest median time to ``target``; none reaches it: the best median
+    best value (the highest accuracy, the lowest loss)."""
+    times = {lr: median_to(rs, target, metric)["time"] for lr, rs in by_lr.items()}
     if any(math.isfinite(t) for t in times.values()):
         return min(times, key=lambda lr: (times[lr], lr))
-    return max(by_lr, key=lambda lr: (statistics.median(best_accuracy(r) for r in by_lr[lr]),
-                                      -lr))
+    sign = 1.0 if metric == "accuracy" else -1.0
+    return max(by_lr, key=lambda lr: (
+        sign * statistics.median(best_value(r, metric) for r in by_lr[lr]), -lr))
+
+
+def targets_of(runs: Sequence[dict[str, Any]], metric: str) -> tuple[float, float | None,
+                                                                      dict[float, float]]:
+    """(best, initial, {f: target}): accuracy: f × the best accuracy of any run (initial
+    None); loss: the loss closing the fraction f of the gap from the initial validation loss
+    (median over the runs, before the first step) to the lowest of any run."""
+    values = [best_value(r, metric) for r in runs]
+    if metric == "accuracy":
+        best = max(values)
+        return best, None, {f: f * best for f in TARGETS}
+    best = min(values)
+    initial = statistics.median(r["initial_loss"] for r in runs
+                                if r.get("initial_loss") is not None)
+    return best, initial, {f: initial - f * (initial - best) for f in TARGETS}
 
 
 def summarize(setup: Setup, pols: Sequence[Policy], runs: Sequence[dict[str, Any]]
               ) -> dict[str, Any]:
     """Targets, the chosen rate per policy and its medians to each target."""
-    best = max(best_accuracy(r) for r in runs)
-    targets = {f: f * best for f in TARGETS}
+    metric = setup.metric
+    best, initial, targets = targets_of(runs, metric)
     rows = []
     for policy in pols:
         by_lr: dict[float, list[dict[str, Any]]] = {}
@@ -308,18 +390,18 @@ def summarize(setup: Setup, pols: Sequence[Policy], runs: Sequence[dict[str, Any
                 by_lr.setdefault(r["lr"], []).append(r)
         if not by_lr:
             continue
-        lr = choose_lr(by_lr, targets[MAIN_TARGET])
+        lr = choose_lr(by_lr, targets[MAIN_TARGET], metric)
         chosen = by_lr[lr]
         rows.append({"policy": policy.name, "kind": policy.kind, "lr": lr,
                      "seeds": len(chosen),
-                     "to": {str(f): median_to(chosen, t) for f, t in targets.items()},
-                     "reached": sum(time_to(r, targets[MAIN_TARGET]) is not None
+                     "to": {str(f): median_to(chosen, t, metric) for f, t in targets.items()},
+                     "reached": sum(time_to(r, targets[MAIN_TARGET], metric) is not None
                                     for r in chosen),
                      "diverged": sum(bool(r.get("diverged")) for r in chosen),
                      "eval_time": statistics.median(r["eval_time"] for r in chosen),
-                     "best": statistics.median(best_accuracy(r) for r in chosen)})
-    return {"setup": setup.name, "best": best, "targets": targets, "rows": rows,
-            "goals": goals(rows)}
+                     "best": statistics.median(best_value(r, metric) for r in chosen)})
+    return {"setup": setup.name, "metric": metric, "best": best, "initial": initial,
+            "targets": targets, "rows": rows, "goals": goals(rows)}
 
 
 def goals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -362,13 +444,12 @@ def setup_markdown(setup: Setup, summary: dict[str, Any], seeds: int) -> str:
     for f in TARGETS:
         p = round(f * 100)
         head += [f"time to {p}% (s)", f"steps to {p}%", f"samples to {p}%"]
-    head += ["steps / fixed-16 at 95%", "best acc.", "eval time (s)"]
+    head += ["steps / fixed-16 at 95%", f"best {_NAMES[setup.metric]}", "eval time (s)"]
     lines = [f"### {setup.title} (`{setup.name}`)", "",
              f"Budget {setup.samples} samples per run, maximum batch {setup.max_batch}, "
-             f"evaluation every {setup.eval_samples} samples; {seeds} seed(s). Best accuracy of "
-             f"any run: {summary['best']:.4f}; targets " + ", ".join(
-                 f"{round(f * 100)}% = {t:.4f}" for f, t in summary["targets"].items())
-             + ". Medians over seeds at the chosen learning rate; — : the median run never "
+             f"evaluation every {setup.eval_samples} samples; {seeds} seed(s). "
+             + _targets_text(summary) + _data_text(setup)
+             + " Medians over seeds at the chosen learning rate; — : the median run never "
              "reached it.", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in summary["rows"]:
@@ -384,6 +465,28 @@ def setup_markdown(setup: Setup, summary: dict[str, Any], seeds: int) -> str:
     g = summary["goals"]
     lines += ["", goals_text(g), ""]
     return "\n".join(lines)
+
+
+def _targets_text(summary: dict[str, Any]) -> str:
+    targets = ", ".join(f"{round(f * 100)}% = {t:.4f}" for f, t in summary["targets"].items())
+    if summary.get("metric", "accuracy") == "accuracy":
+        return f"Best accuracy of any run: {summary['best']:.4f}; targets {targets}."
+    return (f"Validation loss (lower is better): initial {summary['initial']:.4f} (median "
+            f"over the runs, before the first step), lowest of any run {summary['best']:.4f}; "
+            f"targets (the loss closing 90/95/98% of the gap) {targets}.")
+
+
+def _data_text(setup: Setup) -> str:
+    """The corpus of a text setup: its Python version and SHA-256 (the pydoc text differs
+    slightly between Python versions)."""
+    if setup.dataset != "pydoc":
+        return ""
+    from adabatch.train.data import load_dataset
+
+    extra = load_dataset("pydoc", **setup.flags.get("data_options", {})).extra
+    return (f" Corpus: {extra['corpus']}, Python {extra['python_version']}, "
+            f"{extra['bytes']} bytes, SHA-256 {extra['sha256'][:16]}…; context "
+            f"{extra['context']} bytes.")
 
 
 def goals_text(g: dict[str, Any]) -> str:
@@ -404,13 +507,19 @@ RULES = (
     "the step at which the target is first seen, minus every evaluation before it "
     "(evaluation time is reported in its own column, the median total per run); evaluations "
     "run every `eval_samples` training samples for every policy. Targets are 90/95/98% of the "
-    "best test accuracy that any run of the setup reached. Each policy's learning rate comes "
+    "best test accuracy that any run of the setup reached; for a language model (metric: the "
+    "validation loss, lower is better) they are the losses that close 90/95/98% of the gap "
+    "from the initial validation loss (median over the runs, measured before the first step) "
+    "to the lowest validation loss that any run reached. Each policy's learning rate comes "
     "from the same grid (the setup's centre rate for the policy's optimizer × 1/√10, 1, √10) "
     "by one rule: the smallest median time to the 95% target over the seeds (where no rate "
-    "reaches it, the highest median best accuracy). Adaptive policies: adadagradnorm "
+    "reaches it, the highest median best accuracy, or lowest loss). Adaptive policies: "
+    "adadagradnorm "
     "(AdaGrad-Norm + norm test), adadagrad (AdaGrad + coordinate-wise test), aip (AdaGrad + "
-    "augmented inner-product test), critical and goodput (κ = 1, learning-rate gain); ramps: "
-    "the AdAdaGrad authors' linear and stagewise schedules; every other policy uses AdaGrad.")
+    "augmented inner-product test), critical and goodput (κ = 1, learning-rate gain); with "
+    "`--lr-rules` also critical-lr-none, critical-lr-linear and critical-lr-sqrt (no, linear, "
+    "square-root learning-rate scaling as the batch grows); ramps: the AdAdaGrad authors' "
+    "linear and stagewise schedules; every other policy uses AdaGrad.")
 
 
 # ---------------------------------------------------------------------------- plots
@@ -434,23 +543,26 @@ def plot_setup(setup: Setup, summary: dict[str, Any], runs: Sequence[dict[str, A
     chosen = _chosen_runs(summary, runs)
     color = _colors(summary)
     target = summary["targets"][MAIN_TARGET]
+    metric, ykey = setup.metric, _KEYS[setup.metric]
+    label = "test accuracy" if metric == "accuracy" else "validation loss"
     paths = []
-    for name, xkey, ykey, logx in (("time", "train_time", "accuracy", False),
-                                   ("steps", "step", "accuracy", True)):
+    for name, xkey, logx in (("time", "train_time", False), ("steps", "step", True)):
         fig = Figure(figsize=(7, 4.5))
         ax = fig.add_subplot()
         for row, run in chosen:
-            ax.plot([e[xkey] for e in run["evals"]], [e[ykey] for e in run["evals"]],
-                    "--" if row["kind"] == "fixed" else "-", label=row["policy"], lw=1.2,
-                    color=color[row["policy"]])
+            xs, ys = [e[xkey] for e in run["evals"]], [e[ykey] for e in run["evals"]]
+            if name == "time" and run.get("initial_loss") is not None:  # the loss at time 0
+                xs, ys = [0.0, *xs], [run["initial_loss"], *ys]
+            ax.plot(xs, ys, "--" if row["kind"] == "fixed" else "-", label=row["policy"],
+                    lw=1.2, color=color[row["policy"]])
         ax.axhline(target, color="k", lw=0.6)
-        ax.set_ylim(max(0.0, target - 0.25), 1.0)
+        ax.set_ylim(*_ylim(summary, metric))
         ax.set(xlabel="training wall time (s)" if name == "time" else "steps",
-               ylabel="test accuracy", title=f"{setup.name}: accuracy vs {name}")
+               ylabel=label, title=f"{setup.name}: {metric} vs {name}")
         if logx:
             ax.set_xscale("log")
         ax.legend(fontsize=6, ncol=2)
-        paths.append(_save(fig, FigureCanvasAgg, img / f"{setup.name}-accuracy-vs-{name}.png"))
+        paths.append(_save(fig, FigureCanvasAgg, img / f"{setup.name}-{metric}-vs-{name}.png"))
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for row, run in chosen:
@@ -463,6 +575,16 @@ def plot_setup(setup: Setup, summary: dict[str, Any], runs: Sequence[dict[str, A
     paths.append(_save(fig, FigureCanvasAgg, img / f"{setup.name}-batch-vs-samples.png"))
     paths.append(_frontier(setup, summary, img, Figure, FigureCanvasAgg))
     return paths
+
+
+def _ylim(summary: dict[str, Any], metric: str) -> tuple[float, float]:
+    """The metric axis: accuracy from 0.25 below the target to 1; loss from a little below
+    the lowest to the initial loss."""
+    target = summary["targets"][MAIN_TARGET]
+    if metric == "accuracy":
+        return max(0.0, target - 0.25), 1.0
+    best, initial = summary["best"], summary["initial"]
+    return best - 0.05 * (initial - best), initial
 
 
 def _colors(summary: dict[str, Any]) -> dict[str, Any]:
@@ -503,7 +625,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=None, help="comma-separated setups: " + ", ".join(SETUPS))
     p.add_argument("--quick", action="store_true",
-                   help="CI form: digits, 1 seed, fixed-32 and adadagradnorm, 2 epochs")
+                   help="CI form: digits (2 epochs) and pydoc-charlm (2048 samples), 1 seed, "
+                        "fixed-32 and adadagradnorm")
+    p.add_argument("--lr-rules", action="store_true",
+                   help="add the learning-rate coupling comparison: critical-lr-none, "
+                        "critical-lr-linear, critical-lr-sqrt (beside critical, the gain)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "time_to_accuracy")
     p.add_argument("--cache", type=Path, default=None, help="default: OUT/cache")
     p.add_argument("--device", default="cpu", help="cpu or cuda (synchronised timing)")
@@ -521,7 +647,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def selected(args: argparse.Namespace) -> tuple[list[Setup], list[str]]:
     """The setups to run, and a line per setup left out (missing data, unknown name)."""
-    names = (["digits-cnn"] if args.quick else
+    names = (list(QUICK) if args.quick else
              args.only.split(",") if args.only else list(SETUPS))
     unknown = [n for n in names if n not in SETUPS]
     if unknown:
@@ -531,7 +657,8 @@ def selected(args: argparse.Namespace) -> tuple[list[Setup], list[str]]:
     for n in names:
         s = SETUPS[n]
         if args.quick:
-            s = Setup(**{**s.__dict__, "samples": 2 * 1437, "eval_samples": 160})
+            samples, every = QUICK[n]
+            s = Setup(**{**s.__dict__, "samples": samples, "eval_samples": every})
         if args.samples is not None:
             s = Setup(**{**s.__dict__, "samples": args.samples})
         if s.needs_mnist and not all((args.mnist_dir / f).exists() for f in MNIST_FILES):
@@ -543,7 +670,7 @@ def selected(args: argparse.Namespace) -> tuple[list[Setup], list[str]]:
 
 def run_setup(setup: Setup, args: argparse.Namespace, cache: Path
               ) -> tuple[dict[str, Any], str, int]:
-    pols = policies(setup)
+    pols = policies(setup, lr_rules=args.lr_rules)
     wanted = (["fixed-32", "adadagradnorm"] if args.quick else
               args.policies.split(",") if args.policies else None)
     if wanted is not None:

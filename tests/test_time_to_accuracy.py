@@ -1,6 +1,7 @@
 """benchmarks/time_to_accuracy.py on a tiny budget: the report's numbers follow from the cached
 run files, a second invocation trains nothing, evaluation is excluded from the training clock,
-and the learning-rate rule picks the best median."""
+and the learning-rate rule picks the best median; the language model's loss targets (lower is
+better, the gap from the initial loss closed) and the learning-rate coupling policies."""
 
 from __future__ import annotations
 
@@ -131,3 +132,63 @@ def test_a_diverged_run_is_recorded_and_never_reaches_a_target(tta):
     assert rec["steps"] < 20 and all(e["step"] < 20 for e in rec["evals"])
     assert tta.time_to(rec, 0.99) is None
     assert 0.0 <= tta.best_accuracy(rec) < 0.5
+
+
+def _loss_run(row: list[float], seed: int = 0, lr: float = 0.1, initial: float = 5.0) -> dict:
+    """A fake language-model run: evaluation k reached validation loss row[k-1] at time k."""
+    return {"lr": lr, "seed": seed, "eval_time": 0.0, "initial_loss": initial, "evals": [
+        {"step": 10 * k, "samples": 160 * k, "train_time": float(k), "test_loss": loss,
+         "accuracy": 0.1} for k, loss in enumerate(row, 1)]}
+
+
+def test_loss_targets_close_the_gap_and_lower_is_better(tta):
+    runs = [_loss_run([4.0, 3.0, 2.5], initial=5.0), _loss_run([4.5, 2.0], 1, initial=5.2),
+            _loss_run([3.0, float("nan")], 2, initial=4.8)]
+    best, initial, targets = tta.targets_of(runs, "loss")
+    assert (best, initial) == (2.0, 5.0)  # the lowest loss of any run, the median initial
+    assert targets == pytest.approx({0.9: 2.3, 0.95: 2.15, 0.98: 2.06})
+    assert tta.time_to(runs[0], 3.0, "loss") == {"time": 2.0, "steps": 20, "samples": 320}
+    assert tta.time_to(runs[0], 2.4, "loss") is None and tta.best_value(runs[2], "loss") == 3.0
+    assert tta.median_to(runs, 3.0, "loss")["time"] == 2.0
+    # the rate rule: the fastest median; none reaches: the lowest median best loss
+    by_lr = {0.1: [_loss_run([4.0, 2.9]), _loss_run([2.9])],
+             0.3: [_loss_run([2.9, 2.0]), _loss_run([3.5, 2.9])]}
+    assert tta.choose_lr(by_lr, 3.0, "loss") == 0.1
+    assert tta.choose_lr(by_lr, 2.5, "loss") == 0.3  # no median run reaches 2.5: best 2.45
+    assert tta.choose_lr(by_lr, 2.5) == 0.1  # the accuracy rule: equal accuracies, lower rate
+
+
+def test_lr_rules_add_the_learning_rate_coupling_policies(tta):
+    setup = tta.SETUPS["pydoc-charlm"]
+    names = [p.name for p in tta.policies(setup)]
+    assert "critical" in names and not any(n.startswith("critical-lr-") for n in names)
+    extra = {p.name: p.flags for p in tta.policies(setup, lr_rules=True)
+             if p.name.startswith("critical-lr-")}
+    assert {n: f["lr_scaling"] for n, f in extra.items()} == {
+        "critical-lr-none": "none", "critical-lr-linear": "linear", "critical-lr-sqrt": "sqrt"}
+    assert all(f["batch_test"] == "critical" for f in extra.values())
+
+
+def test_language_model_setup_reports_loss_targets(tta, tmp_path):
+    argv = ["--only", "pydoc-charlm", "--policies", "fixed-32,critical-lr-sqrt", "--lr-rules",
+            "--seeds", "1", "--samples", "192", "--out", str(tmp_path)]
+    first = tta.main(argv)
+    assert first["trained"] == 6
+    runs = [json.loads(f.read_text()) for f in (tmp_path / "cache").rglob("*.json")]
+    assert all(r["initial_loss"] > 5.0 for r in runs)  # about log(256) before the first step
+    summary = first["summaries"]["pydoc-charlm"]
+    best = min(e["test_loss"] for r in runs for e in r["evals"])
+    initial = sorted(r["initial_loss"] for r in runs)[2:4]
+    assert summary["metric"] == "loss" and summary["best"] == best
+    assert summary["initial"] == pytest.approx(sum(initial) / 2)
+    target = summary["targets"][0.95]
+    assert target == pytest.approx(summary["initial"] - 0.95 * (summary["initial"] - best))
+    for row in summary["rows"]:
+        (run,) = [r for r in runs if r["policy"] == row["policy"] and r["lr"] == row["lr"]]
+        hit = next((e for e in run["evals"] if e["test_loss"] <= target), None)
+        assert row["to"]["0.95"]["time"] == (hit["train_time"] if hit else math.inf)
+    report = (tmp_path / "report.md").read_text()
+    assert "Validation loss (lower is better)" in report and "best val. loss" in report
+    assert "| critical-lr-sqrt |" in report and "SHA-256" in report
+    for name in ("loss-vs-time", "loss-vs-steps", "batch-vs-samples", "frontier"):
+        assert (tmp_path / "img" / f"pydoc-charlm-{name}.png").stat().st_size > 0
