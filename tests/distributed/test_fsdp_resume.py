@@ -129,3 +129,31 @@ def test_checkpoint_kinds_do_not_mix(runs, tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert "was written by a run without --parallel fsdp (one file, not sharded)" in err
     assert "\n" not in err
+
+
+def test_incomplete_newest_is_set_aside_and_the_previous_one_used(runs, tmp_path,
+                                                                   capsys) -> None:
+    """The newest checkpoint without its marker is set aside as .damaged and the one before
+    it used; a save's leftover .tmp directory is removed; the run ends as it did. Twice
+    ``--from-step``: the second sets its later checkpoints aside over the first's."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["one"], run)
+    ckpts = run / "checkpoints"
+    newest = max(p for p in ckpts.iterdir() if "." not in p.name)
+    (newest / "complete.json").unlink()
+    (ckpts / "step_00000099.tmp").mkdir()
+    (ckpts / "step_00000099.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    assert _in_process(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {newest.name} (" in err and "is incomplete (no complete.json" in err
+    assert (ckpts / f"{newest.name}.damaged").is_dir()
+    assert not (ckpts / "step_00000099.tmp").exists()
+    assert (newest / "complete.json").is_file()  # written again by the resumed run
+    final, reference = (torch.load(r / "final.pt", weights_only=True)
+                        for r in (run, runs["one"]))
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+    for _ in range(2):
+        assert _in_process(["train", "--resume", str(run), "--from-step", "4"]) == 0
+    assert (ckpts / "step_00000008.abandoned" / "complete.json").is_file()
+    final = torch.load(run / "final.pt", weights_only=True)
+    assert all(torch.equal(final[k], reference[k]) for k in reference)

@@ -23,6 +23,12 @@ after the new one is in place. A process killed during a write leaves its tempor
 (``.step_XXXXXXXX.pt.*.tmp``) behind: :func:`remove_stale_temporaries` deletes those once the
 run directory is owned by the resuming process.
 
+Sharded checkpoints (``--parallel fsdp``) are directories ``checkpoints/step_XXXXXXXX/``
+written by every rank (:mod:`adabatch.train.sharded_checkpoint`): :func:`list_checkpoints`
+lists them beside the files, :func:`load_checkpoint` reads their trainer state (complete
+ones only: a directory without its completion marker is skipped like a damaged file) and
+:func:`remove_stale_temporaries` clears the directories of an interrupted save.
+
 Reading: :func:`newest_intact_checkpoint` tries the checkpoints newest first and returns the
 first that loads, with the reason each newer one was skipped (truncated, random bytes, another
 format version), so a damaged newest checkpoint costs the steps since the one before it and
@@ -37,6 +43,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,6 +62,7 @@ __all__ = [
     "remove_stale_temporaries",
     "restore_rng",
     "save_checkpoint",
+    "set_aside",
     "write_atomic",
     "write_text_atomic",
 ]
@@ -235,6 +243,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"reads version {FORMAT_VERSION}"
         )
     return state
+
+
+def set_aside(path: Path, suffix: str) -> Path:
+    """Rename checkpoint ``path`` to its name + ``suffix`` (``.damaged``, ``.abandoned``),
+    over an earlier one of that name: also for a sharded checkpoint, a directory, which
+    :func:`os.replace` cannot put over a non-empty one."""
+    target = path.with_name(path.name + suffix)
+    if path.is_dir() and target.is_dir():
+        shutil.rmtree(target)
+    os.replace(path, target)
+    return target
 
 
 def _is_sharded_dir(path: Path) -> bool:

@@ -51,7 +51,6 @@ train end); the tests inject their faults through them.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -69,6 +68,7 @@ from adabatch.train.checkpoint import (
     load_checkpoint,
     newest_intact_checkpoint,
     remove_stale_temporaries,
+    set_aside,
     write_atomic,
     write_text_atomic,
 )
@@ -269,7 +269,7 @@ def _pick_checkpoint(cfg: TrainConfig, run_dir: Path,
         return None
     path, state, skipped = found
     for bad, why in skipped:
-        os.replace(bad, bad.with_name(bad.name + ".damaged"))
+        set_aside(bad, ".damaged")
         say(f"skipped {bad.name} ({why}); kept as {bad.name}.damaged")
     check_compatible(state["config"], cfg, path)  # checked once, before every rank loads
     return path
@@ -285,7 +285,7 @@ def _checkpoint_at(run_dir: Path, step: int, cfg: TrainConfig,
     check_compatible(load_checkpoint(paths[step])["config"], cfg, paths[step])
     for later in sorted(k for k in paths if k > step):
         p = paths[later]
-        os.replace(p, p.with_name(p.name + ".abandoned"))
+        set_aside(p, ".abandoned")
         say(f"--from-step {step}: set {p.name} aside as {p.name}.abandoned")
     return paths[step]
 
