@@ -9,8 +9,9 @@ tolerance). The digits test set has 359 samples and ``--eval-batch 179`` gives r
 batch and rank 1 two: the evaluation pads rank 0 with a dummy pass (without it the ranks'
 collectives would not match and the run would time out). Also a model with tied embeddings
 (``blocks`` units, the embedding and the head in the root), one with a frozen weight (the
-direct-children units), the byte-level transformer ``charlm`` measured by the per-sample
-estimator, bfloat16 mixed precision through gloo, and the refusals.
+direct-children units; measured by the per-sample estimator in passes that grow with the
+batch, ``--max-micro-batch``), the byte-level transformer ``charlm`` measured by the
+per-sample estimator, bfloat16 mixed precision through gloo, a divergence, and the refusals.
 
 The torchrun launches are the cost (a few seconds each): ``--nproc 2`` once (the CLI's own
 launcher), and one launch of tests/distributed/_fsdp_train_worker.py for the other
@@ -47,7 +48,9 @@ FLAGS = ["--epochs", "1", "--estimator", "micro-batch", "--micro-batch", "8",
          "--no-plots", "--checkpoint-every", "0", "--eval-every", "3", "--eval-batch", "179",
          "--dist-timeout", "60", "--quiet"]
 TIED = [*FLAGS, "--model", f"{MODELS}:tied"]
-FROZEN = [*FLAGS, "--model", f"{MODELS}:frozen"]
+# the per-sample estimator with passes that grow with the batch (up to 32 samples a rank)
+FROZEN = [*FLAGS, "--model", f"{MODELS}:frozen", "--estimator", "per-sample",
+          "--max-micro-batch", "32"]
 # the byte-level transformer (blocks, tied embedding) on pydoc, measured by PerSampleStats
 LM = ["--dataset", "pydoc", "--data-option", "context=16", "--model", "charlm",
       "--model-option", "d_model=16", "--model-option", "layers=2", "--model-option",
@@ -212,6 +215,14 @@ def test_refusals_are_one_line_with_exit_code_2(flags, message, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("adabatch: error: " + message) and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_divergence_stops_a_sharded_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "--parallel", "fsdp", "--estimator", "micro-batch", "--optimizer",
+                 "sgd", "--lr", "1e4", "--steps", "20", "--threads", "1", "--quiet",
+                 "--no-plots", "--out", str(tmp_path / "r")]) == 5
+    assert "diverged: the loss is" in capsys.readouterr().err
 
 
 def test_unknown_parallel_is_a_usage_error(capsys):
