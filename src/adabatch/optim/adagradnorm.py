@@ -49,11 +49,18 @@ Non-finite gradients poison ``b`` for good (``b = inf`` or ``nan``); under mixed
 
 ``per_group`` is meant to be fixed for the life of the optimizer: changing it later makes
 pools start from a fresh ``b0`` (or reuse an accumulator held by the same parameter).
+
+Sharded parameters (FSDP2's ``fully_shard``: DTensors sharded on dim 0): every rank updates
+its own shards in place and ``||g_k||^2`` is the sum of the ranks' local sums (one scalar
+all-reduce per pool per step), so ``b`` is the same on every rank and the step equals the
+unsharded one (tests/distributed/test_fsdp_train.py). A DTensor that is replicated or partial
+on some mesh dimension is refused (its local sums would not add up to the norm).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -209,6 +216,29 @@ def _gather(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
     return params, grads
 
 
+def _local_shards(params: list[Tensor], grads: list[Tensor]
+                  ) -> tuple[list[Tensor], list[Tensor], Any]:
+    """The local shards of DTensor parameters and gradients (in-place views) and the process
+    group whose ranks hold the other shards; the inputs and None when nothing is a DTensor."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor before its import
+    if dtensor is None or not any(isinstance(p, dtensor.DTensor) for p in params):
+        return params, grads, None
+    mesh = None
+    for p in params:
+        placements = getattr(p, "placements", ())
+        if not placements or not all(pl.is_shard() for pl in placements):
+            raise ValueError(f"AdaGradNorm: DTensor parameters must be sharded on every mesh "
+                             f"dimension (FSDP2 fully_shard); got placements {placements}")
+        if mesh is None:
+            mesh = p.device_mesh  # type: ignore[attr-defined]
+        elif p.device_mesh != mesh:  # type: ignore[attr-defined]
+            raise ValueError("AdaGradNorm: the DTensor parameters of a pool must share one "
+                             "device mesh")
+    assert mesh is not None and mesh.ndim == 1  # invariant: FSDP2 shards on a 1-D mesh
+    return ([p.to_local() for p in params],  # type: ignore[attr-defined]
+            [g.to_local() for g in grads], mesh.get_group())  # type: ignore[attr-defined]
+
+
 def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
     if foreach is None:
         return _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
@@ -348,10 +378,12 @@ class AdaGradNorm(Optimizer):
             acc = self._accumulator(holder, groups)
             work = []
             total: Tensor | None = None
+            shard_group = None
             for group in groups:
                 params, grads = _gather(group)
                 if not params:
                     continue
+                params, grads, shard_group = _local_shards(params, grads)
                 use_foreach = _use_foreach(group["foreach"], params)
                 direction_fn = _directions_foreach if use_foreach else _directions
                 reals, dirs, sign = direction_fn(
@@ -362,6 +394,10 @@ class AdaGradNorm(Optimizer):
                 work.append((group, reals, dirs, sign, use_foreach))
             if total is None:
                 continue  # no gradient in this pool: b stays as it is
+            if shard_group is not None:  # the ranks' sums over their shards
+                import torch.distributed as dist
+
+                dist.all_reduce(total, group=shard_group)
             acc.add_(total)
             b = acc.sqrt()
             for group, reals, dirs, sign, use_foreach in work:

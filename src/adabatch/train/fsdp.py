@@ -58,10 +58,10 @@ __all__ = ["FSDP_OPTIMIZERS", "eval_padding", "fsdp_problem", "full_model_state"
            "shard_model", "shard_units"]
 
 #: Optimizers whose step runs on DTensor (sharded) parameters and equals the unsharded step
-#: (torch.optim's, checked against one process by tests/distributed/test_fsdp_train.py).
-#: AdaGrad-Norm's one scalar accumulator and AdaBelief's fused kernels are not written for
-#: DTensors yet.
-FSDP_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad")
+#: (torch.optim's, and AdaGrad-Norm, whose norm sums the ranks' shards; checked against one
+#: process by tests/distributed/test_fsdp_train.py). AdaBelief's fused kernels are not
+#: written for DTensors yet.
+FSDP_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "adagradnorm")
 
 
 def fsdp_problem(cfg: Any) -> str | None:
