@@ -206,7 +206,8 @@ class PerSampleStats:
         reduce: optional ``reduce(flat) -> flat`` summing a float64 tensor across processes
             (an all-reduce with SUM, in place or returned). Called once per :meth:`stats`
             on ``[N, Σ‖g_i‖², Σ ip_i, Σ ip_i²]`` and, only for ``coord_variance``, once on the
-            flattened per-coordinate sums. ḡ is read from p.grad (DDP has averaged it).
+            flattened per-coordinate sums. ḡ is read from p.grad (DDP has averaged it;
+            under FSDP2 see below).
         fuse_conv_grad: default True: fuse the convolutions listed in :attr:`fused_convs`.
             Inside :meth:`measure`, when ``needs`` ask for per-sample norms or coordinates
             (not for inner products alone), those layers run through an autograd Function
@@ -246,6 +247,18 @@ class PerSampleStats:
     an index without a dimension raise. The pass's batch size for this comes from
     ``measure(batch_size=...)``, else the first hooked layer call, else dimension 0 of the
     model's first tensor input.
+
+    FSDP2 (``fully_shard``: the parameters are DTensors; needs ``reduce``): exact for every
+    statistic. FSDP2 unshards a layer for its forward and backward, so the hooks see whole
+    layers and measure this rank's samples, as under DDP; what reads ḡ, which each rank holds
+    only on its shard, is shard-aware: G = Σ_r ‖ḡ|shard_r‖² in the one all-reduce, the
+    coordinate sums reduce-scattered (each rank gets its shard of v_j; ``coord_variance`` and
+    ``mean_grad`` are DTensors placed like the parameters), ḡ gathered one parameter at a
+    time for the inner products ⟨g_i, ḡ⟩ (see ``batching/_sharded.py``). Layers measured by
+    recomputation (torch.func: nn.MultiheadAttention, modules without a rule) need their
+    weights after the backward pass: their FSDP module is unsharded (one all-gather of it)
+    after each pass, and once more for the inner products; one to which (or inside which)
+    fully_shard was applied is refused, naming FSDP2. The fused convolution path is off.
 
     Gram form: a Linear on [b, in] inputs takes ⟨g_i, ḡ⟩ = Σ_j (δ_i·δ_j)(a_i·a_j + 1) in its
     backward hook when that is cheaper (b·(in + out) < in·out) and p.grad will be exactly that
