@@ -7,13 +7,16 @@ reference is the 1-process FSDP2 run, which takes the 2-process run's decisions,
 tests/distributed/test_fsdp_train.py). The same 2-process run continued in 1 process from its
 step-4 checkpoint (``--from-step 4``, DCP resharding 2 → 1) ends like it too. A sharded
 checkpoint does not resume without ``--parallel fsdp``, nor a single-file one with it: one
-line, exit code 2.
+line, exit code 2. A full disk during a sharded save stops the run with the I/O exit code
+and one line, and the run then continues to the uninterrupted run's model.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +160,27 @@ def test_incomplete_newest_is_set_aside_and_the_previous_one_used(runs, tmp_path
     assert (ckpts / "step_00000008.abandoned" / "complete.json").is_file()
     final = torch.load(run / "final.pt", weights_only=True)
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_disk_full_during_a_sharded_save(runs, tmp_path) -> None:
+    """A file size limit (as a full disk) under the size of a shard file: the first save
+    fails, exit code 4 with one line; resumed without the limit, the run ends bitwise as
+    the uninterrupted one-process run."""
+    run = tmp_path / "run"
+
+    def fill() -> None:  # writes past 100 kB per file fail as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run([sys.executable, "-m", "adabatch", "train", *FLAGS, "--quiet",
+                           "--out", str(run)], env=_env(), capture_output=True, text=True,
+                          timeout=120, preexec_fn=fill)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "a write of the checkpoint failed" in proc.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000004.tmp"]
+    assert _in_process(["train", "--resume", str(run)]) == 0
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")] == []
+    final, reference = (torch.load(r / "final.pt", weights_only=True)
+                        for r in (run, runs["one"]))
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+    assert metric_rows(run) == metric_rows(runs["one"])

@@ -38,6 +38,7 @@ system that every rank sees (the same path everywhere).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -191,6 +192,11 @@ def save_sharded(run_dir: str | Path, step: int, model: nn.Module,
         cause = _failure(e)
         if isinstance(cause, OSError):  # disk full, permission denied: the I/O exit code
             raise cause from None
+        if "unexpected pos" in str(cause):
+            # torch.save's zip writer, which DCP writes tensors with, turns a failed write
+            # into this RuntimeError and drops the OSError (ENOSPC, EFBIG, EDQUOT, ...)
+            raise OSError(errno.EIO, "a write of the checkpoint failed (disk full, a quota or "
+                          "a file size limit)", str(tmp)) from None
         raise RuntimeError(f"saving checkpoint {final.name}: {_first_line(cause)}") from None
     _barrier()
     if _rank() == 0:
