@@ -280,13 +280,16 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     ``optimizer``: every rank calls it (a collective), with any number of ranks (DCP reshards).
     CheckpointError (one line) when the checkpoint does not fit the model or optimizer."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     read_marker(path)
     state = _dcp_state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=Path(path))
+        dcp.load(state, checkpoint_id=Path(path))  # fails on a key the checkpoint lacks
+        # not strict: the keys are this model's and optimizer's own, and an optimizer may
+        # keep no state for some parameters (AdaGrad-Norm: one accumulator per pool)
         set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=False))
     except (dcp.CheckpointException, RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"cannot restore {path}: {_first_line(_failure(e))}") from None
