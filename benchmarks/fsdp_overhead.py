@@ -22,6 +22,7 @@ less their time in one process, as a fraction of the FSDP2 step without statisti
 same question in absolute time: a slow sharded step makes the first number small).
 
     python benchmarks/fsdp_overhead.py                      # defaults: ~5 minutes on 2 cores
+    python benchmarks/fsdp_overhead.py --ddp                # + DDP, 2 processes (control)
     python benchmarks/fsdp_overhead.py --rounds 3 --steps 2 --blocks 1   # smoke run
 """
 
@@ -60,7 +61,7 @@ def _estimator(kind: str, model, reduce):
     return None
 
 
-def _setup(args: argparse.Namespace, sharded: bool) -> dict:
+def _setup(args: argparse.Namespace, setting: str) -> dict:
     """One model (same initial weights), optimizer and estimator per variant."""
     import torch
     import torch.distributed as dist
@@ -69,18 +70,29 @@ def _setup(args: argparse.Namespace, sharded: bool) -> dict:
     for kind in VARIANTS:
         torch.manual_seed(0)
         model = _model(args)
-        if sharded:
+        if setting == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
             for block in model.blocks:
                 fully_shard(block)
             fully_shard(model)
-        est = _estimator(kind, model, dist.all_reduce if sharded else None)
+        est = _estimator(kind, model, None if setting == "single" else dist.all_reduce)
+        if setting == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
         out[kind] = (model, torch.optim.SGD(model.parameters(), lr=0.01), est)
     return out
 
 
-def _step(model, opt, est, x, y, micro: int, sharded: bool) -> None:
+def _sync(model, setting: str, last: bool):
+    """The gradient sync of a micro-batch: on the last one only (FSDP2 and DDP)."""
+    if setting == "fsdp":
+        model.set_requires_gradient_sync(last)
+    if setting == "ddp" and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _step(model, opt, est, x, y, micro: int, setting: str) -> None:
     import torch.nn.functional as F
 
     opt.zero_grad(set_to_none=True)
@@ -89,9 +101,8 @@ def _step(model, opt, est, x, y, micro: int, sharded: bool) -> None:
     with est.step(True) if est is not None else contextlib.nullcontext() as scope:
         for i, lo in enumerate(starts):
             xb, yb = x[lo:lo + micro], y[lo:lo + micro]
-            if sharded:
-                model.set_requires_gradient_sync(i == len(starts) - 1)
-            with scope.micro_batch(len(xb)) if scope is not None else contextlib.nullcontext():
+            with (_sync(model, setting, i == len(starts) - 1),
+                  scope.micro_batch(len(xb)) if scope is not None else contextlib.nullcontext()):
                 logits = model(xb)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
                 (loss * len(xb) / n_all).backward()
@@ -105,11 +116,12 @@ def _worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    sharded = args.worker == "fsdp"
+    setting = args.worker
+    sharded = setting != "single"  # (2 processes)
     if sharded:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if sharded else 0
-    runs = _setup(args, sharded)
+    runs = _setup(args, setting)
     g = torch.Generator().manual_seed(1 + rank)
     batches = [torch.randint(0, args.vocab, (args.batch, args.context + 1), generator=g)
                for _ in range(4)]
@@ -122,7 +134,7 @@ def _worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         for s in range(steps):
             b = batches[(start + s) % len(batches)]
-            _step(model, opt, est, b[:, :-1], b[:, 1:], args.micro, sharded)
+            _step(model, opt, est, b[:, :-1], b[:, 1:], args.micro, setting)
         if sharded:
             dist.barrier()
         return (time.perf_counter() - t0) / steps
@@ -143,10 +155,10 @@ def _launch(setting: str, args: argparse.Namespace, out: Path) -> dict[str, list
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     opts = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("worker", "out", "blocks", "json")]
+            if k not in ("worker", "out", "blocks", "json", "ddp")]
     me = [__file__, "--worker", setting, "--out", str(out), *opts]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            "2", *me] if setting == "fsdp" else [sys.executable, *me])
+            "2", *me] if setting != "single" else [sys.executable, *me])
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(out.read_text())
 
@@ -161,8 +173,9 @@ def _report(times: dict[str, dict[str, list[float]]], args: argparse.Namespace) 
           f"{args.steps} steps\n")
     print("| setting | variant | step (ms) | / plain |")
     print("|---|---|---|---|")
-    names = {"fsdp": "FSDP2, 2 processes", "single": "1 process, no FSDP"}
-    for s in ("fsdp", "single"):
+    names = {"fsdp": "FSDP2, 2 processes", "ddp": "DDP, 2 processes",
+             "single": "1 process, no FSDP"}
+    for s in times:
         for k in VARIANTS:
             print(f"| {names[s]} | {k} | {med[s][k] * 1e3:.1f} | {ratio[s][k]:.3f} |")
     print("\n| estimator | / plain, FSDP2 | / plain, 1 process | FSDP2 adds (goal <= 0.15) "
@@ -176,6 +189,10 @@ def _report(times: dict[str, dict[str, list[float]]], args: argparse.Namespace) 
                     - (med["single"][k] - med["single"]["plain"])) / med["fsdp"]["plain"]
         print(f"| {k} | {ratio['fsdp'][k]:.3f} | {ratio['single'][k]:.3f} | "
               f"{added[k]:+.3f} | {extra[k]:+.3f} |")
+    if "ddp" in ratio:  # the control: two processes without sharding
+        for k in VARIANTS[1:]:
+            print(f"| {k} (DDP control) | {ratio['ddp'][k]:.3f} | {ratio['single'][k]:.3f} | "
+                  f"{ratio['ddp'][k] - ratio['single'][k]:+.3f} | |")
     return {"median_s": med, "ratio": ratio, "fsdp2_adds": added, "extra_time": extra,
             "rounds": times}
 
@@ -193,16 +210,19 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--worker", choices=("fsdp", "single"), help=argparse.SUPPRESS)
+    p.add_argument("--ddp", action="store_true",
+                   help="also DDP with 2 processes (a control: two processes, no sharding)")
+    p.add_argument("--worker", choices=("fsdp", "ddp", "single"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         _worker(args)
         return
-    times: dict[str, dict[str, list[float]]] = {"fsdp": {}, "single": {}}
+    settings = ("fsdp", "ddp", "single") if args.ddp else ("fsdp", "single")
+    times: dict[str, dict[str, list[float]]] = {s: {} for s in settings}
     with tempfile.TemporaryDirectory() as tmp:
         for b in range(args.blocks):
-            for setting in ("fsdp", "single"):
+            for setting in settings:
                 got = _launch(setting, args, Path(tmp) / f"{setting}{b}.json")
                 for k, v in got.items():
                     times[setting].setdefault(k, []).extend(v)
