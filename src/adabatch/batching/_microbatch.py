@@ -55,7 +55,8 @@ equal N_r — the DDP case, every (rank, micro-batch) pair one micro-batch:
 
     P = Σ_r N_r² Σ_k ‖Δ_{r,k}‖²/n_{r,k}    (each rank: its full local norms, no communication)
     G = ‖ḡ‖² = Σ_r ‖ḡ|shard_r‖²            (each rank: its own shard of p.grad)
-    V = (P − N·G)/(M − 1),                  one all-reduce (``reduce``) of [N, M, P, 0, 0, G]
+    V = (P − N·G)/(M − 1),                  one all-reduce (``reduce``) of [N, M, P, s1, s2, G]
+                                            (s1 = s2 = 0 without inner products, below)
     C_j = Σ_r N_r² Σ_k Δ_{r,k,j}²/n_{r,k}  (each rank sums its local part over the whole
                                             layer, then one reduce-scatter per parameter
                                             tensor per measured step: each rank gets its
