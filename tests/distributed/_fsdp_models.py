@@ -39,7 +39,8 @@ class TiedModel(nn.Module):
         h = x.flatten(1) @ self.embed.weight
         for block in self.blocks:
             h = block(h)
-        return self.head(h)[:, :self.num_classes]
+        # a copy, not a view: FSDP2 warns about a view as the output of a sharded module
+        return self.head(h)[:, :self.num_classes].clone()
 
 
 def tied(input_shape: tuple[int, ...], num_classes: int, width: int = 16) -> nn.Module:

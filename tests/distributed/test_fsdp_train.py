@@ -154,6 +154,29 @@ def test_language_model_with_per_sample_statistics(runs):
     assert any(k.startswith("blocks.1.") for k in final)
 
 
+def test_adagradnorm_run_of_two_processes_continues_in_one(runs, tmp_path, monkeypatch):
+    """The tied run (AdaGrad-Norm: one accumulator, held in one parameter's state) resumed
+    from its final sharded checkpoint by 1 process to 2 epochs ends like 1 process trained
+    2 epochs without stopping."""
+    import shutil
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.syspath_prepend(str(ROOT))
+    run = tmp_path / "cont"
+    shutil.copytree(runs["tied_two"], run)
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet", "--threads",
+                 "1"]) == 0
+    ref = tmp_path / "ref"
+    assert main(["train", *TIED, "--epochs", "2", "--out", str(ref)]) == 0
+    a, b = _steps(ref), _steps(run)
+    assert [r["batch_size"] for r in a] == [r["batch_size"] for r in b]
+    assert len(a) > len(_steps(runs["tied_two"]))
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
+    fa, fb = _final(ref), _final(run)
+    assert max(float((fa[k] - fb[k]).abs().max()) for k in fa) <= 1e-4
+
+
 def _initial(factory: str) -> nn.Module:
     torch.manual_seed(0)  # the trainer seeds with --seed (0) before the factory
     return getattr(_fsdp_models, factory)((1, 8, 8), 10)
