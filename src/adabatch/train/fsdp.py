@@ -42,9 +42,8 @@ one-sample passes whose outputs are discarded (:func:`eval_padding`).
 **Refused** (:func:`fsdp_problem`, one line, exit code 2): the coordinate test's quantile
 (it would gather every coordinate's variance), ``--compile``, a device other than CPU or
 CUDA, and the optimizers whose step is not written for DTensor parameters
-(:data:`FSDP_OPTIMIZERS` lists those that are). The per-sample estimator refuses, when it is
-built, a layer it can only measure by recomputing it sample by sample (FSDP2 has resharded
-its parameters by then): one line naming the layers.
+(:data:`FSDP_OPTIMIZERS` lists those that are). What an estimator cannot measure under
+FSDP2 it refuses when it is built (one line naming the layer; docs/fsdp.md, Limits).
 """
 
 from __future__ import annotations
