@@ -210,7 +210,7 @@ def test_key_value_options_take_their_targets_types(args, key, expected):
 
 
 def test_mnist_data_dir_without_files(tmp_path, capsys):
-    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path)]) == 2
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path)]) == 3  # data
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "mnist" in lines[0] and "train-images" in lines[0]
 

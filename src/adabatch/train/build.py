@@ -226,6 +226,8 @@ def _load_data(cfg: TrainConfig) -> Any:
     try:
         return data_mod.load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed,
                                      **cfg.data_options)
+    except data_mod.DatasetError:
+        raise  # a missing, empty or corrupt data file: exit code 3 (train/errors.py)
     except (ValueError, OSError, TypeError) as e:
         raise ConfigError(one_line(e)) from None
 
