@@ -1,14 +1,16 @@
 """``adabatch train --parallel fsdp``: sharded checkpoints in the trainer (gloo, CPU).
 
-A 2-process FSDP2 run under torchrun ``--max-restarts 1`` with rank 1 killed (SIGKILL) in
-step 10 restarts the group, which resumes from the newest sharded checkpoint (step 8) and ends
-like an uninterrupted run (the same decisions; the model within float tolerance: the
-reference is the 1-process FSDP2 run, which takes the 2-process run's decisions, see
-tests/distributed/test_fsdp_train.py). The same 2-process run continued in 1 process from its
-step-4 checkpoint (``--from-step 4``, DCP resharding 2 → 1) ends like it too. A sharded
-checkpoint does not resume without ``--parallel fsdp``, nor a single-file one with it: one
-line, exit code 2. A full disk during a sharded save stops the run with the I/O exit code
-and one line, and the run then continues to the uninterrupted run's model.
+The reference is an uninterrupted 1-process FSDP2 run (a 1-rank group), which takes the
+decisions of 2 processes (tests/distributed/test_fsdp_train.py). Its step-4 checkpoint is
+continued by 2 processes (``--resume --from-step 4`` under torchrun ``--max-restarts 1``:
+DCP resharding 1 → 2) with rank 1 killed (SIGKILL) in step 10: torchrun restarts the group,
+which resumes from the newest sharded checkpoint (step 8, written by the 2 processes), not
+from step 4 again, and ends like the reference (the same decisions; the model within float
+tolerance). That run continued in 1 process from its step 8 (resharding 2 → 1) ends like it
+too. A sharded checkpoint does not resume without ``--parallel fsdp``, nor a single-file one
+with it: one line, exit code 2. An incomplete newest checkpoint is set aside. A full disk
+during a sharded save stops the run with the I/O exit code and one line, and the run then
+continues to the reference's model.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ FLAGS = ["--parallel", "fsdp", "--epochs", "1", "--estimator", "micro-batch",
          "--micro-batch", "8", "--batch-granularity", "16", "--initial-batch", "16",
          "--max-batch", "128", "--eta", "0.3", "--optimizer", "adam", "--lr", "3e-3",
          "--threads", "1", "--no-plots", "--checkpoint-every", "4", "--keep-checkpoints",
-         "20", "--eval-every", "6", "--dist-timeout", "60"]  # not --quiet: the resume line
+         "20", "--eval-every", "6", "--dist-timeout", "60"]
 KILL_STEP = "10"
 
 
@@ -52,26 +54,28 @@ def _steps(run: Path) -> list[dict]:
     return [r for r in metric_rows(run) if not r.get("eval")]
 
 
-def _in_process(args: list[str]) -> int:
+def _in_process(args: list[str], *, quiet: bool = True) -> int:
     with pytest.MonkeyPatch.context() as mp:
         for k in ("WORLD_SIZE", "RANK", "TORCHELASTIC_RESTART_COUNT"):
             mp.delenv(k, raising=False)
-        return main([*args, "--quiet"])
+        return main([*args, "--quiet"] if quiet else args)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("fsdp_resume")
     one, two, two_to_one = tmp / "one", tmp / "two", tmp / "two_to_one"
-    assert _in_process(["train", *FLAGS, "--out", str(one)]) == 0
+    # not --quiet: the runs resumed from its checkpoints say from which one
+    assert _in_process(["train", *FLAGS, "--out", str(one)], quiet=False) == 0
+    shutil.copytree(one, two)  # the fault runner takes every flag (no saved config read)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", "--max-restarts", "1", RUNNER,
                            "--kill-rank", "1", "--kill-at", KILL_STEP, "--", *FLAGS,
-                           "--out", str(two)], env=_env(), capture_output=True, text=True,
-                          timeout=300)
+                           "--resume", str(two), "--from-step", "4"], env=_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shutil.copytree(two, two_to_one)
-    assert _in_process(["train", "--resume", str(two_to_one), "--from-step", "4",
+    assert _in_process(["train", "--resume", str(two_to_one), "--from-step", "8",
                         "--threads", "1"]) == 0
     return {"one": one, "two": two, "two_to_one": two_to_one,
             "log": proc.stdout + proc.stderr}
@@ -93,14 +97,20 @@ def _assert_like(reference: Path, run: Path) -> None:
 
 
 def test_killed_rank_restarts_the_group_from_the_sharded_checkpoint(runs) -> None:
-    two = runs["two"]
-    assert "restarted by torchrun (restart 1); resuming" in runs["log"]
-    assert "from step_00000008 (step 8," in runs["log"]
+    two, log = runs["two"], runs["log"]
+    # the first attempt: 2 processes continue the 1-process run's step 4 (1 -> 2)
+    assert "resuming " + str(two) + " from step_00000004 (step 4," in log
+    # the restarted group: from the newest checkpoint, written by the 2 processes
+    assert "restarted by torchrun (restart 1); resuming" in log
+    assert "from step_00000008 (step 8," in log
     _assert_like(runs["one"], two)
     marker = json.loads((two / "checkpoints" / "step_00000008" / "complete.json").read_text())
     assert marker["world_size"] == 2 and marker["step"] == 8
-    assert sorted((two / "checkpoints" / "step_00000008").glob("*.distcp")) != []
-    assert not [p for p in (two / "checkpoints").iterdir() if p.suffix == ".tmp"]
+    assert len(list((two / "checkpoints" / "step_00000008").glob("*.distcp"))) == 2
+    ckpts = sorted(p.name for p in (two / "checkpoints").iterdir())
+    assert "step_00000008.abandoned" in ckpts  # the 1-process run's, set aside once
+    assert not [name for name in ckpts if name.endswith(".tmp")]
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
 
 
 def test_two_processes_resume_in_one(runs) -> None:

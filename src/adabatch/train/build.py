@@ -286,7 +286,7 @@ def build(cfg: TrainConfig, run_dir: Path, dist: Dist | None = None, *,
     if d.enabled:
         from adabatch.train.loop import preflight
 
-        preflight(replace(cfg, resume=None), d.world_size)
+        preflight(replace(cfg, resume=None, from_step=None), d.world_size)
     try:
         controller = _make_policy(cfg, granularity, budget_kind, budget)
         sampler = batching.AdaptiveBatchSampler(n_train, micro, seed=cfg.seed, rank=d.rank,

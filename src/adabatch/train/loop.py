@@ -198,7 +198,11 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
 
 def _auto_resume(cfg: TrainConfig) -> TrainConfig:
     """Restarted by torchrun (``TORCHELASTIC_RESTART_COUNT > 0``) into an ``--out`` that holds
-    the run of the previous attempt: continue it from its newest checkpoint."""
+    the run of the previous attempt: continue it from its newest checkpoint. A restarted
+    ``--resume RUN --from-step N`` continues from RUN's newest checkpoint too (the first
+    attempt went back to step N and set the later ones aside), not from step N again."""
+    if restart_count() > 0 and cfg.resume is not None and cfg.from_step is not None:
+        return replace(cfg, from_step=None)
     if restart_count() == 0 or cfg.resume is not None or cfg.out is None:
         return cfg
     out = Path(cfg.out)
