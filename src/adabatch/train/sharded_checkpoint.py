@@ -63,7 +63,6 @@ __all__ = [
     "FORMAT_VERSION",
     "MARKER",
     "TRAINER_STATE",
-    "is_sharded_checkpoint",
     "list_sharded",
     "load_sharded",
     "load_trainer_state",
@@ -106,13 +105,6 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
 
     model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optim_state}
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is named and shaped as a sharded checkpoint (a ``step_XXXXXXXX``
-    directory); complete or not."""
-    path = Path(path)
-    return _DIR.match(path.name) is not None and path.is_dir()
 
 
 def list_sharded(run_dir: str | Path) -> list[Path]:
