@@ -49,9 +49,10 @@ FLAGS = ["--epochs", "1", "--estimator", "micro-batch", "--micro-batch", "8",
          "--dist-timeout", "60", "--quiet"]
 # AdaGrad-Norm (its one accumulator: the norm over every rank's shards)
 TIED = [*FLAGS, "--model", f"{MODELS}:tied", "--optimizer", "adagradnorm", "--lr", "1.0"]
-# the per-sample estimator with passes that grow with the batch (up to 32 samples a rank)
+# the per-sample estimator with passes that grow with the batch (up to 32 samples a rank);
+# AdaBelief (fused in 1 process where its kernel builds; foreach on the DTensor shards)
 FROZEN = [*FLAGS, "--model", f"{MODELS}:frozen", "--estimator", "per-sample",
-          "--max-micro-batch", "32"]
+          "--max-micro-batch", "32", "--optimizer", "adabelief"]
 # the byte-level transformer (blocks, tied embedding) on pydoc, measured by PerSampleStats
 LM = ["--dataset", "pydoc", "--data-option", "context=16", "--model", "charlm",
       "--model-option", "d_model=16", "--model-option", "layers=2", "--model-option",
@@ -224,8 +225,10 @@ def test_eval_padding_gives_every_rank_the_same_number_of_passes():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--optimizer", "adabelief"],
-     "--parallel fsdp: optimizer 'adabelief' does not step sharded (DTensor) parameters"),
+    (["--optimizer", "adabelief", "--opt-option", "fused=true"],
+     "--parallel fsdp: AdaBelief's fused kernels take plain tensors"),
+    (["--nproc", "2", "--optimizer", "adabelief", "--opt-option", "fused=true"],
+     "--parallel fsdp: AdaBelief's fused kernels take plain tensors"),  # before launching
     (["--estimator", "micro-batch", "--optimizer", "sgd", "--batch-test", "coord",
       "--coord-reduce", "quantile", "--coord-q", "0.9"],
      "--parallel fsdp: --coord-reduce quantile would gather"),

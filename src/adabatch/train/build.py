@@ -129,6 +129,10 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     from adabatch import optim
 
     hparams = cfg.optimizer_hparams()
+    if cfg.parallel == "fsdp":  # what steps DTensor shards (train/fsdp.py)
+        from adabatch.train.fsdp import FSDP_OPTIMIZER_DEFAULTS
+
+        hparams = {**FSDP_OPTIMIZER_DEFAULTS.get(cfg.optimizer, {}), **hparams}
     spec = optim.get_spec(cfg.optimizer)
     known = set(spec.hyperparameters)
     unknown = sorted(k for k in hparams if known and k not in known)

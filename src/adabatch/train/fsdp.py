@@ -41,8 +41,9 @@ one-sample passes whose outputs are discarded (:func:`eval_padding`).
 
 **Refused** (:func:`fsdp_problem`, one line, exit code 2): the coordinate test's quantile
 (it would gather every coordinate's variance), ``--compile``, a device other than CPU or
-CUDA, and the optimizers whose step is not written for DTensor parameters
-(:data:`FSDP_OPTIMIZERS` lists those that are). What an estimator cannot measure under
+CUDA, the optimizers whose step is not written for DTensor parameters
+(:data:`FSDP_OPTIMIZERS` lists those that are) and AdaBelief's fused kernels (its foreach
+path runs instead: :data:`FSDP_OPTIMIZER_DEFAULTS`). What an estimator cannot measure under
 FSDP2 it refuses when it is built (one line naming the layer; docs/fsdp.md, Limits).
 """
 
@@ -53,14 +54,20 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FSDP_OPTIMIZERS", "eval_padding", "fsdp_problem", "full_model_state", "is_sharded",
-           "shard_model", "shard_units"]
+__all__ = ["FSDP_OPTIMIZERS", "FSDP_OPTIMIZER_DEFAULTS", "eval_padding", "fsdp_problem",
+           "full_model_state", "is_sharded", "shard_model", "shard_units"]
 
 #: Optimizers whose step runs on DTensor (sharded) parameters and equals the unsharded step
-#: (torch.optim's, and AdaGrad-Norm, whose norm sums the ranks' shards; checked against one
-#: process by tests/distributed/test_fsdp_train.py). AdaBelief's fused kernels are not
-#: written for DTensors yet.
-FSDP_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "adagradnorm")
+#: (torch.optim's; AdaGrad-Norm, whose norm sums the ranks' shards; AdaBelief's foreach and
+#: for-loop paths, elementwise; checked against one process by
+#: tests/distributed/test_fsdp_train.py).
+FSDP_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "adagrad", "adagradnorm", "adabelief")
+
+#: Hyperparameters an optimizer gets under FSDP2 unless given: AdaBelief's fused kernels
+#: (CPU and CUDA) take plain tensors, so its foreach path runs instead (the same step; its
+#: default picks foreach for plain tensors only).
+FSDP_OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {"adabelief": {"fused": False,
+                                                                    "foreach": True}}
 
 
 def fsdp_problem(cfg: Any) -> str | None:
@@ -68,6 +75,9 @@ def fsdp_problem(cfg: Any) -> str | None:
     if cfg.optimizer not in FSDP_OPTIMIZERS:
         return (f"optimizer {cfg.optimizer!r} does not step sharded (DTensor) parameters "
                 f"yet; choose one of {', '.join(FSDP_OPTIMIZERS)}")
+    if cfg.optimizer == "adabelief" and cfg.optimizer_options.get("fused"):
+        return ("AdaBelief's fused kernels take plain tensors, not DTensor shards; leave "
+                "--opt-option fused=true out (its foreach path runs, the same step)")
     if cfg.batch_test == "coord" and cfg.coord_reduce == "quantile":
         return ("--coord-reduce quantile would gather every coordinate's variance; use max "
                 "or mean (reduced over the ranks without gathering)")
