@@ -22,6 +22,7 @@ from adabatch.cli import main
 from adabatch.train.data import DatasetBundle, DatasetError, load_dataset, task_loss
 from adabatch.train.models import create_model, list_models, model_info
 from adabatch.train.steps import evaluate
+from tests.batching.test_estimators import NEEDS
 
 DT = torch.float64
 
@@ -195,15 +196,20 @@ def vmap_oracle(model, x, y, params):
             "coord_variance": ((g - m) ** 2).sum(0) / (b - 1), "mean_grad": m}
 
 
-@pytest.mark.parametrize("split", [None, 3])
-@pytest.mark.parametrize("b", [5, 6])  # 6: as many samples as positions
-def test_persample_stats_exact_on_charlm(b, split):
+@pytest.mark.parametrize(("b", "split", "needs", "kw"), [
+    (5, None, STAT_NAMES, {}),
+    (6, None, STAT_NAMES, {}),  # as many samples as positions: the positions stay shared
+    (5, 3, STAT_NAMES, {}),  # two micro-batches
+    (6, 2, STAT_NAMES, {"chunk_size": 2}),
+    *[(5, None, needs, {}) for needs in NEEDS[1:]],  # the paths of each subset
+])
+def test_persample_stats_exact_on_charlm(b, split, needs, kw):
     torch.manual_seed(1)
     model = create_model("charlm", (6,), 13, d_model=8, heads=2).to(DT)
     gen = torch.Generator().manual_seed(2)
     x = torch.randint(0, 13, (b, 6), generator=gen)
     y = torch.randint(0, 13, (b, 6), generator=gen)
-    est = PerSampleStats(model, needs=STAT_NAMES)
+    est = PerSampleStats(model, needs=needs, **kw)
     assert sum(p is model.tok.weight for p in est.params) == 1  # the tied weight, once
     parts = [(x, y)] if split is None else [(x[:split], y[:split]), (x[split:], y[split:])]
     for xs, ys in parts:
@@ -211,11 +217,14 @@ def test_persample_stats_exact_on_charlm(b, split):
             (task_loss("language_model", model(xs), ys) * (len(xs) / b)).backward()
     s, ref = est.stats(), vmap_oracle(model, x, y, est.params)
     assert s.batch_size == b
-    for name in ("grad_sq_norm", "variance_trace", "ip_variance", "orth_variance"):
-        assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-9), name
+    assert s.grad_sq_norm == pytest.approx(float(ref["grad_sq_norm"]), rel=1e-9)
+    for name in ("variance_trace", "ip_variance", "orth_variance"):
+        if name in needs:
+            assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-9), name
     for name in ("coord_variance", "mean_grad"):
-        flat = torch.cat([v.reshape(-1) for v in getattr(s, name)])
-        assert (flat - ref[name]).abs().max() <= 1e-9 * ref[name].abs().max(), name
+        if name in needs:
+            flat = torch.cat([v.reshape(-1) for v in getattr(s, name)])
+            assert (flat - ref[name]).abs().max() <= 1e-9 * ref[name].abs().max(), name
 
 
 # --- adabatch train --------------------------------------------------------------------------
@@ -224,9 +233,10 @@ def test_train_loss_goes_down(tmp_path, estimator):
     out = tmp_path / "run"
     args = ["train", "--dataset", "pydoc", "--data-option", "context=16", "--model", "charlm",
             "--model-option", "d_model=16", "--model-option", "layers=1",
-            "--optimizer", "adam", "--lr", "0.01", "--samples", "1200", "--initial-batch", "8",
-            "--max-batch", "64", "--batch-test", "norm", "--estimator", estimator,
-            "--eval-every", "1000", "--threads", "2", "--out", str(out), "--quiet"]
+            "--optimizer", "adam", "--lr", "0.01", "--samples", "600", "--initial-batch", "8",
+            "--max-batch", "32", "--batch-test", "norm", "--estimator", estimator,
+            "--eval-every", "1000", "--threads", "2", "--out", str(out), "--quiet",
+            "--no-plots"]
     if estimator == "micro-batch":
         args[args.index("--initial-batch") + 1] = "16"
         args += ["--micro-batch", "8"]
@@ -236,6 +246,11 @@ def test_train_loss_goes_down(tmp_path, estimator):
     assert losses[0] > 5.0 and sum(losses[-3:]) / 3 < losses[0] - 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_loss"] < losses[0] and 0 < summary["test_accuracy"] < 1
+    if estimator == "per-sample":  # adabatch plot draws the run (loss, next-token accuracy)
+        assert main(["plot", str(out), "--out", str(tmp_path / "plots")]) == 0
+        drawn = {p.name for p in (tmp_path / "plots").glob("*.png")}
+        assert {"loss_vs_steps.png", "accuracy_vs_steps.png",
+                "statistics_vs_samples.png"} <= drawn
 
 
 def test_train_text_errors_are_one_line(tmp_path, capsys):
