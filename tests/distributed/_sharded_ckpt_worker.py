@@ -4,9 +4,10 @@ An FSDP2 (``fully_shard``) float64 MLP with uneven shards and Adam trains on a f
 batch of 16 samples per step (rank r of W takes its 16/W rows; FSDP2 averages the gradients,
 so every world size takes the same steps)::
 
-    OUT save=RUN ...     steps 1, 2, 3 with a sharded checkpoint after each (the newest 2
+    OUT save=RUN ...     steps 1, 2, 3 with a sharded checkpoint after each (the newest one
                          kept); the full model and optimizer state after step 2 go to
-                         OUT/RUN.saved.pt, after step 3 to OUT/RUN.step3.pt
+                         OUT/RUN.saved.pt, after step 3 to OUT/RUN.step3.pt; between step
+                         2's save and step 3, ``load=RUN`` (below) reads step 2 back
     OUT kill<R>=RUN      the same, but rank R SIGKILLs itself in the middle of step 3's save
                          (after writing its shard file, before DCP's metadata): step 3 never
                          completes (the last command: every process ends)
@@ -96,9 +97,10 @@ def save(out: Path, run: Path, kill_rank: int | None) -> None:
             dump(full_state(model, opt), out / f"{run.name}.saved.pt")
         if step == 3:
             dump(full_state(model, opt), out / f"{run.name}.step3.pt")
+            load(out, run)  # step 2's checkpoint, read back by as many processes
             if kill_rank is not None:
                 arm_kill(kill_rank)
-        sc.save_sharded(run, step, model, opt, trainer_state(step), keep=2)
+        sc.save_sharded(run, step, model, opt, trainer_state(step), keep=1)
 
 
 def load(out: Path, run: Path) -> None:
