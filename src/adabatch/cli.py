@@ -212,7 +212,7 @@ def _flags_run(p: argparse.ArgumentParser, d: Any) -> None:
     g.add_argument("--parallel", choices=PARALLELS, default=_S,
                    help=f"ddp: every process holds the whole model (default {d.parallel}); "
                         "fsdp: FSDP2 shards parameters, gradients and optimizer state over "
-                        "the processes (docs/fsdp.md; with --estimator micro-batch)")
+                        "the processes (docs/fsdp.md)")
     g.add_argument("--nproc", type=int, default=_S, metavar="N",
                    help="run N processes with torchrun (python -m torch.distributed.run "
                         "--standalone --nproc-per-node N -m adabatch train ...)")

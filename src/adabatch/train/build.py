@@ -102,7 +102,8 @@ def _make_model(cfg: TrainConfig, data: Any, device: torch.device) -> nn.Module:
         named = ":" in cfg.model  # the factory's errors name it
         raise ConfigError(one_line(e) if named else f"model {cfg.model!r}: {one_line(e)}"
                           ) from None
-    model.to(device)
+    if cfg.parallel != "fsdp":  # fully_shard moves each unit's shards to the device
+        model.to(device)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_bn and cfg.batch_test != "none" and cfg.estimator == "per-sample":
         raise ConfigError(

@@ -36,7 +36,8 @@ before the last run under ``no_sync``; when measuring with an estimator that
 the stop flag and the statistics' partial sums travel in one small all-reduce per step, so
 every rank sees the same numbers and takes the same decision. Rank 0 alone writes metrics,
 checkpoints and the summary; evaluation is sharded and reduced. Restarted by torchrun, the
-run resumes from its ``--out``.
+run resumes from its ``--out``. ``--parallel fsdp`` shards the model with FSDP2 instead of
+DDP (:mod:`adabatch.train.fsdp`, docs/fsdp.md): the same step, the same decisions.
 
 **Interruptions.** SIGINT and SIGTERM finish the current step, write a checkpoint and return
 with ``interrupted`` set (the CLI exits with 128 + the signal number). A run killed without a
