@@ -264,3 +264,12 @@ def test_train_text_errors_are_one_line(tmp_path, capsys):
                  "--model", "charlm", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--data-dir: file or directory not found" in err[0]
+    good = tmp_path / "good.txt"  # a file as --data-dir trains
+    good.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["train", "--dataset", "text", "--data-dir", str(good), "--data-option",
+                 "context=8", "--model", "charlm", "--model-option", "d_model=8",
+                 "--steps", "2", "--batch-test", "none", "--max-batch", "16", "--no-plots",
+                 "--quiet",
+                 "--out", str(tmp_path / "ok")]) == 0
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["test_loss"] > 0
