@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from adabatch.batching import PerSampleStats, _microbatch, _sharded
@@ -114,15 +114,15 @@ def make_model(name: str = "mlp") -> nn.Module:
     return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, **options) -> nn.Module:
     """fully_shard on every layer with parameters (not the tied ones), then the root."""
     for name, m in model.named_children():
         if name == "blocks":
             for block in m:
-                fully_shard(block)
+                fully_shard(block, **options)
         elif any(True for _ in m.parameters()) and name not in ("tok", "head"):
-            fully_shard(m)
-    fully_shard(model)
+            fully_shard(m, **options)
+    fully_shard(model, **options)
     return model
 
 
@@ -138,7 +138,7 @@ def data(name: str = "mlp") -> tuple[torch.Tensor, torch.Tensor]:
 def loss_of(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if name in ("tied", "charlm"):
         return nn.functional.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1))
-    return nn.functional.mse_loss(out, y)
+    return nn.functional.mse_loss(out, y.to(out.dtype))
 
 
 def make_estimator(kind: str, model: nn.Module, needs=ALL, reduce=None):
@@ -310,6 +310,22 @@ def run_case(name: str, kind: str, needs, counter: dict[str, int]) -> dict:
             "param_numel": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
+def run_mixed(kind: str) -> list[dict]:
+    """The MLP in float32 under FSDP2 with bfloat16 compute (MixedPrecisionPolicy): the
+    hooks see bfloat16 gradients, the statistics stay in float32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  output_dtype=torch.float32)
+    model = shard(make_model("mlp").float(), mp_policy=policy)
+    est = make_estimator(kind, model, ALL, dist.all_reduce)
+    steps = train(model, est, _fsdp_sync(model), "mlp", dist.get_rank())
+    records = []
+    for stats in steps:
+        records.append({**record(stats, lambda t: t.full_tensor()),
+                        "dtypes": [str(t.dtype) for t in stats.coord_variance]})
+    est.remove()
+    return records
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     counter = {k: 0 for k in ("fsdp_reduce_scatter", "fsdp_all_gather", "stats_reduce_scatter",
@@ -321,6 +337,7 @@ def main(out: str) -> None:
                   param_numel=first["param_numel"])
     result["cases"] = {f"{name}/{kind}": run_case(name, kind, ALL, counter)
                        for name in MODELS for kind in ESTIMATORS}
+    result["mixed"] = {kind: run_mixed(kind) for kind in ESTIMATORS}
     result["norm_only"] = {kind: run_case("mlp", kind, ("grad_sq_norm", "variance_trace"),
                                           counter)["bytes"] for kind in ESTIMATORS}
     if dist.get_rank() == 0:

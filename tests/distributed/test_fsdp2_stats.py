@@ -226,3 +226,19 @@ def test_communication_of_every_need(fsdp2, name, kind):
         for counted in kind_bytes:
             assert counted["stats_all_reduce"] == 6 * 8
             assert counted["stats_reduce_scatter"] == counted["stats_all_gather"] == 0
+
+
+@pytest.mark.parametrize("kind", ESTIMATORS)
+def test_bfloat16_compute_keeps_float32_statistics(fsdp2, kind):
+    """MixedPrecisionPolicy(param_dtype=bfloat16): the hooks see bfloat16 gradients of the
+    unsharded layers; the coordinate sums accumulate in float32 (the sharded parameters'
+    dtype) and every statistic is the float64 one-process value to bfloat16 rounding."""
+    ref, _ = _one_process_case("mlp", kind)
+    for got, want in zip(fsdp2["mixed"][kind], ref, strict=True):
+        assert got["dtypes"] == ["torch.float32"] * 4
+        for k in SCALARS:
+            assert got[k] == pytest.approx(want[k], rel=5e-2), k
+        for k in ("coord_variance", "mean_grad"):
+            for a, b in zip(got[k], want[k], strict=True):
+                ta, tb = torch.tensor(a), torch.tensor(b)
+                assert float((ta - tb).abs().max()) <= 5e-2 * float(tb.abs().max())

@@ -271,10 +271,19 @@ class MicroBatchStats:
             self._pend_norms[i] = torch.linalg.vector_norm(g, dtype=torch.float32).square()
         if self._need_coord:
             if self._pend_sq is None:
-                self._pend_sq = [torch.zeros_like(q) for q in self._hooked]
+                self._pend_sq = [self._coord_buffer(q) for q in self._hooked]
             self._pend_sq[i].addcmul_(g, g)
         if self._need_ip:
             self._pend_inc[i] = g.clone()
+
+    def _coord_buffer(self, p: Tensor) -> Tensor:
+        """A zero coordinate-sum buffer for the hooked parameter ``p``: its dtype, except
+        under FSDP2, where the unsharded parameters are in the mixed-precision policy's
+        ``param_dtype`` (bfloat16 or float16): at least float32 there, the dtype of the
+        sharded parameters and of ḡ, which v_j = (C_j − N·ḡ_j²)/(M − 1) is taken with."""
+        if self._fsdp2:
+            return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+        return torch.zeros_like(p)
 
     def reset(self) -> None:
         """Start a new step: forget the micro-batches accumulated so far."""
@@ -318,7 +327,7 @@ class MicroBatchStats:
             if self._need_coord:
                 assert self._pend_sq is not None
                 if self._coord is None:
-                    self._coord = [torch.zeros_like(p) for p in self._hooked]
+                    self._coord = [self._coord_buffer(p) for p in self._hooked]
                 torch._foreach_add_(self._coord, self._pend_sq, alpha=1.0 / batch_size)
             if self._need_ip:
                 self._incs.append((batch_size, [
