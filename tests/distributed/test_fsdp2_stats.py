@@ -6,11 +6,13 @@ with gradient sync after each micro-batch, the others accumulating without sync)
 micro-batches in one process without FSDP, and under DDP, give the same G, V, W, O, v_j and
 ḡ (MicroBatchStats: every (rank, micro-batch) pair is one micro-batch; PerSampleStats: every
 sample), also after optimizer steps, for an MLP with uneven shards, a model whose Embedding
-and output Linear share one Parameter, and one with frozen parameters; the batch tests and
-the CriticalBatchSize/Goodput policies read them as in one process. The statistics' own
+and output Linear share one Parameter, one with frozen parameters, charlm and a block with
+nn.MultiheadAttention (recomputed by PerSampleStats); the batch tests and the
+CriticalBatchSize/Goodput policies read them as in one process. The statistics' own
 communication per measured step is 48 bytes all-reduced, plus one reduce-scatter of the
 parameters' size for the coordinate sums and one all-gather of it for the inner products
-(docs/fsdp.md, "Communication of the statistics").
+(docs/fsdp.md, "Communication of the statistics"). Under bfloat16 compute
+(MixedPrecisionPolicy) the statistics stay float32 and equal the float64 ones to rounding.
 """
 
 from __future__ import annotations

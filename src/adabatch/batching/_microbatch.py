@@ -91,7 +91,8 @@ one of FSDP2's own gradient reduce-scatters (FSDP2 does one per micro-batch with
 sync, one per step without) — and, with ``ip_variance`` or ``orth_variance``, one
 all-gather of the parameters' size (as much as one of FSDP2's forward all-gathers); the
 coordinate test adds two 1- and 3-element all-reduces. Memory with ``coord_variance``: two
-unsharded model-sized buffers per rank (the micro-batch's Δ² and C); with the inner products,
+unsharded model-sized buffers per rank (the micro-batch's Δ² and C; float32 at least, also
+when a MixedPrecisionPolicy computes in bfloat16); with the inner products,
 M_r unsharded copies plus one gathered parameter tensor at a time.
 tests/distributed/test_fsdp2_stats.py checks all of this with 2 processes against 1 process
 and DDP, and counts the bytes.
