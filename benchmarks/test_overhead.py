@@ -318,6 +318,42 @@ def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return step
 
 
+def _conv_floor_sums(rule, chunks, a: torch.Tensor, d: torch.Tensor, coord: bool,
+                     parts: list, sq: dict) -> None:
+    """A convolution's part of :func:`_per_sample_floor`: its per-sample weight and bias
+    gradients by chunks, their norms (``parts``) or squares (``sq``), and p.grad = their sum."""
+    m, n = rule.module, len(a)
+    per = m.out_channels * d[0, 0].numel() + m.weight.numel() * 2
+    wsum = None
+    for lo, hi in chunks(n, per, rule.max_chunk()):
+        gw, gb = rule.weight_grads(a[lo:hi], d[lo:hi], bias=True)
+        if gb is None:
+            gb = d[lo:hi].sum((2, 3))
+        wsum = gw.sum(0) if wsum is None else wsum.add_(gw.sum(0))
+        for p, g in ((m.weight, gw), (m.bias, gb)):
+            if coord:
+                c = g.square().sum(0)
+                sq[p] = c if p not in sq else sq[p].add_(c)
+            else:
+                flat = g.reshape(-1)
+                parts.append(torch.dot(flat, flat))
+    m.weight.grad = wsum
+
+
+def _linear_floor_sums(m: nn.Module, a: torch.Tensor, d: torch.Tensor, coord: bool,
+                       parts: list, sq: dict) -> None:
+    """A Linear's part of :func:`_per_sample_floor`: ‖a_i‖²‖δ_i‖² and ‖δ_i‖², or (δ²)ᵀ(a²)
+    and Σ_i δ_i²."""
+    if coord:
+        dsq = d.square()
+        sq[m.weight] = dsq.T @ a.square()
+        sq[m.bias] = dsq.sum(0)
+    else:
+        nd = torch.linalg.vector_norm(d, dim=1)
+        t = torch.linalg.vector_norm(a, dim=1).mul_(nd)
+        parts += [torch.dot(t, t), torch.dot(nd, nd)]
+
+
 def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       opt: torch.optim.Optimizer, coord: bool
                       ) -> Callable[[], tuple[float, float, list[torch.Tensor]]]:
@@ -344,34 +380,6 @@ def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     params = list(model.parameters())
     n = len(x)
 
-    def conv_sums(m: nn.Module, a: torch.Tensor, d: torch.Tensor, parts: list, sq: dict):
-        rule = rules[m]
-        per = rule.module.out_channels * d[0, 0].numel() + m.weight.numel() * 2
-        wsum = None
-        for lo, hi in chunks(n, per, rule.max_chunk()):
-            gw, gb = rule.weight_grads(a[lo:hi], d[lo:hi], bias=True)
-            if gb is None:
-                gb = d[lo:hi].sum((2, 3))
-            wsum = gw.sum(0) if wsum is None else wsum.add_(gw.sum(0))
-            for p, g in ((m.weight, gw), (m.bias, gb)):
-                if coord:
-                    c = g.square().sum(0)
-                    sq[p] = c if p not in sq else sq[p].add_(c)
-                else:
-                    flat = g.reshape(-1)
-                    parts.append(torch.dot(flat, flat))
-        m.weight.grad = wsum
-
-    def linear_sums(m: nn.Module, a: torch.Tensor, d: torch.Tensor, parts: list, sq: dict):
-        if coord:
-            dsq = d.square()
-            sq[m.weight] = dsq.T @ a.square()
-            sq[m.bias] = dsq.sum(0)
-        else:
-            nd = torch.linalg.vector_norm(d, dim=1)
-            t = torch.linalg.vector_norm(a, dim=1).mul_(nd)
-            parts += [torch.dot(t, t), torch.dot(nd, nd)]
-
     def step():
         kept.clear()
         opt.zero_grad()
@@ -380,7 +388,10 @@ def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         sq: dict = {}
         with torch.no_grad():
             for m, a, d in kept:
-                (conv_sums if m in rules else linear_sums)(m, a, d, parts, sq)
+                if m in rules:
+                    _conv_floor_sums(rules[m], chunks, a, d, coord, parts, sq)
+                else:
+                    _linear_floor_sums(m, a, d, coord, parts, sq)
         G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
                          for p in params]).sum().item()
         V, coords = 0.0, []
