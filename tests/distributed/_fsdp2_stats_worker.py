@@ -1,12 +1,12 @@
 """Worker of tests/distributed/test_fsdp2_stats.py, run by torchrun with 2 processes (gloo).
 
-Five float64 models (:data:`MODELS`: an MLP with uneven shards, a language model whose
+Six float64 models (:data:`MODELS`: an MLP with uneven shards, a language model whose
 Embedding and output Linear share one Parameter, an MLP with frozen parameters, the CLI's
 ``charlm`` with its blocks sharded one by one, and a block with nn.MultiheadAttention, which
-PerSampleStats recomputes sample by sample) measure both
-estimators (:data:`ESTIMATORS`) with every statistic over three steps of a global batch of 16
-samples, 8 per rank in micro-batches of unequal sizes (:data:`SIZES`): step 1 with gradient
-sync after every micro-batch, the others accumulating without sync
+PerSampleStats recomputes sample by sample, sharded with the block or on its own inside it)
+measure both estimators (:data:`ESTIMATORS`) with every statistic over three steps of a
+global batch of 16 samples, 8 per rank in micro-batches of unequal sizes (:data:`SIZES`):
+step 1 with gradient sync after every micro-batch, the others accumulating without sync
 (``set_requires_gradient_sync(False)``) until the last micro-batch. The same models under DDP
 (``no_sync`` until the last micro-batch) measure the same steps. Rank 0 writes the gathered
 statistics, the batch tests' ratios, the policies' state, the refused constructions and the
@@ -47,7 +47,7 @@ from adabatch.train.models import create_model
 SIZES = [{0: [3, 5], 1: [2, 6]}, {0: [3, 5], 1: [2, 6]}, {0: [8], 1: [8]}]
 NEEDS = ("grad_sq_norm", "variance_trace", "coord_variance", "mean_grad")
 ALL = tuple(sorted(STAT_NAMES))
-MODELS = ("mlp", "tied", "frozen", "charlm", "attn")
+MODELS = ("mlp", "tied", "frozen", "charlm", "attn", "attn_unit")
 ESTIMATORS = ("micro", "persample")
 VOCAB, TOKENS = 11, 4
 
@@ -100,8 +100,10 @@ def make_model(name: str = "mlp") -> nn.Module:
     torch.manual_seed(0)
     if name == "tied":
         return TiedLM().double()
-    if name == "attn":
-        return AttnNet().double()
+    if name in ("attn", "attn_unit"):
+        model = AttnNet().double()
+        model.attn_unit = name == "attn_unit"  # fully_shard on the attention itself too
+        return model
     if name == "charlm":  # the CLI's language model: pre-LN blocks, positions, tied output
         return create_model("charlm", (TOKENS,), VOCAB, d_model=8, layers=2,
                             heads=2).double()
@@ -116,6 +118,8 @@ def make_model(name: str = "mlp") -> nn.Module:
 
 def shard(model: nn.Module, **options) -> nn.Module:
     """fully_shard on every layer with parameters (not the tied ones), then the root."""
+    if getattr(model, "attn_unit", False):
+        fully_shard(model.block.attn, **options)
     for name, m in model.named_children():
         if name == "blocks":
             for block in m:
@@ -262,18 +266,8 @@ def refusals(model: nn.Module) -> dict:
         "params_list": lambda: mbs(list(model.parameters()), needs=NEEDS, reduce=sum,
                                    track="hooks"),
         "persample_no_reduce": lambda: PerSampleStats(model, needs=ALL),
-        "persample_recomputed_sharded": lambda: PerSampleStats(
-            _attn_sharded_inside(), needs=ALL, reduce=sum),
     }
     return {name: str(_attempt(make)) for name, make in cases.items()}
-
-
-def _attn_sharded_inside() -> nn.Module:
-    """The attention model with fully_shard on the nn.MultiheadAttention itself."""
-    model = make_model("attn")
-    fully_shard(model.block.attn)
-    fully_shard(model)
-    return model
 
 
 def _fsdp_sync(model: nn.Module):

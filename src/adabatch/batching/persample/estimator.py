@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -256,9 +257,10 @@ class PerSampleStats:
     ``mean_grad`` are DTensors placed like the parameters), ḡ gathered one parameter at a
     time for the inner products ⟨g_i, ḡ⟩ (see ``batching/_sharded.py``). Layers measured by
     recomputation (torch.func: nn.MultiheadAttention, modules without a rule) need their
-    weights after the backward pass: their FSDP module is unsharded (one all-gather of it)
-    after each pass, and once more for the inner products; one to which (or inside which)
-    fully_shard was applied is refused, naming FSDP2. The fused convolution path is off.
+    weights after the backward pass: their FSDP modules (the one around each, and any inside
+    it) are unsharded (one all-gather of them) after each pass, and once more for the inner
+    products, and the recomputation runs without FSDP2's forward hooks. The fused
+    convolution path is off.
 
     Gram form: a Linear on [b, in] inputs takes ⟨g_i, ḡ⟩ = Σ_j (δ_i·δ_j)(a_i·a_j + 1) in its
     backward hook when that is cheaper (b·(in + out) < in·out) and p.grad will be exactly that
@@ -306,7 +308,6 @@ class PerSampleStats:
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._module_names: dict[nn.Module, str] = {}
         self._rules = self._make_rules(model)
-        self._owners: list[nn.Module] = []  # FSDP2: see _recompute_owners
         self._fsdp2 = self._check_fsdp2()
         self.fused_convs: tuple[nn.Module, ...] = tuple(
             m for m, r in self._rules.items()
@@ -352,49 +353,50 @@ class PerSampleStats:
         """Whether the parameters are sharded by FSDP2 (DTensors); refuses what would not
         be exact there (see :meth:`_stats_sharded`)."""
         where = "PerSampleStats under FSDP2 (DTensor parameters, fully_shard)"
+        self._owners: list[nn.Module] = []  # see _recompute_owners
+        self._muted: list[nn.Module] = []
         if not _sharded.sharded_params(self.params, where):
             return False
         if self.reduce is None:
             raise ValueError(f"{where} needs reduce=, a SUM all-reduce over the ranks: each "
                              f"rank holds only its shard of the mean gradient")
         if self._per_sample:
-            self._owners = self._recompute_owners(where)
+            self._recompute_owners()
         return True
 
-    def _recompute_owners(self, where: str) -> list[nn.Module]:
+    def _recompute_owners(self) -> None:
         """The FSDP modules that hold the parameters of the layers measured by recomputation
-        (:class:`FuncRule`, run after the backward pass when FSDP2 has resharded them): they
-        are unsharded around that work (:meth:`_unsharded`). A recomputed layer that is
-        itself sharded by fully_shard (or holds a module that is) is refused: recomputing
-        it would run FSDP2's forward hooks."""
+        (:class:`FuncRule`, run after the backward pass when FSDP2 has resharded them): the
+        nearest one around each such layer and any inside it, unsharded around that work
+        (:meth:`_unsharded`); those that are the layer or inside it are also kept from
+        running FSDP2's forward hooks in the recomputation (:attr:`_muted`)."""
         from torch.distributed.fsdp import FSDPModule
 
         fsdp = {n: m for n, m in self.model.named_modules() if isinstance(m, FSDPModule)}
         names = {m: n for n, m in self.model.named_modules()}
         owners: dict[int, nn.Module] = {}
+        muted: dict[int, nn.Module] = {}
         for module, rule in self._rules.items():
             if not isinstance(rule, FuncRule):
                 continue
-            if any(isinstance(sub, FSDPModule) for sub in module.modules()):
-                raise NotImplementedError(
-                    f"{where}: layer {rule.label!r} is measured by recomputing it sample by "
-                    f"sample, and fully_shard was applied to it or inside it; apply "
-                    f"fully_shard to a module around it instead, exclude its parameters "
-                    f"(exclude=...), or use MicroBatchStats(track='hooks')")
             name = names[module]
             owner = max((n for n in fsdp if n == "" or name.startswith(n + ".")), key=len,
                         default=None)
             if owner is not None:  # (else its parameters are not DTensors: refused before)
                 owners[id(fsdp[owner])] = fsdp[owner]
-        return list(owners.values())
+            for sub in module.modules():
+                if isinstance(sub, FSDPModule):
+                    owners[id(sub)] = muted[id(sub)] = sub
+        self._owners = list(owners.values())
+        self._muted = list(muted.values())
 
     def _unsharded(self) -> contextlib.AbstractContextManager:
         """Under FSDP2, a context in which the layers measured by recomputation hold their
         whole parameters (an all-gather of their FSDP modules; every rank enters it at the
-        same points); else a no-op."""
+        same points) and run without FSDP2's forward hooks; else a no-op."""
         if not self._owners:
             return contextlib.nullcontext()
-        return _unsharded_modules(self._owners)
+        return _unsharded_modules(self._owners, self._muted)
 
     def _make_rules(self, model: nn.Module) -> dict[nn.Module, LayerRule]:
         rules = {}
@@ -981,12 +983,22 @@ class PerSampleStats:
 
 
 @contextlib.contextmanager
-def _unsharded_modules(modules: list[nn.Module]) -> Iterator[None]:
+def _unsharded_modules(modules: list[nn.Module], muted: list[nn.Module]) -> Iterator[None]:
+    """FSDP modules unsharded (``unshard()``, then ``reshard()``), and the forward hooks of
+    ``muted`` set aside meanwhile: FSDP2 runs its forward logic in forward hooks, which a
+    recomputation of the layer by torch.func must not run (it would reshard, cast and
+    register backward hooks inside vmap). The modules' hook dicts are swapped for empty ones
+    and put back (nn.Module calls no hook when they are empty)."""
     for m in modules:
         m.unshard()  # type: ignore[operator]
+    saved = [(m, m._forward_pre_hooks, m._forward_hooks) for m in muted]
     try:
+        for m in muted:
+            m._forward_pre_hooks, m._forward_hooks = OrderedDict(), OrderedDict()
         yield
     finally:
+        for m, pre, post in saved:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
         for m in modules:
             m.reshard()  # type: ignore[operator]
 
