@@ -2,15 +2,18 @@
 
 The reference is an uninterrupted 1-process FSDP2 run (a 1-rank group), which takes the
 decisions of 2 processes (tests/distributed/test_fsdp_train.py). Its step-4 checkpoint is
-continued by 2 processes (``--resume --from-step 4`` under torchrun ``--max-restarts 1``:
-DCP resharding 1 → 2) with rank 1 killed (SIGKILL) in step 10: torchrun restarts the group,
-which resumes from the newest sharded checkpoint (step 8, written by the 2 processes), not
-from step 4 again, and ends like the reference (the same decisions; the model within float
-tolerance). That run continued in 1 process from its step 8 (resharding 2 → 1) ends like it
-too. A sharded checkpoint does not resume without ``--parallel fsdp``, nor a single-file one
-with it: one line, exit code 2. An incomplete newest checkpoint is set aside. A full disk
-during a sharded save stops the run with the I/O exit code and one line, and the run then
-continues to the reference's model.
+continued by 2 processes (``--resume --from-step 4``: DCP resharding 1 → 2) under torchrun
+``--max-restarts 2`` (tests/distributed/_sharded_fault_runner.py): rank 1 is SIGKILLed in the
+middle of the save of step 8 (its shard written, no metadata, no marker), torchrun restarts
+the group, which deletes the incomplete directory and resumes from step 4 again (the newest
+complete checkpoint; not ``--from-step`` again); then rank 0 is SIGKILLed in the save of step
+12 after the marker, before the rename: the next start completes the rename and the group
+resumes from step 12. The run ends like the reference (the same decisions; the model within
+float tolerance). That run continued in 1 process from its step 8 (resharding 2 → 1) ends
+like it too. A sharded checkpoint does not resume without ``--parallel fsdp``, nor a
+single-file one with it: one line, exit code 2. An incomplete newest checkpoint is set aside.
+A full disk during a sharded save stops the run with the I/O exit code and one line, and the
+run then continues to the reference's model.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*could not decide:RuntimeWarning")]
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNNER = str(ROOT / "tests" / "_fault_runner.py")
+RUNNER = str(Path(__file__).with_name("_sharded_fault_runner.py"))
 # batch sizes are multiples of 16 (--batch-granularity): the same micro-batches of 8 in 1 and
 # 2 processes; a checkpoint every 4 steps, all kept
 FLAGS = ["--parallel", "fsdp", "--epochs", "1", "--estimator", "micro-batch",
@@ -41,7 +44,6 @@ FLAGS = ["--parallel", "fsdp", "--epochs", "1", "--estimator", "micro-batch",
          "--max-batch", "128", "--eta", "0.3", "--optimizer", "adam", "--lr", "3e-3",
          "--threads", "1", "--no-plots", "--checkpoint-every", "4", "--keep-checkpoints",
          "20", "--eval-every", "6", "--dist-timeout", "60"]
-KILL_STEP = "10"
 
 
 def _env() -> dict[str, str]:
@@ -69,8 +71,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     assert _in_process(["train", *FLAGS, "--out", str(one)], quiet=False) == 0
     shutil.copytree(one, two)  # the fault runner takes every flag (no saved config read)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "--max-restarts", "1", RUNNER,
-                           "--kill-rank", "1", "--kill-at", KILL_STEP, "--", *FLAGS,
+                           "--nproc-per-node", "2", "--max-restarts", "2", RUNNER, *FLAGS,
                            "--resume", str(two), "--from-step", "4"], env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -96,20 +97,23 @@ def _assert_like(reference: Path, run: Path) -> None:
         assert float((fa[k] - fb[k]).abs().max()) <= 1e-4, k
 
 
-def test_killed_rank_restarts_the_group_from_the_sharded_checkpoint(runs) -> None:
+def test_ranks_killed_in_saves_restart_the_group_from_the_newest_complete_checkpoint(
+        runs) -> None:
     two, log = runs["two"], runs["log"]
     # the first attempt: 2 processes continue the 1-process run's step 4 (1 -> 2)
-    assert "resuming " + str(two) + " from step_00000004 (step 4," in log
-    # the restarted group: from the newest checkpoint, written by the 2 processes
-    assert "restarted by torchrun (restart 1); resuming" in log
-    assert "from step_00000008 (step 8," in log
+    assert f"resuming {two} from step_00000004 (step 4," in log
+    # restart 1: step 8's save was incomplete: deleted, and step 4 is the newest complete one
+    assert "removed 1 temporary file(s) of an interrupted write" in log
+    assert f"restarted by torchrun (restart 1); resuming {two} from step_00000004" in log
+    # restart 2: step 12's save was complete but not renamed: renamed, and resumed from it
+    assert f"restarted by torchrun (restart 2); resuming {two} from step_00000012" in log
     _assert_like(runs["one"], two)
-    marker = json.loads((two / "checkpoints" / "step_00000008" / "complete.json").read_text())
-    assert marker["world_size"] == 2 and marker["step"] == 8
-    assert len(list((two / "checkpoints" / "step_00000008").glob("*.distcp"))) == 2
+    marker = json.loads((two / "checkpoints" / "step_00000012" / "complete.json").read_text())
+    assert marker["world_size"] == 2 and marker["step"] == 12
+    assert len(list((two / "checkpoints" / "step_00000012").glob("*.distcp"))) == 2
     ckpts = sorted(p.name for p in (two / "checkpoints").iterdir())
     assert "step_00000008.abandoned" in ckpts  # the 1-process run's, set aside once
-    assert not [name for name in ckpts if name.endswith(".tmp")]
+    assert not [name for name in ckpts if name.endswith((".tmp", ".replaced"))]
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
 
 
