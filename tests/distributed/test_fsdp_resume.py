@@ -3,17 +3,18 @@
 The reference is an uninterrupted 1-process FSDP2 run (a 1-rank group), which takes the
 decisions of 2 processes (tests/distributed/test_fsdp_train.py). Its step-4 checkpoint is
 continued by 2 processes (``--resume --from-step 4``: DCP resharding 1 → 2) under torchrun
-``--max-restarts 2`` (tests/distributed/_sharded_fault_runner.py): rank 1 is SIGKILLed in the
+``--max-restarts 3`` (tests/distributed/_sharded_fault_runner.py): rank 1 is SIGKILLed in the
 middle of the save of step 8 (its shard written, no metadata, no marker), torchrun restarts
 the group, which deletes the incomplete directory and resumes from step 4 again (the newest
 complete checkpoint; not ``--from-step`` again); then rank 0 is SIGKILLed in the save of step
 12 after the marker, before the rename: the next start completes the rename and the group
-resumes from step 12. The run ends like the reference (the same decisions; the model within
-float tolerance). That run continued in 1 process from its step 8 (resharding 2 → 1) ends
-like it too. A sharded checkpoint does not resume without ``--parallel fsdp``, nor a
-single-file one with it: one line, exit code 2. An incomplete newest checkpoint is set aside.
-A full disk during a sharded save stops the run with the I/O exit code and one line, and the
-run then continues to the reference's model.
+resumes from step 12; then rank 1 is SIGKILLed in step 13 (before its optimizer step), and
+the group resumes from step 12 again. The run ends like the reference (the same decisions;
+the model within float tolerance). That run continued in 1 process from its step 8
+(resharding 2 → 1) ends like it too. A sharded checkpoint does not resume without
+``--parallel fsdp``, nor a single-file one with it: one line, exit code 2. An incomplete
+newest checkpoint is set aside. A full disk during a sharded save stops the run with the I/O
+exit code and one line, and the run then continues to the reference's model.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     assert _in_process(["train", *FLAGS, "--out", str(one)], quiet=False) == 0
     shutil.copytree(one, two)  # the fault runner takes every flag (no saved config read)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "--max-restarts", "2", RUNNER, *FLAGS,
+                           "--nproc-per-node", "2", "--max-restarts", "3", RUNNER, *FLAGS,
                            "--resume", str(two), "--from-step", "4"], env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,6 +108,8 @@ def test_ranks_killed_in_saves_restart_the_group_from_the_newest_complete_checkp
     assert f"restarted by torchrun (restart 1); resuming {two} from step_00000004" in log
     # restart 2: step 12's save was complete but not renamed: renamed, and resumed from it
     assert f"restarted by torchrun (restart 2); resuming {two} from step_00000012" in log
+    # restart 3: rank 1 was killed in step 13 (a training step): from step 12 again
+    assert f"restarted by torchrun (restart 3); resuming {two} from step_00000012" in log
     _assert_like(runs["one"], two)
     marker = json.loads((two / "checkpoints" / "step_00000012" / "complete.json").read_text())
     assert marker["world_size"] == 2 and marker["step"] == 12
