@@ -266,8 +266,18 @@ def refusals(model: nn.Module) -> dict:
         "params_list": lambda: mbs(list(model.parameters()), needs=NEEDS, reduce=sum,
                                    track="hooks"),
         "persample_no_reduce": lambda: PerSampleStats(model, needs=ALL),
+        "hsdp_micro": lambda: mbs(_hsdp(), needs=NEEDS, reduce=sum, track="hooks"),
+        "hsdp_persample": lambda: PerSampleStats(_hsdp(), needs=ALL, reduce=sum),
     }
     return {name: str(_attempt(make)) for name, make in cases.items()}
+
+
+def _hsdp() -> nn.Module:
+    """The MLP under HSDP: a 2-D mesh (replicated x sharded), placements (Replicate, Shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("rep", "shard"))
+    return fully_shard(make_model(), mesh=mesh)
 
 
 def _fsdp_sync(model: nn.Module):

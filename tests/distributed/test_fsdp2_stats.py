@@ -134,6 +134,8 @@ def test_fsdp2_refuses_what_would_be_wrong(fsdp2):
     assert r["params_list"].startswith("ValueError") and "module" in r["params_list"]
     assert (r["persample_no_reduce"].startswith("ValueError")
             and "reduce=" in r["persample_no_reduce"])
+    for kind in ("micro", "persample"):  # G would count every shard once per replica
+        assert r[f"hsdp_{kind}"].startswith("ValueError") and "HSDP" in r[f"hsdp_{kind}"]
     assert all("FSDP2" in msg for msg in r.values())
 
 

@@ -41,12 +41,26 @@ def is_dtensor(t: Tensor) -> bool:
 
 
 def sharded_params(params: list[Tensor], where: str) -> bool:
-    """True when the parameters are DTensors (FSDP2), False when none is; a mix raises."""
+    """True when the parameters are DTensors sharded by FSDP2 (one Shard placement on a 1-D
+    mesh), False when none is a DTensor; a mix, or another placement, raises: with HSDP's
+    replicated mesh dimension the sums over all ranks would count each shard several times,
+    and tensor parallelism splits a layer's computation, not its samples."""
     flags = [is_dtensor(p) for p in params]
     if any(flags) and not all(flags):
         raise ValueError(f"{where}: some parameters are DTensors and some are not; pass the "
                          f"module that fully_shard wrapped")
-    return bool(flags) and all(flags)
+    if not (flags and all(flags)):
+        return False
+    from torch.distributed.tensor import Shard
+
+    for p in params:
+        placements = tuple(p.placements)  # type: ignore[attr-defined]
+        if len(placements) != 1 or not isinstance(placements[0], Shard):
+            raise ValueError(f"{where}: a parameter is placed {placements} on a "
+                             f"{len(placements)}-D mesh; only fully_shard on a 1-D mesh "
+                             f"(a Shard placement) is supported (not HSDP's 2-D mesh, not "
+                             f"tensor parallelism)")
+    return True
 
 
 def unsharded_params(model: nn.Module, params: list[Tensor], where: str) -> list[Tensor]:
