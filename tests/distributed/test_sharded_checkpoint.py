@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from adabatch.train import sharded_checkpoint as sc
 from adabatch.train.checkpoint import (
@@ -155,3 +156,52 @@ def test_interrupted_rename_is_completed_on_the_next_start(tmp_path) -> None:
     assert (ckpts / "step_00000005" / sc.MARKER).read_text() == "new"
     assert (ckpts / "step_00000007" / sc.MARKER).read_text() == "alone"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005", "step_00000007"]
+
+
+class _WithUnused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_a_parameter_without_optimizer_state_stays_without(tmp_path) -> None:
+    """A trainable parameter that never had a gradient has no Adam state in the saved run;
+    the load target (which initialises state for every trainable parameter) drops it, so the
+    checkpoint loads and the next step is the uninterrupted run's, bitwise (one process, a
+    1-rank group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    def make(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = _WithUnused()
+        fully_shard(model.used)
+        fully_shard(model)
+        return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def step(model: torch.nn.Module, opt: torch.optim.Optimizer, k: int) -> None:
+        opt.zero_grad()
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(k))
+        model(x).square().sum().backward()
+        opt.step()
+
+    def values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, opt = make(0)
+        step(model, opt, 1)
+        assert len(opt.state) == 2  # used.weight, used.bias
+        path = sc.save_sharded(tmp_path, 1, model, opt, {"step": 1})
+        step(model, opt, 2)
+        loaded, loaded_opt = make(1)
+        sc.load_sharded(path, loaded, loaded_opt)
+        assert len(loaded_opt.state) == 2
+        step(loaded, loaded_opt, 2)
+        a, b = values(model), values(loaded)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        dist.destroy_process_group()

@@ -267,6 +267,21 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _keep_saved_optimizer_state(state: dict[str, Any], path: Path) -> None:
+    """Drop from the load target the optimizer state of the parameters that have none in the
+    checkpoint: a trainable parameter that never had a gradient (unused in the forward) has
+    no optimizer state in the saved run, but :func:`_dcp_state` initialises one for every
+    trainable parameter. Loaded without it, the parameter is again without state, as in the
+    saved run."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    per_param = state["optimizer"].get("state", {})
+    for fqn in [fqn for fqn, entry in per_param.items()
+                if not any(f"optimizer.state.{fqn}.{key}" in saved for key in entry)]:
+        del per_param[fqn]
+
+
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Read the model and optimizer state of checkpoint directory ``path`` into ``model`` and
     ``optimizer``: every rank calls it (a collective), with any number of ranks (DCP reshards).
@@ -277,6 +292,7 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     read_marker(path)
     state = _dcp_state(model, optimizer)
     try:
+        _keep_saved_optimizer_state(state, Path(path))
         dcp.load(state, checkpoint_id=Path(path))  # fails on a key the checkpoint lacks
         # not strict: the keys are this model's and optimizer's own, and an optimizer may
         # keep no state for some parameters (AdaGrad-Norm: one accumulator per pool)
