@@ -242,12 +242,21 @@ def test_bad_setup_is_a_config_error_and_writes_nothing(tmp_path):
         ({"optimizer": "adagradnorm", "betas": (0.9, 0.99)},
          r"optimizer 'adagradnorm' does not take --betas"),
         ({"lr": -1.0}, r"optimizer 'adagradnorm': Invalid learning rate: -1.0"),
-        ({"dataset": "mnist", "data_dir": str(tmp_path)}, r"mnist"),
         ({"data_options": {"bogus": 1}}, r"unknown option\(s\) for dataset 'digits': bogus"),
     ]:
         with pytest.raises(ConfigError, match=match):
             train(_cfg(tmp_path, **flags))
         assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_files_are_a_data_error_and_write_nothing(tmp_path):
+    from adabatch.train.data import DatasetError
+    from adabatch.train.errors import EXIT_DATA, classify
+
+    with pytest.raises(DatasetError, match=r"mnist train images file not found") as info:
+        train(_cfg(tmp_path, dataset="mnist", data_dir=str(tmp_path)))
+    assert classify(info.value)[0] == EXIT_DATA == 3
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path):
