@@ -192,3 +192,21 @@ def test_language_model_setup_reports_loss_targets(tta, tmp_path):
     assert "| critical-lr-sqrt |" in report and "SHA-256" in report
     for name in ("loss-vs-time", "loss-vs-steps", "batch-vs-samples", "frontier"):
         assert (tmp_path / "img" / f"pydoc-charlm-{name}.png").stat().st_size > 0
+
+
+def test_goal_when_only_an_adaptive_policy_reaches_the_target(tta):
+    """No fixed batch reaching the target within the budget is a met goal, not 'not
+    measurable'; no adaptive policy reaching it is 'not measurable'."""
+    inf = math.inf
+
+    def row(policy, kind, time, steps):
+        return {"policy": policy, "kind": kind, "to": {"0.95": {"time": time, "steps": steps}}}
+
+    rows = [row("fixed-16", "fixed", inf, inf), row("fixed-32", "fixed", inf, inf),
+            row("critical", "adaptive", 2.5, 465.0), row("goodput", "adaptive", inf, inf)]
+    g = tta.goals(rows)
+    assert g["time_ratio"] is None and g["adaptive_time"] == 2.5
+    text = tta.goals_text(g)
+    assert "met (≤ 1.0×)" in text and "critical" in text and "2.5 s" in text
+    rows = [row("fixed-16", "fixed", 1.0, 100.0), row("critical", "adaptive", inf, inf)]
+    assert "not measurable: no adaptive policy" in tta.goals_text(tta.goals(rows))
