@@ -192,6 +192,9 @@ class MicroBatchStats:
         self._need_ip = bool(self.needs & {"ip_variance", "orth_variance"})
         self._need_var = bool(self.needs - {"grad_sq_norm", "mean_grad"})
         self.track = check_choice("track", track, ("grad", "hooks"))
+        #: the module it was built from (None for a parameter list): stats() checks that its
+        #: parameters are still these (see _check_current)
+        self._module = params_or_model if isinstance(params_or_model, nn.Module) else None
         # under FSDP2: the unsharded parameters, where the hooks see each rank's Δ_k
         fsdp2 = _fsdp2_unsharded(params_or_model, self.params, self.needs, track, reduce)
         self._fsdp2 = fsdp2 is not None
@@ -309,6 +312,7 @@ class MicroBatchStats:
     @torch.no_grad()
     def _accumulate_hooked(self, batch_size: int) -> None:
         if not self._pend_any:
+            self._check_current()  # the likelier cause: parameters replaced after __init__
             raise RuntimeError(
                 "MicroBatchStats(track='hooks').accumulate(): no backward pass reached the "
                 "parameters since the last accumulate() (gradients set by hand are not seen "
@@ -403,11 +407,25 @@ class MicroBatchStats:
                 "micro-batch's backward"
             )
         try:
+            self._check_current()
             if self.reduce is None:
                 self._check_units(self._n, self._m)
             return self._stats()
         finally:
             self.reset()
+
+    def _check_current(self) -> None:
+        """Built from a module: its parameters are still the estimator's. ``fully_shard`` (or
+        any code that registers new Parameter objects) after ``MicroBatchStats(model)`` leaves
+        the old ones without gradients, so every statistic would read as zero: refused."""
+        if self._module is None:
+            return
+        current = {id(p) for p in self._module.parameters()}
+        if not all(id(p) in current for p in self.params):
+            raise RuntimeError(
+                "MicroBatchStats: the model's parameters are no longer those it was built "
+                "with (sharded by fully_shard, or replaced, after MicroBatchStats(model)); "
+                "build the estimator after sharding or replacing them")
 
     def _check_units(self, n: float, m: float) -> None:
         if self._need_var and m < 2 and n >= 2:
