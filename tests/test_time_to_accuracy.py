@@ -199,14 +199,31 @@ def test_goal_when_only_an_adaptive_policy_reaches_the_target(tta):
     measurable'; no adaptive policy reaching it is 'not measurable'."""
     inf = math.inf
 
-    def row(policy, kind, time, steps):
-        return {"policy": policy, "kind": kind, "to": {"0.95": {"time": time, "steps": steps}}}
+    def row(policy, kind, time, steps, whole=10.0):
+        return {"policy": policy, "kind": kind, "min_train_time": whole,
+                "to": {"0.95": {"time": time, "steps": steps}}}
 
-    rows = [row("fixed-16", "fixed", inf, inf), row("fixed-32", "fixed", inf, inf),
+    rows = [row("fixed-16", "fixed", inf, inf, 9.0), row("fixed-32", "fixed", inf, inf, 4.0),
             row("critical", "adaptive", 2.5, 465.0), row("goodput", "adaptive", inf, inf)]
     g = tta.goals(rows)
     assert g["time_ratio"] is None and g["adaptive_time"] == 2.5
+    assert g["fixed_bound"] == ("fixed-32", 4.0)
     text = tta.goals_text(g)
     assert "met (≤ 1.0×)" in text and "critical" in text and "2.5 s" in text
+    # a fixed batch whose whole budget took less than the adaptive time might get there first
+    rows[1] = row("fixed-32", "fixed", inf, inf, 1.5)
+    text = tta.goals_text(tta.goals(rows))
+    assert "not decidable with this budget" in text and "met" not in text
     rows = [row("fixed-16", "fixed", 1.0, 100.0), row("critical", "adaptive", inf, inf)]
     assert "not measurable: no adaptive policy" in tta.goals_text(tta.goals(rows))
+
+
+def test_rows_carry_the_least_whole_run_training_time(tta):
+    """min_train_time: the smallest median (over seeds) training time of a whole run over
+    the rates of the grid."""
+    def run(lr, seed, times):
+        return {"policy": "fixed-16", "lr": lr, "seed": seed, "eval_time": 0.0,
+                "diverged": None, "evals": [{"train_time": t, "accuracy": 0.5, "samples": 1,
+                                             "step": 1} for t in times]}
+
+    assert tta._train_time(run(0.1, 0, [0.5, 2.0, 1.0])) == 2.0
