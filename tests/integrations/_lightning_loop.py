@@ -80,3 +80,9 @@ if __name__ == "__main__":
     out, steps, est, devices = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     result = run(steps, est, root=str(Path(out).parent / "root"), devices=devices)
     Path(f"{out}.{result['rank']}.json").write_text(json.dumps(result))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Lightning leaves the process group up; tearing it down before exit keeps gloo's
+        # threads from being destroyed while running (an occasional SIGABRT at exit)
+        dist.destroy_process_group()
