@@ -109,7 +109,7 @@ from torch import Tensor, nn
 
 from adabatch._validation import check_callable, check_choice, check_int
 from adabatch.batching import _sharded
-from adabatch.batching.protocol import StepScope
+from adabatch.batching.protocol import StepScope, check_params_current
 from adabatch.batching.stats import (
     STAT_NAMES,
     GradientStats,
@@ -415,17 +415,10 @@ class MicroBatchStats:
             self.reset()
 
     def _check_current(self) -> None:
-        """Built from a module: its parameters are still the estimator's. ``fully_shard`` (or
-        any code that registers new Parameter objects) after ``MicroBatchStats(model)`` leaves
-        the old ones without gradients, so every statistic would read as zero: refused."""
-        if self._module is None:
-            return
-        current = {id(p) for p in self._module.parameters()}
-        if not all(id(p) in current for p in self.params):
-            raise RuntimeError(
-                "MicroBatchStats: the model's parameters are no longer those it was built "
-                "with (sharded by fully_shard, or replaced, after MicroBatchStats(model)); "
-                "build the estimator after sharding or replacing them")
+        """Built from a module: its parameters are still the estimator's
+        (:func:`~adabatch.batching.protocol.check_params_current`)."""
+        if self._module is not None:
+            check_params_current("MicroBatchStats", self._module, self.params)
 
     def _check_units(self, n: float, m: float) -> None:
         if self._need_var and m < 2 and n >= 2:

@@ -27,7 +27,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from adabatch.batching.stats import GradientStats
 
@@ -100,3 +100,16 @@ class Estimator(Protocol):
         step of N ≥ 2 samples in one micro-batch: split it into at least 2, or use
         :class:`PerSampleStats`)."""
         ...
+
+
+def check_params_current(name: str, module: nn.Module, params: list[Tensor]) -> None:
+    """Raise RuntimeError unless every tensor of ``params`` is still a parameter of
+    ``module``. ``fully_shard`` (or any code that registers new Parameter objects) after an
+    estimator was built from ``module`` leaves the old parameters without gradients, so its
+    statistics would read ḡ as zero: both estimators call this in ``stats()``."""
+    current = {id(p) for p in module.parameters()}
+    if not all(id(p) in current for p in params):
+        raise RuntimeError(
+            f"{name}: the model's parameters are no longer those it was built with (sharded "
+            f"by fully_shard, or replaced, after {name}(model)); build the estimator after "
+            f"sharding or replacing them")

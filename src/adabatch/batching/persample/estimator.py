@@ -41,7 +41,7 @@ from adabatch.batching.persample.records import (
     PerSampleTuning,
     WeightBiasProducts,
 )
-from adabatch.batching.protocol import StepScope
+from adabatch.batching.protocol import StepScope, check_params_current
 from adabatch.batching.stats import (
     STAT_NAMES,
     GradientStats,
@@ -870,22 +870,10 @@ class PerSampleStats:
                 "a measure() context; call loss.backward() inside it"
             )
         try:
-            self._check_current()
+            check_params_current("PerSampleStats", self.model, self.params)
             return self._stats()
         finally:
             self.reset()
-
-    def _check_current(self) -> None:
-        """The estimator's parameters are still the model's. ``fully_shard`` (or any code
-        that registers new Parameter objects) after ``PerSampleStats(model)`` leaves the old
-        ones without a gradient, so ḡ would read as zero while the hooks still measure the
-        new ones: refused instead of a wrong G."""
-        current = {id(p) for p in self.model.parameters()}
-        if not all(id(p) in current for p in self.params):
-            raise RuntimeError(
-                "PerSampleStats: the model's parameters are no longer those it was built "
-                "with (sharded by fully_shard, or replaced, after PerSampleStats(model)); "
-                "build the estimator after sharding or replacing them")
 
     def _check_attributed(self, gbar: list[Tensor]) -> None:
         """Every parameter with a nonzero gradient was produced by a hooked layer call."""
