@@ -14,7 +14,7 @@ It writes ``OUT/report.md`` (the tables and the goals of issue #18, point 3) and
 ``OUT/img/<setup>-*.png`` (the metric, accuracy or validation loss, against training wall time
 and against steps, batch size against samples, the steps-versus-samples frontier at the 95%
 target); the cache is
-``OUT/cache/<device>/<setup>-s<samples>-e<eval_samples>/<policy>/lr<lr>-seed<seed>.json``,
+``OUT/cache/<device>/<setup>-s<samples>-e<eval_samples>[-t<eval_subset>]/<policy>/lr<lr>-seed<seed>.json``,
 one file per finished run.
 
 Rules (stated on the report):
@@ -96,6 +96,8 @@ class Setup:
     needs_mnist: bool = False
     #: "accuracy" (higher is better) or "loss" (the validation loss, lower is better)
     metric: str = "accuracy"
+    #: evaluate on this many test samples, a fixed random subset (seed 0); None: all of them
+    eval_subset: int | None = None
 
 
 SETUPS: dict[str, Setup] = {
@@ -108,10 +110,14 @@ SETUPS: dict[str, Setup] = {
                            samples=160_000, max_batch=1024, eval_samples=1000,
                            lrs={"adagrad": 0.03162}),
     # the AdAdaGrad authors' settings (configs/mnist_*_adagrad_norm.toml): AdaGrad, lr 8e-3,
-    # eta 0.1; the budget is 2 epochs (theirs is 100), sized for 2 CPU cores
+    # eta 0.1. Sized for about an hour of sweep with --lr-rules on 1 CPU thread (162 runs
+    # of about 20 s): 2/3 of an epoch (theirs is 100 epochs), evaluated on 2,000 of the
+    # 10,000 test images, as a forward pass over all of them costs 1.7 s, more than the
+    # training between two evaluations (docs/time_to_accuracy.md)
     "mnist-cnn": Setup("mnist-cnn", "MNIST, the AdAdaGrad authors' CNN", "mnist", "cnn",
-                       samples=120_000, max_batch=4096, eval_samples=4000,
-                       lrs={"adagrad": 8e-3}, flags={"eta": 0.1}, needs_mnist=True),
+                       samples=40_000, max_batch=2048, eval_samples=2000,
+                       lrs={"adagrad": 8e-3}, flags={"eta": 0.1}, needs_mnist=True,
+                       eval_subset=2000),
     "mnist-logistic": Setup("mnist-logistic", "MNIST, logistic regression", "mnist",
                             "logistic", samples=120_000, max_batch=4096, eval_samples=1000,
                             lrs={"adagrad": 8e-3}, flags={"eta": 0.1}, needs_mnist=True),
@@ -180,11 +186,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _clock_callbacks(every: int, budget: int, device: str, initial: bool = False) -> Any:
+def _clock_callbacks(every: int, budget: int, device: str, initial: bool = False,
+                     subset: int | None = None) -> Any:
     """The benchmark's evaluation and training clock, as trainer callbacks; ``initial``: one
-    evaluation before the first step (outside the clock), the start of a loss setup's gap."""
+    evaluation before the first step (outside the clock), the start of a loss setup's gap;
+    ``subset``: evaluate on that many test samples (a fixed random subset, seed 0)."""
+    import torch
+
     from adabatch.train.callbacks import Callbacks
     from adabatch.train.steps import evaluate
+
+    def test_set(run: Any) -> tuple[Any, Any]:
+        x, y = run.data.x_test, run.data.y_test
+        if subset is None or subset >= len(y):
+            return x, y
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:subset]
+        return x[keep.to(x.device)], y[keep.to(y.device)]
 
     class Clock(Callbacks):
         def __init__(self) -> None:
@@ -193,13 +210,14 @@ def _clock_callbacks(every: int, budget: int, device: str, initial: bool = False
             self.next_eval = every
             self.rows: list[dict[str, Any]] = []
             self.initial_loss: float | None = None
+            self.test: tuple[Any, Any] | None = None
 
         def on_step_start(self, run: Any) -> None:
             if self.t0 is None:
+                self.test = test_set(run)
                 if initial:
-                    data = run.data
-                    self.initial_loss, _ = evaluate(run.model, data.x_test, data.y_test,
-                                                    data.task, batch=run.cfg.eval_batch)
+                    self.initial_loss, _ = evaluate(run.model, *self.test, run.data.task,
+                                                    batch=run.cfg.eval_batch)
                 _sync(device)
                 self.t0 = time.perf_counter()
 
@@ -208,9 +226,8 @@ def _clock_callbacks(every: int, budget: int, device: str, initial: bool = False
                 return
             _sync(device)
             t = time.perf_counter()
-            assert self.t0 is not None
-            data = run.data
-            loss, acc = evaluate(run.model, data.x_test, data.y_test, data.task,
+            assert self.t0 is not None and self.test is not None
+            loss, acc = evaluate(run.model, *self.test, run.data.task,
                                  batch=run.cfg.eval_batch)
             _sync(device)
             spent = time.perf_counter() - t
@@ -258,7 +275,7 @@ def train_one(setup: Setup, policy: Policy, lr: float, seed: int, *, device: str
     if setup.needs_mnist:
         flags["data_dir"] = str(mnist_dir)
     clock = _clock_callbacks(setup.eval_samples, setup.samples, device,
-                             initial=setup.metric == "loss")
+                             initial=setup.metric == "loss", subset=setup.eval_subset)
     diverged = None
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         flags["out"] = str(Path(tmp) / "run")
@@ -276,7 +293,8 @@ def train_one(setup: Setup, policy: Policy, lr: float, seed: int, *, device: str
 
 def cache_path(cache: Path, setup: Setup, policy: str, lr: float, seed: int,
                device: str) -> Path:
-    run = f"{setup.name}-s{setup.samples}-e{setup.eval_samples}"
+    run = f"{setup.name}-s{setup.samples}-e{setup.eval_samples}" + (
+        f"-t{setup.eval_subset}" if setup.eval_subset is not None else "")
     return cache / device / run / policy / f"lr{lr:g}-seed{seed}.json"
 
 
@@ -468,7 +486,9 @@ def setup_markdown(setup: Setup, summary: dict[str, Any], seeds: int) -> str:
     head += ["steps / fixed-16 at 95%", f"best {_NAMES[setup.metric]}", "eval time (s)"]
     lines = [f"### {setup.title} (`{setup.name}`)", "",
              f"Budget {setup.samples} samples per run, maximum batch {setup.max_batch}, "
-             f"evaluation every {setup.eval_samples} samples; {seeds} seed(s). "
+             f"evaluation every {setup.eval_samples} samples"
+             + (f" on a fixed random {setup.eval_subset} of the test samples"
+                if setup.eval_subset is not None else "") + f"; {seeds} seed(s). "
              + _targets_text(summary) + _data_text(setup)
              + " Medians over seeds at the chosen learning rate; — : the median run never "
              "reached it.", "", "| " + " | ".join(head) + " |",

@@ -227,3 +227,29 @@ def test_rows_carry_the_least_whole_run_training_time(tta):
                                              "step": 1} for t in times]}
 
     assert tta._train_time(run(0.1, 0, [0.5, 2.0, 1.0])) == 2.0
+
+
+def test_an_evaluation_subset_is_fixed_and_keys_the_cache(tta, monkeypatch, tmp_path):
+    import adabatch.train.steps as steps
+
+    real, seen = steps.evaluate, []
+
+    def spy(model, x, y, *args, **kwargs):
+        seen.append(y.clone())
+        return real(model, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "evaluate", spy)
+    setup = tta.Setup("t", "t", "digits", "logistic", samples=128, max_batch=64,
+                      eval_samples=64, eval_subset=50)
+    policy = tta.policies(setup)[0]
+    tta.train_one(setup, policy, 0.1, 0, device="cpu", threads=1, mnist_dir=None)
+    tta.train_one(setup, policy, 0.1, 1, device="cpu", threads=1, mnist_dir=None)
+    # the benchmark's two evaluations per run on 50 samples; the trainer's final one on all
+    ours = [y for y in seen if len(y) == 50]
+    assert len(ours) == 4 and all(len(y) > 50 for y in seen if len(y) != 50)
+    # the same 50 test samples at every evaluation of every run
+    assert all(bool((y == ours[0]).all()) for y in ours)
+    full = tta.Setup(**{**setup.__dict__, "eval_subset": None})
+    a = tta.cache_path(tmp_path, setup, "fixed-16", 0.1, 0, "cpu")
+    b = tta.cache_path(tmp_path, full, "fixed-16", 0.1, 0, "cpu")
+    assert a != b and a.parent.parent.name.endswith("-t50")
