@@ -107,8 +107,8 @@ def check_params_current(name: str, module: nn.Module, params: list[Tensor]) -> 
     ``module``. ``fully_shard`` (or any code that registers new Parameter objects) after an
     estimator was built from ``module`` leaves the old parameters without gradients, so its
     statistics would read ḡ as zero: both estimators call this in ``stats()``."""
-    current = {id(p) for p in module.parameters()}
-    if not all(id(p) in current for p in params):
+    current = set(map(id, module.parameters()))
+    if not all(map(current.__contains__, map(id, params))):
         raise RuntimeError(
             f"{name}: the model's parameters are no longer those it was built with (sharded "
             f"by fully_shard, or replaced, after {name}(model)); build the estimator after "

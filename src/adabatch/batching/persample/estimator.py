@@ -500,8 +500,10 @@ class PerSampleStats:
     # --- hooks -----------------------------------------------------------------------------
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._active and self._model_n is None:
-            first = next((t for t in tree_flatten((args, kwargs))[0]
-                          if isinstance(t, Tensor) and t.dim() > 0), None)
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            if first is None or first.dim() == 0:  # the common case skips the flattening
+                first = next((t for t in tree_flatten((args, kwargs))[0]
+                              if isinstance(t, Tensor) and t.dim() > 0), None)
             if first is not None:
                 self._model_n = first.shape[0]
 
@@ -553,7 +555,8 @@ class PerSampleStats:
                 return None
         if isinstance(rule, FuncRule):
             self._check_random(module, rule)
-        saved_args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        saved_args = ((first.detach(),) if len(args) == 1 and args[0] is first else
+                      tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
         kw = ({k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
               if kwargs else {})
         k = len(outs)
@@ -648,7 +651,7 @@ class PerSampleStats:
             rec.pending = 0
             uses = self._uses
             pids = rec.rule.pids
-            if any(uses[pid] > 1 for pid in pids):
+            if max(map(uses.__getitem__, pids)) > 1:
                 return  # a shared parameter: the per-pass path sums its uses
             a, D = rec.inputs[0], rec.deltas[0]
             # inputs and output gradients may differ in dtype under autocast: reduce both in
