@@ -48,6 +48,15 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   strict lower bound: they take the per-sample products after the backward pass, where the
   estimator takes them in its gradient hooks while the tensors are fresh, and on the CNN the
   estimator has measured faster than these rows (README, "Against the floors").
+- ``aip-floor``: the least arithmetic of the augmented inner-product test's W and O, which
+  need both the inner products and the norms (:func:`aip_floor_step`): a Linear takes the
+  Gram form where ``ip-floor`` does (the norms are its diagonal), else ``ip-floor``'s product
+  and ``norm-floor``'s ‖a_i‖²‖δ_i‖²; a convolution takes its per-sample weight gradients as
+  ``norm-floor`` does and keeps them, so its inner products are one matrix-vector product
+  with ḡ (what the estimator does with a fused convolution). Checked against
+  ``PerSampleStats`` in float64 by the smoke test; like the other floors, the same
+  arithmetic without the bookkeeping, not a strict lower bound. ``aip`` is compared with it:
+  ``ip-floor`` leaves out the norms, which on a convolution cost its per-sample gradients.
 - ``floor``: what any hook-based per-sample estimator pays before computing anything: forward
   hooks on the Linear/Conv layers keep each input and register a hook that keeps the output
   gradient, and G = ‖ḡ‖² is read from the gradients (one dot product per tensor); no
@@ -116,7 +125,7 @@ NEEDS = {
     "coord": {"coord_variance", "mean_grad"},
 }
 HAVE_BACKPACK = importlib.util.find_spec("backpack") is not None
-KINDS = ["plain", "floor", "norm", "norm-floor", "ip", "ip-floor", "aip", "coord",
+KINDS = ["plain", "floor", "norm", "norm-floor", "ip", "ip-floor", "aip", "aip-floor", "coord",
          "coord-floor", "plain×4", "micro", "micro-hooks",
          "micro-floor", "vmap", *(["backpack"] if HAVE_BACKPACK else [])]
 MICRO = 4
@@ -263,6 +272,7 @@ def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[],
         return micro_step(model, x, y, opt, kind, mb_cls)
     builders = {"ip-floor": ip_floor_step, "floor": floor_step, "vmap": vmap_step,
                 "backpack": backpack_step, "norm-floor": norm_floor_step,
+                "aip-floor": aip_floor_step,
                 "coord-floor": coord_floor_step}
     return builders.get(kind, plain_step)(model, x, y, opt)
 
@@ -417,6 +427,92 @@ def coord_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      opt: torch.optim.Optimizer) -> Callable[[], tuple]:
     """The ``coord-floor`` row (see :func:`_per_sample_floor`)."""
     return _per_sample_floor(model, x, y, opt, coord=True)
+
+
+def _aip_linear(m: nn.Module, a: torch.Tensor, d: torch.Tensor, b: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear's part of :func:`aip_floor_step`: (⟨g_i, Σ_j g_j⟩ per sample, Σ_i ‖g_i‖²)."""
+    gw, gb = m.weight.grad, m.bias.grad
+    out_f, in_f = gw.shape
+    if b * (in_f + out_f) < in_f * out_f:  # the Gram form; every layer has a bias
+        K, M = d @ d.T, (a @ a.T).add_(1.0)
+        return (K * M).sum(1), torch.dot(K.diagonal(), M.diagonal())
+    nd = torch.linalg.vector_norm(d, dim=1)
+    t = torch.linalg.vector_norm(a, dim=1).mul_(nd)
+    return F.linear(a, gw, gb).mul_(d).sum(1), torch.dot(t, t) + torch.dot(nd, nd)
+
+
+def aip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   opt: torch.optim.Optimizer) -> Callable[[], tuple[float, float, float]]:
+    """The ``aip-floor`` row (see the module docstring); returns (G, W, O) like the
+    estimator's ``grad_sq_norm``, ``ip_variance`` and ``orth_variance``."""
+    from adabatch.batching.persample.conv import ConvRule
+    from adabatch.batching.persample.estimator import DEFAULT_BUDGET
+    from adabatch.batching.persample.records import Chunking, PerSampleTuning
+
+    tuning = PerSampleTuning()
+    rules = {m: ConvRule(m, ("weight", "bias"), tuning)
+             for m in model.modules() if isinstance(m, nn.Conv2d)}
+    for m in rules:
+        m.weight.requires_grad_(False)
+    chunks = Chunking(DEFAULT_BUDGET)
+    kept = _keep_calls(model)
+    params = list(model.parameters())
+    b = len(x)
+
+    def step():
+        kept.clear()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        s, norms, convs = None, [], []  # s: ⟨g_i, Σ_j g_j⟩ of the mean loss's g_i
+        with torch.no_grad():
+            for m, a, d in kept:
+                if m not in rules:
+                    t, nsq = _aip_linear(m, a, d, b)
+                    s = t if s is None else s.add_(t)
+                    norms.append(nsq)
+                    continue
+                per = m.out_channels * d[0, 0].numel() + m.weight.numel() * 2
+                parts, wsum = [], None
+                for lo, hi in chunks(b, per, rules[m].max_chunk()):
+                    gw, gb = rules[m].weight_grads(a[lo:hi], d[lo:hi], bias=True)
+                    gb = d[lo:hi].sum((2, 3)) if gb is None else gb
+                    wsum = gw.sum(0) if wsum is None else wsum.add_(gw.sum(0))
+                    flat = torch.cat([gw.reshape(hi - lo, -1), gb], 1)
+                    parts.append(flat)
+                    norms.append(torch.dot(flat.reshape(-1), flat.reshape(-1)))
+                m.weight.grad = wsum
+                convs.append((m, parts))
+            for m, parts in convs:  # ḡ of the convolution is known now
+                g = torch.cat([m.weight.grad.reshape(-1), m.bias.grad])
+                t = torch.cat([flat @ g for flat in parts])
+                s = t if s is None else s.add_(t)
+        G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
+                         for p in params]).sum().item()
+        ip = s.double().mul_(b)  # ⟨b·g_i, ḡ⟩: the per-sample loss's gradient
+        S = torch.stack(norms).sum().item() * b * b
+        W = (ip - G).square_().sum().item() / (b - 1)
+        O = (S - torch.dot(ip, ip).item() / G) / (b - 1)
+        opt.step()
+        return G, W, O
+    return step
+
+
+def check_aip_floor(model_name: str) -> None:
+    """The ``aip-floor`` row computes the real statistics: its G, W and O equal
+    PerSampleStats' in float64 (b = 8: the Gram forms, one chunk; b = 300: the direct
+    products, several chunks), and the weight gradients it sets equal the backend's."""
+    for b in (8, 300):
+        model, x, y, ours = reference_stats(model_name, b, NEEDS["aip"], seed=4)
+        grads = [p.grad.clone() for p in model.parameters()]
+        got = aip_floor_step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.0))()
+        want = (ours.grad_sq_norm, ours.ip_variance, ours.orth_variance)
+        for a, c in zip(got, want):
+            if not math.isclose(a, c, rel_tol=1e-9):
+                raise AssertionError(f"aip-floor and PerSampleStats disagree on {model_name}, "
+                                     f"b = {b}: {got} {want}")
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-15)
 
 
 def check_stat_floors(model_name: str) -> None:
@@ -608,6 +704,9 @@ def test_overhead_smoke():
                 assert out > 0
             elif kind == "ip-floor":
                 check_ip_floor(model)
+            elif kind == "aip-floor":
+                assert all(v > 0 for v in out)
+                check_aip_floor(model)
             elif kind in ("norm-floor", "coord-floor"):
                 assert out[0] > 0 and (out[1] > 0 or out[2])
                 check_stat_floors(model)

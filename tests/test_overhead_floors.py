@@ -1,0 +1,46 @@
+"""The floor rows of benchmarks/test_overhead.py compute the real statistics (the README's
+"Against the floors" compares the estimators with them): ip-floor's G and W, norm-floor's and
+coord-floor's G, V and v_j, aip-floor's G, W and O equal PerSampleStats' in float64, on the
+benchmark's CNN and MLP, at a batch that takes the Gram forms and one that takes the direct
+products in several chunks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("test_overhead_bench",
+                                                  ROOT / "benchmarks" / "test_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["test_overhead_bench"] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("test_overhead_bench", None)
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+@pytest.mark.parametrize("check", ["check_ip_floor", "check_stat_floors", "check_aip_floor"])
+def test_floor_rows_match_the_estimator(bench, model, check):
+    getattr(bench, check)(model)
+
+
+def test_a_wrong_floor_is_caught(bench, monkeypatch):
+    """The check is not vacuous: an aip-floor that leaves out the biases' norms fails it."""
+    real = bench._aip_linear
+
+    def no_bias_norm(m, a, d, b):
+        t, nsq = real(m, a, d, b)
+        return t, nsq - (d.square().sum() if b * sum(m.weight.shape) >= m.weight.numel()
+                         else 0.0)
+
+    monkeypatch.setattr(bench, "_aip_linear", no_bias_norm)
+    with pytest.raises(AssertionError, match="aip-floor and PerSampleStats disagree"):
+        bench.check_aip_floor("mlp")
