@@ -42,10 +42,11 @@ Rules (stated on the report):
   AdAdaGrad = AdaGrad + coordinate-wise test, AdaGrad + augmented inner-product test); the
   policies beyond the paper (critical batch size and goodput, with the learning-rate gain).
   "Adaptive" below means the tests and the policies beyond the paper (not the ramps).
-  ``--lr-rules`` adds the learning-rate coupling comparison: the critical-batch-size policy
-  with no learning-rate change (``critical-lr-none``), linear (``critical-lr-linear``, lr ∝ b)
-  and square-root (``critical-lr-sqrt``, lr ∝ √b) scaling, beside ``critical`` (the gain
-  rule); off by default, as its 27 runs per setup would take a setup's sweep past the hour.
+  ``--lr-rules`` adds the learning-rate coupling comparison: the critical-batch-size and
+  goodput policies with no learning-rate change (``critical-lr-none``, ``goodput-lr-none``),
+  linear (``-lr-linear``, lr ∝ b) and square-root (``-lr-sqrt``, lr ∝ √b) scaling, beside
+  ``critical`` and ``goodput`` (the gain rule); off by default, as its 54 runs per setup would
+  take a setup's sweep past the hour.
 
 Setups: digits and MNIST-1D CNNs, real MNIST (the AdAdaGrad authors' CNN and logistic
 regression; the four IDX files in ``--mnist-dir``, skipped with a line in the report when
@@ -164,9 +165,9 @@ def policies(setup: Setup, lr_rules: bool = False) -> list[Policy]:
         Policy("goodput", "adaptive", "adagrad", {"batch_test": "goodput", **gain}),
     ]
     if lr_rules:
-        out += [Policy(f"critical-lr-{rule}", "adaptive", "adagrad",
-                       {"batch_test": "critical", "lr_scaling": rule, "kappa": 1.0})
-                for rule in ("none", "linear", "sqrt")]
+        out += [Policy(f"{test}-lr-{rule}", "adaptive", "adagrad",
+                       {"batch_test": test, "lr_scaling": rule, "kappa": 1.0})
+                for test in ("critical", "goodput") for rule in ("none", "linear", "sqrt")]
     return out
 
 
@@ -569,7 +570,8 @@ RULES = (
     "adadagradnorm "
     "(AdaGrad-Norm + norm test), adadagrad (AdaGrad + coordinate-wise test), aip (AdaGrad + "
     "augmented inner-product test), critical and goodput (κ = 1, learning-rate gain); with "
-    "`--lr-rules` also critical-lr-none, critical-lr-linear and critical-lr-sqrt (no, linear, "
+    "`--lr-rules` also critical-lr-none, critical-lr-linear, critical-lr-sqrt and the same "
+    "three for goodput (no, linear, "
     "square-root learning-rate scaling as the batch grows); ramps: the AdAdaGrad authors' "
     "linear and stagewise schedules; every other policy uses AdaGrad.")
 
@@ -681,7 +683,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "fixed-32 and adadagradnorm")
     p.add_argument("--lr-rules", action="store_true",
                    help="add the learning-rate coupling comparison: critical-lr-none, "
-                        "critical-lr-linear, critical-lr-sqrt (beside critical, the gain)")
+                        "critical-lr-linear, critical-lr-sqrt and goodput-lr-* (beside "
+                        "critical and goodput, the gain)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "time_to_accuracy")
     p.add_argument("--cache", type=Path, default=None, help="default: OUT/cache")
     p.add_argument("--device", default="cpu", help="cpu or cuda (synchronised timing)")

@@ -162,11 +162,14 @@ def test_lr_rules_add_the_learning_rate_coupling_policies(tta):
     setup = tta.SETUPS["pydoc-charlm"]
     names = [p.name for p in tta.policies(setup)]
     assert "critical" in names and not any(n.startswith("critical-lr-") for n in names)
-    extra = {p.name: p.flags for p in tta.policies(setup, lr_rules=True)
-             if p.name.startswith("critical-lr-")}
-    assert {n: f["lr_scaling"] for n, f in extra.items()} == {
-        "critical-lr-none": "none", "critical-lr-linear": "linear", "critical-lr-sqrt": "sqrt"}
-    assert all(f["batch_test"] == "critical" for f in extra.values())
+    assert not any(n.startswith("goodput-lr-") for n in names)
+    for test in ("critical", "goodput"):
+        extra = {p.name: p.flags for p in tta.policies(setup, lr_rules=True)
+                 if p.name.startswith(f"{test}-lr-")}
+        assert {n: f["lr_scaling"] for n, f in extra.items()} == {
+            f"{test}-lr-none": "none", f"{test}-lr-linear": "linear",
+            f"{test}-lr-sqrt": "sqrt"}
+        assert all(f["batch_test"] == test for f in extra.values())
 
 
 def test_language_model_setup_reports_loss_targets(tta, tmp_path):
