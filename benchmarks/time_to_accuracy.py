@@ -423,8 +423,7 @@ def summarize(setup: Setup, pols: Sequence[Policy], runs: Sequence[dict[str, Any
                      "diverged": sum(bool(r.get("diverged")) for r in chosen),
                      "eval_time": statistics.median(r["eval_time"] for r in chosen),
                      # the least training time any rate's median run spent on the whole budget
-                     "min_train_time": min(statistics.median(_train_time(r) for r in rs)
-                                           for rs in by_lr.values()),
+                     "min_train_time": min(_budget_time(rs) for rs in by_lr.values()),
                      "best": statistics.median(best_value(r, metric) for r in chosen)})
     return {"setup": setup.name, "metric": metric, "best": best, "initial": initial,
             "targets": targets, "rows": rows, "goals": goals(rows)}
@@ -433,6 +432,13 @@ def summarize(setup: Setup, pols: Sequence[Policy], runs: Sequence[dict[str, Any
 def _train_time(run: dict[str, Any]) -> float:
     """The training time of a whole run (its last evaluation's training clock)."""
     return max((e["train_time"] for e in run["evals"]), default=0.0)
+
+
+def _budget_time(runs: Sequence[dict[str, Any]]) -> float:
+    """The median over seeds of the training time of the whole budget at one rate; a
+    diverged run counts as infinite: it stopped early and never reaches a later target, so
+    its short clock bounds nothing."""
+    return statistics.median(math.inf if r.get("diverged") else _train_time(r) for r in runs)
 
 
 def goals(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -230,6 +230,13 @@ def test_rows_carry_the_least_whole_run_training_time(tta):
                                              "step": 1} for t in times]}
 
     assert tta._train_time(run(0.1, 0, [0.5, 2.0, 1.0])) == 2.0
+    # a diverged run stopped early: its short clock is no bound on a longer budget
+    runs = [run(0.1, k, [t]) for k, t in enumerate((3.0, 4.0, 5.0))]
+    assert tta._budget_time(runs) == 4.0
+    runs[0]["diverged"] = runs[1]["diverged"] = "the loss is 230 at step 2"
+    assert tta._budget_time(runs) == math.inf
+    runs[1]["diverged"] = None
+    assert tta._budget_time(runs) == 5.0
 
 
 def test_an_evaluation_subset_is_fixed_and_keys_the_cache(tta, monkeypatch, tmp_path):
