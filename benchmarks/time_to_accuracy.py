@@ -5,6 +5,7 @@ Run (one setup at a time; every finished run is cached, so an interrupted run re
 
     python benchmarks/time_to_accuracy.py --only digits-cnn --out runs/tta
     python benchmarks/time_to_accuracy.py --only mnist1d-cnn1d --out runs/tta
+    python benchmarks/time_to_accuracy.py --only mnist-cnn --out runs/tta   # ../shared/data/mnist
     python benchmarks/time_to_accuracy.py --only pydoc-charlm --out runs/tta
     python benchmarks/time_to_accuracy.py --only pydoc-charlm --lr-rules --out runs/tta
     python benchmarks/time_to_accuracy.py --quick --out /tmp/tta-quick      # CI: a few minutes
