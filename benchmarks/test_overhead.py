@@ -332,9 +332,10 @@ def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def _conv_floor_sums(rule, chunks, a: torch.Tensor, d: torch.Tensor, coord: bool,
-                     parts: list, sq: dict) -> None:
-    """A convolution's part of :func:`_per_sample_floor`: its per-sample weight and bias
-    gradients by chunks, their norms (``parts``) or squares (``sq``), and p.grad = their sum."""
+                     parts: list, sq: dict, keep: list | None = None) -> None:
+    """A convolution's part of :func:`_per_sample_floor` (and :func:`aip_floor_step`): its
+    per-sample weight and bias gradients by chunks, their norms (``parts``) or squares
+    (``sq``), and p.grad = their sum; ``keep``: also each chunk's gradients as [c, numel]."""
     m, n = rule.module, len(a)
     per = m.out_channels * d[0, 0].numel() + m.weight.numel() * 2
     wsum = None
@@ -343,6 +344,8 @@ def _conv_floor_sums(rule, chunks, a: torch.Tensor, d: torch.Tensor, coord: bool
         if gb is None:
             gb = d[lo:hi].sum((2, 3))
         wsum = gw.sum(0) if wsum is None else wsum.add_(gw.sum(0))
+        if keep is not None:
+            keep.append(torch.cat([gw.reshape(hi - lo, -1), gb], 1))
         for p, g in ((m.weight, gw), (m.bias, gb)):
             if coord:
                 c = g.square().sum(0)
@@ -472,16 +475,8 @@ def aip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     s = t if s is None else s.add_(t)
                     norms.append(nsq)
                     continue
-                per = m.out_channels * d[0, 0].numel() + m.weight.numel() * 2
-                parts, wsum = [], None
-                for lo, hi in chunks(b, per, rules[m].max_chunk()):
-                    gw, gb = rules[m].weight_grads(a[lo:hi], d[lo:hi], bias=True)
-                    gb = d[lo:hi].sum((2, 3)) if gb is None else gb
-                    wsum = gw.sum(0) if wsum is None else wsum.add_(gw.sum(0))
-                    flat = torch.cat([gw.reshape(hi - lo, -1), gb], 1)
-                    parts.append(flat)
-                    norms.append(torch.dot(flat.reshape(-1), flat.reshape(-1)))
-                m.weight.grad = wsum
+                parts: list[torch.Tensor] = []
+                _conv_floor_sums(rules[m], chunks, a, d, False, norms, {}, keep=parts)
                 convs.append((m, parts))
             for m, parts in convs:  # ḡ of the convolution is known now
                 g = torch.cat([m.weight.grad.reshape(-1), m.bias.grad])
