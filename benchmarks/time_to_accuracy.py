@@ -112,10 +112,10 @@ SETUPS: dict[str, Setup] = {
                            samples=160_000, max_batch=1024, eval_samples=1000,
                            lrs={"adagrad": 0.09999, "adagradnorm": 3.1623}),
     # the AdAdaGrad authors' settings (configs/mnist_*_adagrad_norm.toml): AdaGrad, lr 8e-3,
-    # eta 0.1. Sized for about an hour of sweep with --lr-rules on 1 CPU thread (162 runs
-    # of about 20 s): 2/3 of an epoch (theirs is 100 epochs), evaluated on 2,000 of the
-    # 10,000 test images, as a forward pass over all of them costs 1.7 s, more than the
-    # training between two evaluations (docs/time_to_accuracy.md)
+    # eta 0.1. Sized for an hour on 1 CPU thread (the default sweep's 135 runs of about 20 s
+    # take about 50 minutes, 70 with --lr-rules): 2/3 of an epoch (theirs is 100 epochs),
+    # evaluated on 2,000 of the 10,000 test images, as a forward pass over all of them costs
+    # 1.7 s, more than the training between two evaluations (docs/time_to_accuracy.md)
     "mnist-cnn": Setup("mnist-cnn", "MNIST, the AdAdaGrad authors' CNN", "mnist", "cnn",
                        samples=40_000, max_batch=2048, eval_samples=2000,
                        lrs={"adagrad": 8e-3}, flags={"eta": 0.1}, needs_mnist=True,
