@@ -110,6 +110,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -370,6 +371,22 @@ def _linear_floor_sums(m: nn.Module, a: torch.Tensor, d: torch.Tensor, coord: bo
         parts += [torch.dot(t, t), torch.dot(nd, nd)]
 
 
+def _floor_setup(model: nn.Module) -> tuple[dict, Any, list[list], list[torch.Tensor]]:
+    """What the per-sample floor rows share: a :class:`ConvRule` per convolution, whose weight
+    is frozen (the rows set its gradient from the per-sample ones), the estimator's chunking,
+    the kept layer calls and the parameters."""
+    from adabatch.batching.persample.conv import ConvRule
+    from adabatch.batching.persample.estimator import DEFAULT_BUDGET
+    from adabatch.batching.persample.records import Chunking, PerSampleTuning
+
+    tuning = PerSampleTuning()
+    rules = {m: ConvRule(m, ("weight", "bias"), tuning)
+             for m in model.modules() if isinstance(m, nn.Conv2d)}
+    for m in rules:
+        m.weight.requires_grad_(False)
+    return rules, Chunking(DEFAULT_BUDGET), _keep_calls(model), list(model.parameters())
+
+
 def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       opt: torch.optim.Optimizer, coord: bool
                       ) -> Callable[[], tuple[float, float, list[torch.Tensor]]]:
@@ -382,18 +399,7 @@ def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     convolutions' weights are frozen (``requires_grad=False``), so the backend never computes
     the batch weight gradient, and p.grad is set from the sum (what ``fuse_conv_grad`` does
     inside the estimator). Returns (G, V, [v_j] or []) like the estimator's statistics."""
-    from adabatch.batching.persample.conv import ConvRule
-    from adabatch.batching.persample.estimator import DEFAULT_BUDGET
-    from adabatch.batching.persample.records import Chunking, PerSampleTuning
-
-    tuning = PerSampleTuning()
-    rules = {m: ConvRule(m, ("weight", "bias"), tuning)
-             for m in model.modules() if isinstance(m, nn.Conv2d)}
-    for m in rules:
-        m.weight.requires_grad_(False)
-    chunks = Chunking(DEFAULT_BUDGET)
-    kept = _keep_calls(model)
-    params = list(model.parameters())
+    rules, chunks, kept, params = _floor_setup(model)
     n = len(x)
 
     def step():
@@ -449,18 +455,7 @@ def aip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    opt: torch.optim.Optimizer) -> Callable[[], tuple[float, float, float]]:
     """The ``aip-floor`` row (see the module docstring); returns (G, W, O) like the
     estimator's ``grad_sq_norm``, ``ip_variance`` and ``orth_variance``."""
-    from adabatch.batching.persample.conv import ConvRule
-    from adabatch.batching.persample.estimator import DEFAULT_BUDGET
-    from adabatch.batching.persample.records import Chunking, PerSampleTuning
-
-    tuning = PerSampleTuning()
-    rules = {m: ConvRule(m, ("weight", "bias"), tuning)
-             for m in model.modules() if isinstance(m, nn.Conv2d)}
-    for m in rules:
-        m.weight.requires_grad_(False)
-    chunks = Chunking(DEFAULT_BUDGET)
-    kept = _keep_calls(model)
-    params = list(model.parameters())
+    rules, chunks, kept, params = _floor_setup(model)
     b = len(x)
 
     def step():
