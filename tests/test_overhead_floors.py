@@ -6,24 +6,18 @@ products in several chunks."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("test_overhead_bench",
-                                                  ROOT / "benchmarks" / "test_overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["test_overhead_bench"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("test_overhead_bench", None)
+    yield from load_benchmark(ROOT / "benchmarks" / "test_overhead.py", "test_overhead_bench")
 
 
 @pytest.mark.parametrize("model", ["cnn", "mlp"])

@@ -5,27 +5,21 @@ better, the gap from the initial loss closed) and the learning-rate coupling pol
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tta():
-    spec = importlib.util.spec_from_file_location("time_to_accuracy",
-                                                  ROOT / "benchmarks" / "time_to_accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["time_to_accuracy"] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("time_to_accuracy", None)
+    yield from load_benchmark(ROOT / "benchmarks" / "time_to_accuracy.py", "time_to_accuracy")
 
 
 def _run(row: list[float], seed: int = 0, lr: float = 0.1) -> dict:
