@@ -54,7 +54,8 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   and ``norm-floor``'s ‖a_i‖²‖δ_i‖²; a convolution takes its per-sample weight gradients as
   ``norm-floor`` does and keeps them, so its inner products are one matrix-vector product
   with ḡ (what the estimator does with a fused convolution). Checked against
-  ``PerSampleStats`` in float64 by the smoke test; like the other floors, the same
+  ``PerSampleStats`` in float64 (the smoke test and ``tests/test_overhead_floors.py``, which
+  checks every floor row in the suite); like the other floors, the same
   arithmetic without the bookkeeping, not a strict lower bound. ``aip`` is compared with it:
   ``ip-floor`` leaves out the norms, which on a convolution cost its per-sample gradients.
 - ``floor``: what any hook-based per-sample estimator pays before computing anything: forward
