@@ -5,7 +5,8 @@ Run (prints a markdown table; about 11 minutes on 2 cores, peak memory included)
     python benchmarks/test_overhead.py                 # full: b = 32, 128, 512, 2 threads
     python benchmarks/test_overhead.py --quick         # fewer rounds, b = 32, 128
     python benchmarks/test_overhead.py --rounds 12 --reps 1 --no-mem --sizes 128 \
-        --kinds norm,coord,norm+unfused,micro --baseline /path/to/old/copies   # A/B subset
+        --kinds norm,coord,norm+unfused,micro --baseline /tmp/base   # A/B subset, with
+        # /tmp/base a checkout of the revision to compare: git worktree add /tmp/base REV
 
 Models: the AdAdaGrad authors' MNIST CNN (timlautk/AdAdaGrad, modules.py: conv 1→16 k5 pad 2,
 ReLU, max-pool 2, conv 16→32 k5 pad 2, ReLU, max-pool 2, linear 32·7·7→10; the issue's
@@ -28,7 +29,8 @@ Competitors (one training step each: zero_grad, forward, backward, statistics, S
   ``fuse_conv_grad=False`` (the backend computes the conv weight gradient itself, besides the
   per-sample ones; the default fuses them).
 - ``<kind>@base`` (only with ``--baseline DIR``): the same kind with the estimators loaded
-  from copies of ``_persample.py`` / ``_microbatch.py`` in DIR (an interleaved before/after).
+  from another source tree of adabatch in DIR, a checkout of the revision to compare or its
+  ``src`` folder (an interleaved before/after in one process: :func:`_load_baseline`).
 - ``ip-floor``: the least arithmetic of exact inner products ⟨g_i, ḡ⟩ on top of ``floor``
   (:func:`ip_floor_step`): per layer call, from the kept input a and output gradient δ and
   from ḡ = p.grad, the one extra product that the per-sample inner products need and no plain
@@ -131,8 +133,8 @@ KINDS = ["plain", "floor", "norm", "norm-floor", "ip", "ip-floor", "aip", "aip-f
          "coord-floor", "plain×4", "micro", "micro-hooks",
          "micro-floor", "vmap", *(["backpack"] if HAVE_BACKPACK else [])]
 MICRO = 4
-#: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from copies of
-#: ``_persample.py`` / ``_microbatch.py`` in DIR and adds the kinds ``<kind>@base``.
+#: Optional A/B rows: ``--baseline DIR`` loads PerSampleStats / MicroBatchStats from the
+#: adabatch source tree in DIR (:func:`_load_baseline`) and adds the kinds ``<kind>@base``.
 #: Selectable with ``--kinds`` only: the per-sample kinds with ``fuse_conv_grad=False``.
 EXTRA_KINDS = [k + "+unfused" for k in ("norm", "ip", "aip", "coord")]
 BASE: dict[str, type] = {}
@@ -724,7 +726,8 @@ def main() -> None:
                     "adabatch.keep_freed_memory(), as adabatch train does on CPU)")
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="also time <kind>@base for the PerSampleStats/MicroBatchStats kinds, "
-                    "with the estimators loaded from _persample.py/_microbatch.py in DIR")
+                    "with the estimators loaded from the adabatch checkout (or src folder) "
+                    "in DIR, e.g. git worktree add /tmp/base REV")
     args = ap.parse_args()
     if args.baseline:
         _load_baseline(args.baseline)
@@ -761,17 +764,33 @@ def main() -> None:
 
 
 def _load_baseline(path: str) -> None:
-    """Load the baseline estimators (copies of the two modules) into :data:`BASE`."""
-    import importlib.util
+    """Load the baseline estimators into :data:`BASE` from another source tree of adabatch:
+    ``path`` is a checkout (``git worktree add /tmp/base REV``) or its ``src`` folder.
 
+    The tree is imported as ``adabatch`` with the current package's modules set aside in
+    ``sys.modules``, then those are put back: the baseline classes keep their own modules
+    (their globals), so both versions run side by side in one process. An import done
+    inside a baseline function at call time would get the current module (none of the
+    estimators' hot paths import lazily)."""
+    src = os.path.join(path, "src") if os.path.isdir(os.path.join(path, "src")) else path
+    if not os.path.isfile(os.path.join(src, "adabatch", "__init__.py")):
+        raise SystemExit(f"--baseline {path}: no adabatch package there (give a checkout "
+                         f"or its src folder)")
     BASE_DIR[:] = [path]
-    for cls, fname in (("PerSampleStats", "_persample.py"), ("MicroBatchStats",
-                                                            "_microbatch.py")):
-        spec = importlib.util.spec_from_file_location(f"_base_{cls}", os.path.join(path, fname))
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        BASE[cls] = getattr(mod, cls)
+    ours = {k: v for k, v in sys.modules.items() if k == "adabatch" or k.startswith("adabatch.")}
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, src)
+    try:
+        import adabatch.batching.estimators as base
+
+        BASE["PerSampleStats"] = base.PerSampleStats
+        BASE["MicroBatchStats"] = base.MicroBatchStats
+    finally:
+        sys.path.remove(src)
+        for k in [k for k in sys.modules if k == "adabatch" or k.startswith("adabatch.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
 
 
 if __name__ == "__main__":
