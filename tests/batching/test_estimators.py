@@ -385,6 +385,31 @@ def test_batch_first_check():
             model(torch.randn(3, 5, 4))
 
 
+def test_batch_first_check_flat_linear():
+    # the short forward hook of a Linear on [b, in] inputs (_flat_linear_hook) makes the same
+    # checks: against the size given to measure(), and against an earlier layer's
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 6)
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(self.inp(x).T)
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    est = PerSampleStats(model)
+    with pytest.raises(ValueError, match=r"layer '0' saw a batch of 3 samples but the pass has 5"):
+        with est.measure(batch_size=5):
+            model(torch.randn(3, 4))
+    assert not model._forward_pre_hooks  # no model hook without an Embedding to serve
+    est = PerSampleStats(Transposed())
+    msg = r"layer 'lin' saw a batch of 6 samples but the pass has 3"
+    with pytest.raises(ValueError, match=msg):
+        with est.measure():
+            est.model(torch.randn(3, 4))
+
+
 def test_validation_messages():
     with pytest.raises(ValueError, match="unknown statistics"):
         PerSampleStats(mlp(), needs={"variance"})

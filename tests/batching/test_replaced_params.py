@@ -52,6 +52,50 @@ def test_replaced_parameter_is_refused(which):
         _step(model, est)
 
 
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["persample", "micro-grad", "micro-hooks"])
+def test_replaced_layer_is_refused(which):
+    """A layer replaced by a new one (its parameters leave the model): refused, although
+    the old layer's own parameter entries are unchanged (ParamWatch also watches the path
+    of modules down to them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    est = _estimator(model, which)
+    _step(model, est)
+    model.zero_grad()
+    model[2] = nn.Linear(5, 3)
+    with pytest.raises(RuntimeError, match=MATCH):
+        _step(model, est)
+
+
+def test_moved_parameters_are_found_again():
+    """Parameters moved into another module of the model are still the model's: the cheap
+    check fails, the full one passes, and the watch learns the new places; the statistics
+    (of MicroBatchStats, which reads p.grad only) equal those of an estimator built after
+    the move."""
+    from adabatch.batching.protocol import ParamWatch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    est = _estimator(model, 1)
+    moved = nn.Linear(5, 3)
+    moved.weight, moved.bias = model[2].weight, model[2].bias
+    model[2] = moved
+    old_entries = est._watch._entries
+    got = _step(model, est)
+    assert est._watch._entries != old_entries  # found again
+    model.zero_grad()
+    want = _step(model, _estimator(model, 1))
+    assert got.grad_sq_norm == want.grad_sq_norm and got.variance_trace == want.variance_trace
+    watch = ParamWatch("x", model, list(model.parameters()))
+    watch.check()
+    assert any(owner is moved for owner, _, _ in watch._entries[0])
+    # a tensor that is no module's entry: no cheap check, every check is the full one
+    loose = ParamWatch("x", model, [nn.Parameter(torch.zeros(1))])
+    assert loose._entries is None
+    with pytest.raises(RuntimeError, match=MATCH):
+        loose.check()
+
+
 def test_built_before_fully_shard_is_refused(tmp_path):
     """One process, a 1-rank gloo group: each estimator built before ``fully_shard`` raises."""
     script = tmp_path / "before_shard.py"

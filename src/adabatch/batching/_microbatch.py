@@ -109,7 +109,7 @@ from torch import Tensor, nn
 
 from adabatch._validation import check_callable, check_choice, check_int
 from adabatch.batching import _sharded
-from adabatch.batching.protocol import StepScope, check_params_current
+from adabatch.batching.protocol import ParamWatch, StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
     GradientStats,
@@ -118,6 +118,8 @@ from adabatch.batching.stats import (
     stack_f64,
     stats_from_parts,
 )
+
+_WIDE = (torch.float32, torch.float64)  # dtypes whose norms are one dot product
 
 
 class MicroBatchStats:
@@ -195,6 +197,8 @@ class MicroBatchStats:
         #: the module it was built from (None for a parameter list): stats() checks that its
         #: parameters are still these (see _check_current)
         self._module = params_or_model if isinstance(params_or_model, nn.Module) else None
+        self._watch = (ParamWatch("MicroBatchStats", self._module, self.params)
+                       if self._module is not None else None)
         # under FSDP2: the unsharded parameters, where the hooks see each rank's Δ_k
         fsdp2 = _fsdp2_unsharded(params_or_model, self.params, self.needs, track, reduce)
         self._fsdp2 = fsdp2 is not None
@@ -267,9 +271,12 @@ class MicroBatchStats:
         return hook
 
     def _measure(self, i: int, grad: Tensor) -> None:
-        g = grad.to_dense() if grad.is_sparse else grad.detach()
-        if g.dtype in (torch.float32, torch.float64):  # ‖Δ‖² (a BLAS dot: fastest on CPU)
-            flat = g.reshape(-1)
+        if grad.layout is not torch.strided:
+            g = grad.to_dense()
+        else:  # (a gradient of backward(create_graph=True) requires grad itself)
+            g = grad.detach() if grad.requires_grad else grad
+        if g.dtype in _WIDE:  # ‖Δ‖² (a BLAS dot: fastest on CPU)
+            flat = g if g.dim() == 1 else g.reshape(-1)
             self._pend_norms[i] = torch.dot(flat, flat)
         else:
             self._pend_norms[i] = torch.linalg.vector_norm(g, dtype=torch.float32).square()
@@ -309,8 +316,9 @@ class MicroBatchStats:
         if self._pend_sq is not None:
             torch._foreach_zero_(self._pend_sq)
 
-    @torch.no_grad()
     def _accumulate_hooked(self, batch_size: int) -> None:
+        """:meth:`accumulate` with ``track="hooks"``: the micro-batch's measurements, taken
+        in the hooks (without autograd), are filed; nothing here builds a graph."""
         if not self._pend_any:
             self._check_current()  # the likelier cause: parameters replaced after __init__
             raise RuntimeError(
@@ -351,7 +359,6 @@ class MicroBatchStats:
             g = torch.zeros_like(p)
         return g.to_dense() if g.is_sparse else g.detach()
 
-    @torch.no_grad()
     def accumulate(self, batch_size: int) -> None:
         """Record the micro-batch of ``batch_size`` samples whose backward just ran.
 
@@ -365,6 +372,11 @@ class MicroBatchStats:
             self._n += batch_size
             self._m += 1
             return
+        with torch.no_grad():
+            self._accumulate_grad(batch_size)
+
+    def _accumulate_grad(self, batch_size: int) -> None:
+        """:meth:`accumulate` with ``track="grad"``: the increment of p.grad measured."""
         self._n += batch_size
         self._m += 1
         if not self._need_var:
@@ -416,9 +428,9 @@ class MicroBatchStats:
 
     def _check_current(self) -> None:
         """Built from a module: its parameters are still the estimator's
-        (:func:`~adabatch.batching.protocol.check_params_current`)."""
-        if self._module is not None:
-            check_params_current("MicroBatchStats", self._module, self.params)
+        (:class:`~adabatch.batching.protocol.ParamWatch`)."""
+        if self._watch is not None:
+            self._watch.check()
 
     def _check_units(self, n: float, m: float) -> None:
         if self._need_var and m < 2 and n >= 2:

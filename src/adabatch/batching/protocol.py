@@ -106,10 +106,66 @@ def check_params_current(name: str, module: nn.Module, params: list[Tensor]) -> 
     """Raise RuntimeError unless every tensor of ``params`` is still a parameter of
     ``module``. ``fully_shard`` (or any code that registers new Parameter objects) after an
     estimator was built from ``module`` leaves the old parameters without gradients, so its
-    statistics would read ḡ as zero: both estimators call this in ``stats()``."""
+    statistics would read ḡ as zero: both estimators check this in ``stats()``, through a
+    :class:`ParamWatch` (the same answer at a fraction of the cost of this full walk)."""
     current = set(map(id, module.parameters()))
     if not all(map(current.__contains__, map(id, params))):
         raise RuntimeError(
             f"{name}: the model's parameters are no longer those it was built with (sharded "
             f"by fully_shard, or replaced, after {name}(model)); build the estimator after "
             f"sharding or replacing them")
+
+
+class ParamWatch:
+    """:func:`check_params_current`, cheap when nothing changed.
+
+    It remembers where each parameter sits: the entry ``owner._parameters[key]`` holding it
+    and each entry ``parent._modules[key]`` on the way down from ``module`` to that owner.
+    When every remembered entry still holds the same object, every parameter is still
+    reachable from ``module``, so :func:`check_params_current` would pass: a few dict lookups
+    replace the walk over all modules (about 30 us a step on a 3-layer MLP after a backward
+    pass). When an entry changed (``fully_shard``, a replaced parameter or layer), the full
+    check runs: it raises, or (the parameters only moved) the places are found again."""
+
+    def __init__(self, name: str, module: nn.Module, params: list[Tensor]) -> None:
+        self.name = name
+        self.module = module
+        self.params = params
+        self._entries = self._find()
+
+    def _find(self) -> tuple[list[tuple[nn.Module, str, Tensor]],
+                             list[tuple[nn.Module, str, nn.Module]]] | None:
+        """(parameter entries, module entries) for every parameter, or None if one is not
+        reachable through ``_parameters`` / ``_modules`` (then every check is the full one)."""
+        wanted = set(map(id, self.params))
+        held: list[tuple[nn.Module, str, Tensor]] = []
+        path: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+        seen: set[int] = set()
+        todo: list[tuple[nn.Module, list[tuple[nn.Module, str, nn.Module]]]] = [(self.module, [])]
+        while todo:
+            mod, chain = todo.pop()
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            hit = False
+            for key, p in mod._parameters.items():
+                if p is not None and id(p) in wanted:
+                    wanted.discard(id(p))
+                    held.append((mod, key, p))
+                    hit = True
+            if hit:
+                path.update(((id(parent), key), (parent, key, child))
+                            for parent, key, child in chain)
+            todo.extend((child, [*chain, (mod, key, child)])
+                        for key, child in mod._modules.items() if child is not None)
+        return None if wanted else (held, list(path.values()))
+
+    def check(self) -> None:
+        """Raise RuntimeError unless every parameter is still one of the module's."""
+        entries = self._entries
+        if entries is not None and all(
+                owner._parameters.get(key) is p for owner, key, p in entries[0]) and all(
+                parent._modules.get(key) is child for parent, key, child in entries[1]):
+            return
+        check_params_current(self.name, self.module, self.params)
+        self._entries = self._find()

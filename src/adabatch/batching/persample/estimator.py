@@ -26,6 +26,7 @@ from adabatch.batching.persample.layers import (
     LinearRule,
     NormRule,
     TransposedLinearRule,
+    common_float,
     flat_linear_sums,
     is_transposed_linear,
     linear_gram,
@@ -41,7 +42,7 @@ from adabatch.batching.persample.records import (
     PerSampleTuning,
     WeightBiasProducts,
 )
-from adabatch.batching.protocol import StepScope, check_params_current
+from adabatch.batching.protocol import ParamWatch, StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
     GradientStats,
@@ -56,6 +57,7 @@ DEFAULT_BUDGET = 2**20
 
 _NORM_STATS = frozenset({"variance_trace", "orth_variance"})
 _IP_STATS = frozenset({"ip_variance", "orth_variance"})
+_WIDE = (torch.float32, torch.float64)  # dtypes reduced in their own type
 
 #: (module type, rule, the parameter names the rule knows); any other module with its own
 #: trainable parameters gets :class:`FuncRule`.
@@ -306,19 +308,13 @@ class PerSampleStats:
         self._index: dict[int, int] = {}  # id(parameter) -> its position in params
         self._collect_params(model, select_params(model, params, exclude))
         self._names = {id(p): n for n, p in model.named_parameters()}
+        self._watch = ParamWatch("PerSampleStats", model, self.params)
         self._module_names: dict[nn.Module, str] = {}
         self._rules = self._make_rules(model)
         self._fsdp2 = self._check_fsdp2()
-        self.fused_convs: tuple[nn.Module, ...] = tuple(
-            m for m, r in self._rules.items()
-            if self.fuse_conv_grad and not self._fsdp2 and fusable(m, r))
-        self._fusion = ConvFusion(self.fused_convs)
-        self._fused_pending = self._fusion.pending
+        self._setup_fusion()
         self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
-        self._hooks = [m.register_forward_hook(self._forward_hook, with_kwargs=True)
-                       for m in self._rules]
-        self._hooks.append(model.register_forward_pre_hook(self._model_pre_hook,
-                                                           with_kwargs=True))
+        self._hooks = self._register_hooks(model)
         # the running pass (measure()): its id, batch size, layer calls, uses per parameter,
         # inner-product items, and whether its Linear layers may take the Gram form
         self._active = False
@@ -339,6 +335,31 @@ class PerSampleStats:
         self._gram_void = False  # a Gram-form inner product may be wrong: use the direct one
         self._unreached = 0  # measured passes whose backward never reached a hooked layer
         self.reset()
+
+    def _setup_fusion(self) -> None:
+        """The convolutions whose weight gradient comes from the fused per-sample kernel
+        (``fused_conv.py``), and whether a pass installs it."""
+        self.fused_convs: tuple[nn.Module, ...] = tuple(
+            m for m, r in self._rules.items()
+            if self.fuse_conv_grad and not self._fsdp2 and fusable(m, r))
+        self._fusion = ConvFusion(self.fused_convs)
+        # fusion pays when per-sample weight gradients are taken anyway: for norms or
+        # coordinates; inner products alone take the direct form, which needs none
+        self._fuse = bool(self.fused_convs) and (self._need_norm or self._need_coord)
+        self._fused_pending = self._fusion.pending
+
+    def _register_hooks(self, model: nn.Module) -> list:
+        """A forward hook on every measured layer (:meth:`_flat_linear_hook` on a Linear
+        whose weight is measured, else :meth:`_forward_hook`), and where an Embedding is
+        measured, a pre-hook on the model for its batch size (:meth:`_is_shared`; a hook on
+        the model costs every call of it, so only where it is read)."""
+        hooks = [m.register_forward_hook(
+            self._flat_linear_hook if type(r) is LinearRule and r.names[0] == "weight"
+            else self._forward_hook, with_kwargs=True) for m, r in self._rules.items()]
+        if any(isinstance(r, EmbeddingRule) for r in self._rules.values()):
+            hooks.append(model.register_forward_pre_hook(self._model_pre_hook,
+                                                         with_kwargs=True))
+        return hooks
 
     def _collect_params(self, model: nn.Module, selected: set[int]) -> None:
         for p in model.parameters():
@@ -449,9 +470,12 @@ class PerSampleStats:
                     f"eval mode"
                 )
 
-    @contextlib.contextmanager
-    def measure(self, batch_size: int | None = None) -> Iterator[PerSampleStats]:
-        """Context for the forward and backward pass of one (micro-)batch."""
+    def measure(self, batch_size: int | None = None) -> contextlib.AbstractContextManager:
+        """Context for the forward and backward pass of one (micro-)batch; entering it gives
+        the estimator."""
+        return _Pass(self, batch_size)
+
+    def _begin_pass(self, batch_size: int | None) -> None:
         if self._active:
             raise RuntimeError("PerSampleStats.measure() is already active")
         if batch_size is not None:
@@ -466,27 +490,20 @@ class PerSampleStats:
         # Gram-form inner products of Linear layers (see _make_linear_hook) need p.grad to be
         # exactly this pass's gradient: only the first pass, no all-reduce
         self._gram_pass = (self._need_ip and self.tuning.gram_form and self._passes == 0
-                           and self.reduce is None
-                           and not (torch.distributed.is_available()
-                                    and torch.distributed.is_initialized()))
+                           and self.reduce is None and not _distributed())
         self._pass_id += 1  # the hooks of this pass's records check it
         self._active = True
-        # fusion pays when per-sample weight gradients are taken anyway: for norms or
-        # coordinates; inner products alone take the direct form, which needs none
-        fuse = self._need_norm or self._need_coord
-        if fuse:
+        if self._fuse:
             self._fusion.install()
-        ok = False
-        try:
-            yield self
-            ok = True
-        finally:
-            if fuse:
-                self._fusion.remove()
-            self._active = False
-            records, self._records = self._records, []
-            if ok:
-                self._finish_pass(records)
+
+    def _end_pass(self, ok: bool) -> None:
+        """The end of a pass: its records processed, unless the pass raised (``ok`` False)."""
+        if self._fuse:
+            self._fusion.remove()
+        self._active = False
+        records, self._records = self._records, []
+        if ok:
+            self._finish_pass(records)
 
     @contextlib.contextmanager
     def step(self, measure: bool = True) -> Iterator[StepScope]:
@@ -529,6 +546,32 @@ class PerSampleStats:
                 f"by the samples (else leave the layer out: exclude=...)"
             )
         return first
+
+    def _flat_linear_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object
+                          ) -> Tensor | None:
+        """:meth:`_forward_hook` of a Linear whose weight is measured, its common call made
+        short: one [b, in] input of the pass's batch size and an output that requires grad,
+        recorded and hooked for :meth:`_make_linear_hook` as :meth:`_forward_hook` would. Any
+        other call goes through :meth:`_forward_hook` (its checks and messages)."""
+        if not self._active:
+            return None
+        a = args[0] if len(args) == 1 and not kwargs else None
+        if not (isinstance(a, Tensor) and a.dim() == 2 and self._per_sample
+                and isinstance(output, Tensor) and output.requires_grad):
+            return self._forward_hook(module, args, kwargs, output)
+        n = a.shape[0]
+        if self._pass_n is None:
+            self._pass_n = n  # the first layer call of the pass (as _first_input)
+        elif n != self._pass_n:
+            return self._forward_hook(module, args, kwargs, output)  # raises
+        rule = self._rules[module]
+        rec = LayerCall(module, rule, (a.detach(),), {}, n, [None], 1, rule.names)
+        uses = self._uses
+        for pid in rule.pids:
+            uses[pid] = uses.get(pid, 0) + 1
+        self._records.append(rec)
+        output.register_hook(self._make_linear_hook(rec))
+        return None
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object
                       ) -> Tensor | None:
@@ -646,43 +689,51 @@ class PerSampleStats:
         pass_id = self._pass_id
 
         def hook(grad: Tensor) -> None:
-            self._check_pass(pass_id)
-            rec.deltas[0] = grad.detach()
+            if not (self._active and self._pass_id == pass_id):
+                self._check_pass(pass_id)  # raises
+            rec.deltas[0] = grad.detach() if grad.requires_grad else grad
             rec.pending = 0
-            uses = self._uses
-            pids = rec.rule.pids
-            if max(map(uses.__getitem__, pids)) > 1:
+            if max(map(self._uses.__getitem__, rec.rule.pids)) > 1:
                 return  # a shared parameter: the per-pass path sums its uses
-            a, D = rec.inputs[0], rec.deltas[0]
-            # inputs and output gradients may differ in dtype under autocast: reduce both in
-            # their common type, at least float32
-            dt = torch.promote_types(torch.promote_types(a.dtype, D.dtype), torch.float32)
-            bias = len(pids) == 2
-            with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-                gram = None
-                if self._need_ip:
-                    n = a.shape[0]
-                    out_f, in_f = D.shape[1], a.shape[1]
-                    if n * (in_f + out_f) < in_f * out_f and self._gram_allowed(rec.rule):
-                        gram, diag = linear_gram(a, D, bias, dt, self._need_norm)
-                        if diag is not None:
-                            self._norm_parts.append(diag)
-                    self._pass_ip.append(
-                        WeightBiasProducts(pids[0], pids[1] if bias else None, rec, gram))
-                need_norm = self._need_norm and gram is None
-                if need_norm or self._need_coord:
-                    parts, coord_w, coord_b = flat_linear_sums(a, D, bias, need_norm,
-                                                               self._need_coord, dt)
-                    self._norm_parts += parts
-                    if coord_w is not None:
-                        self._add(pids[0], None, coord_w)
-                        if coord_b is not None:
-                            self._add(pids[1], None, coord_b)
-            self._seen.update(pids)
-            rec.done = True
-            if not self._need_ip:
-                rec.inputs, rec.deltas = (), []
+            if torch.is_grad_enabled():  # backward(create_graph=True)
+                with torch.no_grad():
+                    self._linear_sums(rec)
+            else:
+                self._linear_sums(rec)
         return hook
+
+    def _linear_sums(self, rec: LayerCall) -> None:
+        """The work of :meth:`_make_linear_hook`'s hook, once the call's output gradient
+        is in ``rec.deltas[0]``."""
+        a, D = rec.inputs[0], rec.deltas[0]
+        assert D is not None
+        pids = rec.rule.pids
+        # inputs and output gradients may differ in dtype under autocast: reduce both in
+        # their common type, at least float32
+        dt = a.dtype if a.dtype is D.dtype and a.dtype in _WIDE else common_float(a, D)
+        bias = len(pids) == 2
+        gram = None
+        if self._need_ip:
+            n = a.shape[0]
+            out_f, in_f = D.shape[1], a.shape[1]
+            if n * (in_f + out_f) < in_f * out_f and self._gram_allowed(rec.rule):
+                gram, diag = linear_gram(a, D, bias, dt, self._need_norm)
+                if diag is not None:
+                    self._norm_parts.append(diag)
+            self._pass_ip.append(WeightBiasProducts(pids[0], pids[1] if bias else None, rec, gram))
+        need_norm = self._need_norm and gram is None
+        if need_norm or self._need_coord:
+            parts, coord_w, coord_b = flat_linear_sums(a, D, bias, need_norm, self._need_coord,
+                                                       dt)
+            self._norm_parts += parts
+            if coord_w is not None:
+                self._add(pids[0], None, coord_w)
+                if coord_b is not None:
+                    self._add(pids[1], None, coord_b)
+        self._seen.update(pids)
+        rec.done = True
+        if not self._need_ip:
+            rec.inputs, rec.deltas = (), []
 
     def _gram_allowed(self, rule: LayerRule) -> bool:
         """Whether p.grad of the rule's parameters will be this layer call's gradient in
@@ -692,8 +743,8 @@ class PerSampleStats:
         backward pass, or grads not zeroed) voids every Gram form of the step."""
         if not self._gram_pass:
             return False
-        for nm in rule.names:
-            p = rule.param(nm)
+        for pid in rule.pids:  # (not under FSDP2, where the module holds other tensors)
+            p = self.params[self._index[pid]]
             if p.grad is not None:
                 self._gram_pass = False
                 self._gram_void = True
@@ -787,38 +838,47 @@ class PerSampleStats:
             rec.release()
 
     def _finish_pass(self, records: list[LayerCall]) -> None:
-        if self._per_sample and records and not any(
-                rec.done or any(d is not None for d in rec.deltas) for rec in records):
+        # the calls not done in their backward hook (all of them are, in the common case of
+        # single-use Linear layers: then nothing here touches a tensor)
+        todo = [rec for rec in records if not rec.done]
+        if self._per_sample and records and len(todo) == len(records) and all(
+                d is None for rec in records for d in rec.deltas):
             self._unreached += 1  # stats() refuses: its samples would count as zeros
-        with torch.no_grad(), self._unsharded():
-            multi: dict[int, list[tuple[LayerCall, str]]] = {}
-            for rec in records:
-                if rec.done or all(d is None for d in rec.deltas):
-                    continue  # processed in the backward hook, or no gradient reached it
-                if not isinstance(rec.rule, FuncRule) and rec.deltas[0] is None:
-                    continue
-                shared = tuple(nm for nm in rec.names
-                               if self._uses.get(_pid(rec.rule, nm), 0) > 1)
-                single = tuple(nm for nm in rec.names if nm not in shared)
-                if single:
-                    self._process(rec, single, release=not shared)
-                for nm in shared:
-                    multi.setdefault(_pid(rec.rule, nm), []).append((rec, nm))
-            for pid, uses in multi.items():
-                self._process_shared(pid, uses)
-            n = self._pass_n
-            if n is None:
-                if self._per_sample:
-                    raise RuntimeError(
-                        "PerSampleStats.measure(): no hooked layer ran a forward pass; run "
-                        "the forward inside measure() or give measure(batch_size=...)"
-                    )
-                return
-            self._n_total += n
-            self._passes += 1
-            if self._need_ip:
-                self._ip_parts.append(PassProducts(n, self._pass_ip))
-            self._pass_ip = []
+        if todo or self._owners:  # (under FSDP2 every rank unshards at every pass)
+            with torch.no_grad(), self._unsharded():
+                self._process_pass(todo)
+        n = self._pass_n
+        if n is None:
+            if self._per_sample:
+                raise RuntimeError(
+                    "PerSampleStats.measure(): no hooked layer ran a forward pass; run "
+                    "the forward inside measure() or give measure(batch_size=...)"
+                )
+            return
+        self._n_total += n
+        self._passes += 1
+        if self._need_ip:
+            self._ip_parts.append(PassProducts(n, self._pass_ip))
+        self._pass_ip = []
+
+    def _process_pass(self, records: list[LayerCall]) -> None:
+        """The calls of a pass not done in their backward hook: single-use parameters by
+        :meth:`_process`, parameters used by several calls by :meth:`_process_shared`."""
+        multi: dict[int, list[tuple[LayerCall, str]]] = {}
+        for rec in records:
+            if all(d is None for d in rec.deltas):
+                continue  # no gradient reached it
+            if not isinstance(rec.rule, FuncRule) and rec.deltas[0] is None:
+                continue
+            shared = tuple(nm for nm in rec.names
+                           if self._uses.get(_pid(rec.rule, nm), 0) > 1)
+            single = tuple(nm for nm in rec.names if nm not in shared)
+            if single:
+                self._process(rec, single, release=not shared)
+            for nm in shared:
+                multi.setdefault(_pid(rec.rule, nm), []).append((rec, nm))
+        for pid, uses in multi.items():
+            self._process_shared(pid, uses)
 
     def _process_shared(self, pid: int, uses: list[tuple[LayerCall, str]]) -> None:
         """A parameter used several times: per-sample gradient = sum of the uses."""
@@ -849,8 +909,10 @@ class PerSampleStats:
             g = p.grad
             if g is None:
                 out.append(torch.zeros_like(p))
-            else:
-                out.append(g.to_dense() if g.is_sparse else g.detach())
+            elif g.layout is not torch.strided:
+                out.append(g.to_dense())
+            else:  # (a gradient of backward(create_graph=True) requires grad itself)
+                out.append(g.detach() if g.requires_grad else g)
         return out
 
     def stats(self) -> GradientStats:
@@ -873,7 +935,7 @@ class PerSampleStats:
                 "a measure() context; call loss.backward() inside it"
             )
         try:
-            check_params_current("PerSampleStats", self.model, self.params)
+            self._watch.check()
             return self._stats()
         finally:
             self.reset()
@@ -907,6 +969,8 @@ class PerSampleStats:
             ip.mul_(n_loc)
             s_ip.append(ip.sum())
             s_ip2.append(torch.dot(ip, ip))
+        if len(s_ip) == 1:  # one pass: nothing to add up
+            return s_ip[0], s_ip2[0]
         return torch.stack(s_ip).sum(), torch.stack(s_ip2).sum()
 
     def _stats(self) -> GradientStats:
@@ -1018,3 +1082,28 @@ def _item_pids(item: IPItem) -> tuple[int, ...]:
     if isinstance(item, WeightBiasProducts):
         return (item.weight,) if item.bias is None else (item.weight, item.bias)
     return (item.pid,)
+
+
+class _Pass:
+    """The context of one measured pass (:meth:`PerSampleStats.measure`)."""
+
+    __slots__ = ("batch_size", "est")
+
+    def __init__(self, est: PerSampleStats, batch_size: int | None) -> None:
+        self.est = est
+        self.batch_size = batch_size
+
+    def __enter__(self) -> PerSampleStats:
+        self.est._begin_pass(self.batch_size)
+        return self.est
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        self.est._end_pass(exc_type is None)
+
+
+_HAVE_DIST = torch.distributed.is_available()
+
+
+def _distributed() -> bool:
+    """Whether a torch.distributed process group is up."""
+    return _HAVE_DIST and torch.distributed.is_initialized()

@@ -8,6 +8,7 @@ inputs a and output gradients δ) into per-parameter sums (:meth:`LayerRule.proc
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 
@@ -152,14 +153,16 @@ def flat_linear_sums(a: Tensor, D: Tensor, bias: bool, need_norm: bool, need_coo
 def linear_gram(a: Tensor, D: Tensor, bias: bool, dt: torch.dtype, need_norm: bool
                 ) -> tuple[Tensor, Tensor | None]:
     """A Linear on [b, in] inputs: the Gram form ⟨g_i, Σ_j g_j⟩ = Σ_j (δ_i·δ_j)(a_i·a_j +
-    [bias]) for every i ([b], in ``dt``), and (with ``need_norm``) Σ_i ‖g_i‖², its diagonal."""
-    a_, D_ = a.to(dt), D.to(dt)
-    K = D_ @ D_.T
+    [bias]) for every i ([b], in ``dt``), and (with ``need_norm``) Σ_i ‖g_i‖², the trace of
+    the same products."""
+    a_ = a if a.dtype is dt else a.to(dt)
+    D_ = D if D.dtype is dt else D.to(dt)
+    P = D_ @ D_.T
     M = a_ @ a_.T
     if bias:
         M.add_(1.0)
-    gram = (K * M).sum(1)
-    return gram, (torch.dot(K.diagonal(), M.diagonal()) if need_norm else None)
+    P.mul_(M)  # P_ij = ⟨g_i, g_j⟩
+    return P.sum(1), (torch.trace(P) if need_norm else None)
 
 
 class LinearRule(LayerRule):
@@ -281,14 +284,16 @@ class LinearRule(LayerRule):
         Σ_t δ_it · (ḡ_W a_it + ḡ_b), one addmm per chunk."""
         a, d = call.inputs[0], call.deltas[0]
         assert d is not None
-        per = a[0].numel() + 2 * d[0].numel()
-        bias = None if gb is None else gb.to(a.dtype)
+        per = math.prod(a.shape[1:]) + 2 * math.prod(d.shape[1:])
+        bias = gb if gb is None or gb.dtype is a.dtype else gb.to(a.dtype)
+        if gw.dtype is not a.dtype:
+            gw = gw.to(a.dtype)
         if a.dim() == 2 and chunks.size is None and call.n * per <= chunks.budget:
-            return (d * F.linear(a, gw.to(a.dtype), bias)).sum(1)  # the common case, in one
+            return (d * F.linear(a, gw, bias)).sum(1)  # the common case, in one
         out = []
         for lo, hi in chunks(call.n, per):
             A, D = self.sequences(call, lo, hi)
-            out.append((D * F.linear(A, gw.to(A.dtype), bias)).sum((1, 2)))
+            out.append((D * F.linear(A, gw, bias)).sum((1, 2)))
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
