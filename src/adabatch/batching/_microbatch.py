@@ -112,14 +112,13 @@ from adabatch.batching import _sharded
 from adabatch.batching.protocol import ParamWatch, StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
+    WIDE_FLOATS,
     GradientStats,
     Reduce,
     check_needs,
     stack_f64,
     stats_from_parts,
 )
-
-_WIDE = (torch.float32, torch.float64)  # dtypes whose norms are one dot product
 
 
 class MicroBatchStats:
@@ -275,7 +274,7 @@ class MicroBatchStats:
             g = grad.to_dense()
         else:  # (a gradient of backward(create_graph=True) requires grad itself)
             g = grad.detach() if grad.requires_grad else grad
-        if g.dtype in _WIDE:  # ‖Δ‖² (a BLAS dot: fastest on CPU)
+        if g.dtype in WIDE_FLOATS:  # ‖Δ‖² (a BLAS dot: fastest on CPU)
             flat = g if g.dim() == 1 else g.reshape(-1)
             self._pend_norms[i] = torch.dot(flat, flat)
         else:

@@ -32,6 +32,10 @@ from torch import Tensor
 #: An in-place SUM all-reduce across processes (it may also return the reduced tensor).
 Reduce = Callable[[Tensor], "Tensor | None"]
 
+#: The float dtypes that the estimators reduce in their own type, a squared norm being one
+#: dot product; lower precisions are reduced in float32.
+WIDE_FLOATS = (torch.float32, torch.float64)
+
 #: Names of the statistics a test can ask for.
 STAT_NAMES: frozenset[str] = frozenset(
     {"grad_sq_norm", "variance_trace", "coord_variance", "ip_variance", "orth_variance",
@@ -219,7 +223,7 @@ def sq_norm_parts(tensors: list[Tensor]) -> list[Tensor]:
     without temporaries: one dot product per float32/float64 tensor."""
     out = []
     for t in tensors:
-        if t.dtype in (torch.float32, torch.float64):
+        if t.dtype in WIDE_FLOATS:
             flat = t if t.dim() == 1 else t.reshape(-1)
             out.append(torch.dot(flat, flat))
         else:

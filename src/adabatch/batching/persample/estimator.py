@@ -45,6 +45,7 @@ from adabatch.batching.persample.records import (
 from adabatch.batching.protocol import ParamWatch, StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
+    WIDE_FLOATS,
     GradientStats,
     Reduce,
     check_needs,
@@ -57,7 +58,6 @@ DEFAULT_BUDGET = 2**20
 
 _NORM_STATS = frozenset({"variance_trace", "orth_variance"})
 _IP_STATS = frozenset({"ip_variance", "orth_variance"})
-_WIDE = (torch.float32, torch.float64)  # dtypes reduced in their own type
 
 #: (module type, rule, the parameter names the rule knows); any other module with its own
 #: trainable parameters gets :class:`FuncRule`.
@@ -710,7 +710,7 @@ class PerSampleStats:
         pids = rec.rule.pids
         # inputs and output gradients may differ in dtype under autocast: reduce both in
         # their common type, at least float32
-        dt = a.dtype if a.dtype is D.dtype and a.dtype in _WIDE else common_float(a, D)
+        dt = a.dtype if a.dtype is D.dtype and a.dtype in WIDE_FLOATS else common_float(a, D)
         bias = len(pids) == 2
         gram = None
         if self._need_ip:
