@@ -289,11 +289,11 @@ class LinearRule(LayerRule):
         if gw.dtype is not a.dtype:
             gw = gw.to(a.dtype)
         if a.dim() == 2 and chunks.size is None and call.n * per <= chunks.budget:
-            return (d * F.linear(a, gw, bias)).sum(1)  # the common case, in one
+            return F.linear(a, gw, bias).mul_(d).sum(1)  # the common case, in one
         out = []
         for lo, hi in chunks(call.n, per):
             A, D = self.sequences(call, lo, hi)
-            out.append((D * F.linear(A, gw, bias)).sum((1, 2)))
+            out.append(F.linear(A, gw, bias).mul_(D).sum((1, 2)))
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
