@@ -38,3 +38,37 @@ def test_a_wrong_floor_is_caught(bench, monkeypatch):
     monkeypatch.setattr(bench, "_aip_linear", no_bias_norm)
     with pytest.raises(AssertionError, match="aip-floor and PerSampleStats disagree"):
         bench.check_aip_floor("mlp")
+
+
+def test_baseline_loads_another_source_tree(bench, monkeypatch):
+    """``--baseline DIR`` (an interleaved before/after): the estimators of the adabatch tree in
+    DIR are loaded beside the current ones, which stay in sys.modules; here DIR is this very
+    checkout, so the two versions must give the same statistics while being other classes."""
+    import sys
+
+    import torch
+    import torch.nn.functional as F
+
+    from adabatch.batching import estimators
+
+    monkeypatch.setattr(bench, "BASE", {})
+    monkeypatch.setattr(bench, "BASE_DIR", [])
+    before = {k: v for k, v in sys.modules.items() if k.startswith("adabatch")}
+    bench._load_baseline(str(ROOT))
+    assert {k: v for k, v in sys.modules.items() if k.startswith("adabatch")} == before
+    base = bench.BASE["PerSampleStats"]
+    assert base is not estimators.PerSampleStats and base.__name__ == "PerSampleStats"
+    assert bench.BASE["MicroBatchStats"] is not estimators.MicroBatchStats
+    out = []
+    for cls in (estimators.PerSampleStats, base):
+        torch.manual_seed(0)
+        model = bench.make_model("mlp")
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        est = cls(model, needs=bench.NEEDS["aip"])
+        with est.measure():
+            F.cross_entropy(model(x), y).backward()
+        s = est.stats()
+        out.append((s.grad_sq_norm, s.ip_variance, s.orth_variance))
+    assert out[0] == out[1]
+    with pytest.raises(SystemExit, match="no adabatch package"):
+        bench._load_baseline(str(ROOT / "docs"))
