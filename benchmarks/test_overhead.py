@@ -112,7 +112,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -198,6 +198,21 @@ def micro_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return step
 
 
+def _kept_backward(kept: list, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   opt: torch.optim.Optimizer) -> None:
+    """The start of every floor row's step: the kept layer calls of the last step dropped,
+    the gradients zeroed, the forward and backward pass (its hooks keep the new calls)."""
+    kept.clear()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+
+
+def _grad_sq_norm(params: Iterable[torch.Tensor]) -> float:
+    """G = ‖ḡ‖² from p.grad: one dot product per tensor, one read-back (the floor rows)."""
+    return torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
+                        for p in params]).sum().item()
+
+
 def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                opt: torch.optim.Optimizer) -> Callable[[], float]:
     """The ``floor`` row: keep the layers' inputs and output gradients (what per-sample
@@ -213,11 +228,8 @@ def floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             m.register_forward_hook(keep)
 
     def step():
-        kept.clear()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
-                         for p in model.parameters()]).sum().item()
+        _kept_backward(kept, model, x, y, opt)
+        G = _grad_sq_norm(model.parameters())
         opt.step()
         return G
     return step
@@ -310,9 +322,7 @@ def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     b = len(x)
 
     def step():
-        kept.clear()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        _kept_backward(kept, model, x, y, opt)
         s = None  # ⟨g_i, Σ_j g_j⟩ of the mean loss's per-sample gradients
         for m, a, d in kept:
             gw, gb = m.weight.grad, m.bias.grad
@@ -326,8 +336,7 @@ def ip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             else:
                 t = m._conv_forward(a, gw, gb).mul_(d).sum((1, 2, 3))
             s = t if s is None else s.add_(t)
-        G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
-                         for p in params]).sum().item()
+        G = _grad_sq_norm(params)
         ip = s.double().mul_(b)  # ⟨b·g_i, ḡ⟩: the per-sample loss's gradient
         W = (ip - G).square_().sum().item() / (b - 1)
         opt.step()
@@ -406,9 +415,7 @@ def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     n = len(x)
 
     def step():
-        kept.clear()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        _kept_backward(kept, model, x, y, opt)
         parts: list[torch.Tensor] = []
         sq: dict = {}
         with torch.no_grad():
@@ -417,8 +424,7 @@ def _per_sample_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     _conv_floor_sums(rules[m], chunks, a, d, coord, parts, sq)
                 else:
                     _linear_floor_sums(m, a, d, coord, parts, sq)
-        G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
-                         for p in params]).sum().item()
+        G = _grad_sq_norm(params)
         V, coords = 0.0, []
         if coord:  # the mean loss scales each per-sample gradient by 1/n
             coords = [(sq[p] * n * n - n * p.grad.square()) / (n - 1) for p in params]
@@ -462,9 +468,7 @@ def aip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     b = len(x)
 
     def step():
-        kept.clear()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        _kept_backward(kept, model, x, y, opt)
         s, norms, convs = None, [], []  # s: ⟨g_i, Σ_j g_j⟩ of the mean loss's g_i
         with torch.no_grad():
             for m, a, d in kept:
@@ -480,8 +484,7 @@ def aip_floor_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 g = torch.cat([m.weight.grad.reshape(-1), m.bias.grad])
                 t = torch.cat([flat @ g for flat in parts])
                 s = t if s is None else s.add_(t)
-        G = torch.stack([torch.dot(p.grad.reshape(-1), p.grad.reshape(-1))
-                         for p in params]).sum().item()
+        G = _grad_sq_norm(params)
         ip = s.double().mul_(b)  # ⟨b·g_i, ḡ⟩: the per-sample loss's gradient
         S = torch.stack(norms).sum().item() * b * b
         W = (ip - G).square_().sum().item() / (b - 1)
