@@ -116,6 +116,8 @@ from adabatch.batching.stats import (
     GradientStats,
     Reduce,
     check_needs,
+    mean_grads,
+    plain_grad,
     stack_f64,
     stats_from_parts,
 )
@@ -270,10 +272,7 @@ class MicroBatchStats:
         return hook
 
     def _measure(self, i: int, grad: Tensor) -> None:
-        if grad.layout is not torch.strided:
-            g = grad.to_dense()
-        else:  # (a gradient of backward(create_graph=True) requires grad itself)
-            g = grad.detach() if grad.requires_grad else grad
+        g = plain_grad(grad)
         if g.dtype in WIDE_FLOATS:  # ‖Δ‖² (a BLAS dot: fastest on CPU)
             flat = g if g.dim() == 1 else g.reshape(-1)
             self._pend_norms[i] = torch.dot(flat, flat)
@@ -352,12 +351,6 @@ class MicroBatchStats:
         """M, the micro-batches accumulated since the last reset."""
         return self._m
 
-    def _grad(self, p: Tensor) -> Tensor:
-        g = p.grad
-        if g is None:
-            g = torch.zeros_like(p)
-        return g.to_dense() if g.is_sparse else g.detach()
-
     def accumulate(self, batch_size: int) -> None:
         """Record the micro-batch of ``batch_size`` samples whose backward just ran.
 
@@ -380,7 +373,7 @@ class MicroBatchStats:
         self._m += 1
         if not self._need_var:
             return
-        grads = [self._grad(p) for p in self.params]
+        grads = mean_grads(self.params)
         if self._fresh:
             if self._prev is None:
                 self._prev = [torch.empty_like(g) for g in grads]
@@ -459,7 +452,7 @@ class MicroBatchStats:
     def _stats(self) -> GradientStats:
         if self._fsdp2:
             return self._stats_sharded()
-        gbar = [self._grad(p) for p in self.params]
+        gbar = mean_grads(self.params)
         n_loc = self._n
         ip_sums = None
         if self._incs:

@@ -252,6 +252,20 @@ def stack_f64(parts: list[Tensor]) -> Tensor:
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def plain_grad(g: Tensor) -> Tensor:
+    """A gradient as the estimators read it: dense (a sparse one densified) and without
+    autograd history (one of ``backward(create_graph=True)`` detached); any other gradient
+    is returned itself, without a new tensor object (this runs in the hooks, per tensor)."""
+    if g.layout is not torch.strided:
+        return g.to_dense()
+    return g.detach() if g.requires_grad else g
+
+
+def mean_grads(params: list[Tensor]) -> list[Tensor]:
+    """ḡ of each parameter, read from p.grad (:func:`plain_grad`; zeros where it is None)."""
+    return [torch.zeros_like(p) if p.grad is None else plain_grad(p.grad) for p in params]
+
+
 def read_f64(parts: list[Tensor]) -> list[float]:
     """The values of 0-dim float tensors (on one device) as Python floats, in order: one
     device-to-host copy (:func:`stack_f64`), or on CPU ``item()`` each, which skips the stack

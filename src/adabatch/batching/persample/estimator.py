@@ -49,6 +49,8 @@ from adabatch.batching.stats import (
     GradientStats,
     Reduce,
     check_needs,
+    mean_grads,
+    plain_grad,
     stack_f64,
     stats_from_parts,
 )
@@ -691,7 +693,7 @@ class PerSampleStats:
         def hook(grad: Tensor) -> None:
             if not (self._active and self._pass_id == pass_id):
                 self._check_pass(pass_id)  # raises
-            rec.deltas[0] = grad.detach() if grad.requires_grad else grad
+            rec.deltas[0] = plain_grad(grad)
             rec.pending = 0
             if max(map(self._uses.__getitem__, rec.rule.pids)) > 1:
                 return  # a shared parameter: the per-pass path sums its uses
@@ -903,18 +905,6 @@ class PerSampleStats:
             self._pass_ip.extend(CallProducts(pid, rec, nm) for rec, nm in uses)
 
     # --- the statistics ------------------------------------------------------------------------
-    def _mean_grads(self) -> list[Tensor]:
-        out = []
-        for p in self.params:
-            g = p.grad
-            if g is None:
-                out.append(torch.zeros_like(p))
-            elif g.layout is not torch.strided:
-                out.append(g.to_dense())
-            else:  # (a gradient of backward(create_graph=True) requires grad itself)
-                out.append(g.detach() if g.requires_grad else g)
-        return out
-
     def stats(self) -> GradientStats:
         """The statistics over every sample measured since the last reset; then reset.
 
@@ -976,7 +966,7 @@ class PerSampleStats:
     def _stats(self) -> GradientStats:
         if self._fsdp2:
             return self._stats_sharded()
-        gbar = self._mean_grads()
+        gbar = mean_grads(self.params)
         self._check_attributed(gbar)
         coords = None
         if self._need_coord:
