@@ -568,10 +568,7 @@ class PerSampleStats:
             return self._forward_hook(module, args, kwargs, output)  # raises
         rule = self._rules[module]
         rec = LayerCall(module, rule, (a.detach(),), {}, n, [None], 1, rule.names)
-        uses = self._uses
-        for pid in rule.pids:
-            uses[pid] = uses.get(pid, 0) + 1
-        self._records.append(rec)
+        self._record(rec)
         output.register_hook(self._make_linear_hook(rec))
         return None
 
@@ -608,10 +605,7 @@ class PerSampleStats:
         rec = LayerCall(module, rule, saved_args, kw, n, [None] * k, k, rule.names)
         if isinstance(rule, FuncRule):
             rec.outputs = [o.detach() for o in outs]
-        uses = self._uses
-        for pid in rule.pids:
-            uses[pid] = uses.get(pid, 0) + 1
-        self._records.append(rec)
+        self._record(rec)
         if self._fused_pending:
             self._fusion.claim(module, rec)
         if (type(rule) is LinearRule and len(outs) == 1 and first.dim() == 2
@@ -622,6 +616,14 @@ class PerSampleStats:
             if o.requires_grad:
                 o.register_hook(self._make_grad_hook(rec, i))
         return None
+
+    def _record(self, rec: LayerCall) -> None:
+        """A layer call of the running pass: kept, and its parameters' uses counted (a
+        parameter used more than once is measured by :meth:`_process_shared`)."""
+        uses = self._uses
+        for pid in rec.rule.pids:
+            uses[pid] = uses.get(pid, 0) + 1
+        self._records.append(rec)
 
     def _check_random(self, module: nn.Module, rule: FuncRule) -> None:
         """The torch.func path recomputes the module: an active dropout inside would draw
@@ -671,9 +673,7 @@ class PerSampleStats:
             idx = idx.unsqueeze(0).expand(n, *idx.shape)
             output = output.unsqueeze(0).expand(n, *output.shape)
         rec = LayerCall(rule.module, rule, (idx.detach(),), {}, n, [None], 1, rule.names)
-        for pid in rule.pids:
-            self._uses[pid] = self._uses.get(pid, 0) + 1
-        self._records.append(rec)
+        self._record(rec)
         output.register_hook(self._make_grad_hook(rec, 0))
         return output
 
