@@ -84,6 +84,11 @@ and batch size *in the same round*: on a shared machine whose speed drifts over 
 measured seconds apart are comparable, while the best rounds of two configurations may come
 from different phases. The ``plain`` column is its best round.
 
+After the tables, "Above the floors" (:func:`gap_table`) gives, for each statistics column
+and each floor column it is held to (:data:`FLOORS`: the least arithmetic of the same
+statistic, and the floor that issue #15 named), the median over the rounds of (t_kind −
+t_floor) / t_plain: the distance in plain steps, paired within each round.
+
 malloc: the timing process first calls :func:`adabatch.keep_freed_memory` (as ``adabatch
 train`` does on CPU), so that no configuration re-faults the pages of its large tensors every
 step; ``--default-malloc`` times with glibc's defaults instead. The page faults cost every
@@ -682,6 +687,36 @@ def table(times: dict, mems: dict | None, models, sizes, kinds=None) -> str:
     return "\n".join(lines)
 
 
+#: Each statistics column and the floor columns it is compared with (issue #15, item 8): the
+#: least arithmetic of the same statistic, and the floor the issue named when it was filed
+#: ("norm and coord against floor, ip/aip against ip floor, micro against micro floor").
+FLOORS = {"norm": ("norm-floor", "floor"), "ip": ("ip-floor",),
+          "aip": ("aip-floor", "ip-floor"), "coord": ("coord-floor", "floor"),
+          "micro-hooks": ("micro-floor",)}
+
+
+def gap_table(times: dict, models, sizes, kinds) -> str:
+    """How far each statistics column is above its floor columns (:data:`FLOORS`): per
+    round, (t_kind − t_floor) / t_plain (``plain×4`` for the micro-batch kinds), paired
+    within the round like the ratios; each cell is the median over the rounds, in units of
+    the plain step (``+0.06×``: 6 % of a plain step slower than the floor)."""
+    pairs = [(k, f) for k, floors in FLOORS.items() for f in floors
+             if k in kinds and f in kinds]
+    if not pairs:
+        return ""
+    lines = ["| model | b | " + " | ".join(f"{k} − {f}" for k, f in pairs) + " |",
+             "|---|---|" + "---|" * len(pairs)]
+    for m in models:
+        for b in sizes:
+            cells = []
+            for k, f in pairs:
+                ref = times[(m, b, "plain×4" if k.startswith("micro") else "plain")]
+                gaps = [(a - c) / r for a, c, r in zip(times[(m, b, k)], times[(m, b, f)], ref)]
+                cells.append(f"{statistics.median(gaps):+.2f}×")
+            lines.append(f"| {m} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def test_overhead_smoke():
     """Every configuration runs and yields finite statistics (no timing asserted)."""
     torch.manual_seed(0)
@@ -764,6 +799,10 @@ def main() -> None:
           f"median per-round time ratio / "
           f"peak-memory ratio to plain (micro: to plain×4); plain: best round")
     print(table(times, mems, models, sizes, kinds))
+    gaps = gap_table(times, models, sizes, kinds)
+    if gaps:
+        print("\nAbove the floors (median over rounds of (kind − floor) / plain, paired "
+              "within each round):\n" + gaps)
 
 
 def _load_baseline(path: str) -> None:
