@@ -112,12 +112,12 @@ from adabatch.batching import _sharded
 from adabatch.batching.protocol import ParamWatch, StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
-    WIDE_FLOATS,
     GradientStats,
     Reduce,
     check_needs,
     mean_grads,
     plain_grad,
+    sq_norm,
     stack_f64,
     stats_from_parts,
 )
@@ -273,11 +273,7 @@ class MicroBatchStats:
 
     def _measure(self, i: int, grad: Tensor) -> None:
         g = plain_grad(grad)
-        if g.dtype in WIDE_FLOATS:  # ‖Δ‖² (a BLAS dot: fastest on CPU)
-            flat = g if g.dim() == 1 else g.reshape(-1)
-            self._pend_norms[i] = torch.dot(flat, flat)
-        else:
-            self._pend_norms[i] = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        self._pend_norms[i] = sq_norm(g)  # ‖Δ‖²
         if self._need_coord:
             if self._pend_sq is None:
                 self._pend_sq = [self._coord_buffer(q) for q in self._hooked]
