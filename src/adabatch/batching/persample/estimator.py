@@ -45,7 +45,6 @@ from adabatch.batching.persample.records import (
 from adabatch.batching.protocol import ParamWatch, StepScope
 from adabatch.batching.stats import (
     STAT_NAMES,
-    WIDE_FLOATS,
     GradientStats,
     Reduce,
     check_needs,
@@ -712,7 +711,7 @@ class PerSampleStats:
         pids = rec.rule.pids
         # inputs and output gradients may differ in dtype under autocast: reduce both in
         # their common type, at least float32
-        dt = a.dtype if a.dtype is D.dtype and a.dtype in WIDE_FLOATS else common_float(a, D)
+        dt = common_float(a, D)
         bias = len(pids) == 2
         gram = None
         if self._need_ip:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from adabatch.batching.persample.records import Chunking, LayerCall, ParamSums, PerSampleTuning
+from adabatch.batching.stats import WIDE_FLOATS
 
 Sums = dict[str, ParamSums]
 
@@ -123,7 +124,10 @@ def chunked_ghost_norm(call: LayerCall, chunks: Chunking, per: int,
 
 def common_float(a: Tensor, b: Tensor) -> torch.dtype:
     """The dtype to reduce ``a`` and ``b`` in: their common type, at least float32 (inputs and
-    output gradients may differ in dtype under autocast)."""
+    output gradients may differ in dtype under autocast). The common case, both float32 or
+    both float64, is answered without promotion (this runs in the Linear hook every step)."""
+    if a.dtype is b.dtype and a.dtype in WIDE_FLOATS:
+        return a.dtype
     return torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
 
 
