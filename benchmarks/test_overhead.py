@@ -664,21 +664,26 @@ def mem_all(models, sizes, kinds=None) -> dict:
     return out
 
 
+def reference(kind: str) -> str:
+    """The step a kind's ratios are taken to: ``plain×4`` for the micro-batch kinds (the same
+    batch as 4 accumulated micro-batches), else ``plain``."""
+    return "plain×4" if kind.startswith("micro") else "plain"
+
+
 def table(times: dict, mems: dict | None, models, sizes, kinds=None) -> str:
     kinds = kinds or KINDS
     lines = ["| model | b | " + " | ".join(kinds) + " |",
              "|---|---|" + "---|" * len(kinds)]
     for m in models:
         for b in sizes:
-            plain, plain4 = times[(m, b, "plain")], times[(m, b, "plain×4")]
             cells = []
             for k in kinds:
                 t = times[(m, b, k)]
-                ref = plain4 if k.startswith("micro") else plain
+                ref = times[(m, b, reference(k))]
                 cell = (f"{min(t) * 1e3:.2f} ms" if k == "plain"
                         else f"{statistics.median(a / r for a, r in zip(t, ref)):.2f}×")
                 if mems is not None:
-                    mref = mems[(m, b, "plain×4" if k.startswith("micro") else "plain")]
+                    mref = mems[(m, b, reference(k))]
                     mem = mems[(m, b, k)]
                     cell += (f" / {mem / 1024:.1f} MB" if k == "plain"
                              else f" / {mem / max(mref, 1):.2f}×")
@@ -697,7 +702,7 @@ FLOORS = {"norm": ("norm-floor", "floor"), "ip": ("ip-floor",),
 
 def gap_table(times: dict, models, sizes, kinds) -> str:
     """How far each statistics column is above its floor columns (:data:`FLOORS`): per
-    round, (t_kind − t_floor) / t_plain (``plain×4`` for the micro-batch kinds), paired
+    round, (t_kind − t_floor) / t_ref (:func:`reference`: ``plain`` or ``plain×4``), paired
     within the round like the ratios; each cell is the median over the rounds, in units of
     the plain step (``+0.06×``: 6 % of a plain step slower than the floor)."""
     pairs = [(k, f) for k, floors in FLOORS.items() for f in floors
@@ -710,7 +715,7 @@ def gap_table(times: dict, models, sizes, kinds) -> str:
         for b in sizes:
             cells = []
             for k, f in pairs:
-                ref = times[(m, b, "plain×4" if k.startswith("micro") else "plain")]
+                ref = times[(m, b, reference(k))]
                 gaps = [(a - c) / r for a, c, r in zip(times[(m, b, k)], times[(m, b, f)], ref)]
                 cells.append(f"{statistics.median(gaps):+.2f}×")
             lines.append(f"| {m} | {b} | " + " | ".join(cells) + " |")
