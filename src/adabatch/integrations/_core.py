@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adabatch import _dist
 from adabatch.batching.sampler import AdaptiveBatchSampler
 
 __all__ = ["GlobalStep", "all_reduce_sum", "average_gradients", "build_estimator"]
@@ -40,32 +41,17 @@ __all__ = ["GlobalStep", "all_reduce_sum", "average_gradients", "build_estimator
 ESTIMATORS = ("per-sample", "micro-batch")
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def all_reduce_sum(flat: Tensor) -> Tensor:
     """The estimators' ``reduce``: a SUM all-reduce across the processes of
     torch.distributed (identity in one process)."""
-    if _distributed() and torch.distributed.get_world_size() > 1:
+    if _dist.world_size() > 1:
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
     return flat
 
 
 def average_gradients(params: Iterable[Tensor]) -> None:
     """Average p.grad across the processes with one flat all-reduce (no-op in one)."""
-    if not _distributed() or torch.distributed.get_world_size() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat.div_(torch.distributed.get_world_size())
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    _dist.average_gradients(params)
 
 
 def build_estimator(estimator: Any, model: nn.Module, needs: frozenset[str]) -> Any:
@@ -80,7 +66,7 @@ def build_estimator(estimator: Any, model: nn.Module, needs: frozenset[str]) -> 
                          "or pass an estimator object)")
     if not needs:
         return None
-    reduce = all_reduce_sum if _distributed() else None
+    reduce = all_reduce_sum if _dist.initialized() else None
     from adabatch.batching import MicroBatchStats, PerSampleStats
 
     if estimator == "per-sample":

@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from adabatch import _dist
+
 __all__ = [
     "Dist",
     "StepReducer",
@@ -146,7 +148,7 @@ def init_from_env(device_type: str, timeout_s: float = 600.0, *,
     ``timeout_s`` bounds every collective: a process that waits longer for the others fails
     with a timeout (``--dist-timeout``).
     """
-    if dist.is_available() and dist.is_initialized():
+    if _dist.initialized():
         return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     world = env_world_size()
@@ -272,19 +274,8 @@ class StepReducer:
 @torch.no_grad()
 def average_gradients(params: list[Tensor], d: Dist) -> None:
     """Average p.grad across ranks with one flat all-reduce (what DDP does in buckets)."""
-    if not d.enabled:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat.div_(d.world_size)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
+    if d.enabled:
+        _dist.average_gradients(params)
 
 
 def wrap_ddp(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from adabatch import _dist
 from adabatch.train.checkpoint import (
     CheckpointError,
     _first_line,
@@ -84,16 +85,8 @@ _DIR = re.compile(r"^step_(\d{8,})$")
 _STALE = re.compile(r"^step_(\d{8,})\.(tmp|replaced)$")
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _barrier() -> None:
-    if _world_size() > 1:
+    if _dist.world_size() > 1:
         dist.barrier()
 
 
@@ -147,7 +140,7 @@ def _marker(step: int) -> dict[str, Any]:
     from adabatch import __version__
 
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
-            "world_size": _world_size(), "adabatch_version": __version__}
+            "world_size": _dist.world_size(), "adabatch_version": __version__}
 
 
 def _failure(e: BaseException) -> BaseException:
@@ -173,7 +166,7 @@ def save_sharded(run_dir: str | Path, step: int, model: nn.Module,
         raise ValueError(f"keep must be >= 1, got {keep}")
     final = Path(run_dir) / "checkpoints" / f"step_{int(step):08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
+    if _dist.rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -191,7 +184,7 @@ def save_sharded(run_dir: str | Path, step: int, model: nn.Module,
                           "a file size limit)", str(tmp)) from None
         raise RuntimeError(f"saving checkpoint {final.name}: {_first_line(cause)}") from None
     _barrier()
-    if _rank() == 0:
+    if _dist.rank() == 0:
         if trainer_state is None:
             raise ValueError("rank 0 needs the trainer state to save a checkpoint")
         write_atomic({**trainer_state, "format_version": FORMAT_VERSION, "sharded": True},

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten
 
+from adabatch import _dist
 from adabatch._validation import check_callable, check_int
 from adabatch.batching import _sharded
 from adabatch.batching.persample.conv import ConvRule
@@ -491,7 +492,7 @@ class PerSampleStats:
         # Gram-form inner products of Linear layers (see _make_linear_hook) need p.grad to be
         # exactly this pass's gradient: only the first pass, no all-reduce
         self._gram_pass = (self._need_ip and self.tuning.gram_form and self._passes == 0
-                           and self.reduce is None and not _distributed())
+                           and self.reduce is None and not _dist.initialized())
         self._pass_id += 1  # the hooks of this pass's records check it
         self._active = True
         if self._fuse:
@@ -1088,11 +1089,3 @@ class _Pass:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         self.est._end_pass(exc_type is None)
-
-
-_HAVE_DIST = torch.distributed.is_available()
-
-
-def _distributed() -> bool:
-    """Whether a torch.distributed process group is up."""
-    return _HAVE_DIST and torch.distributed.is_initialized()
