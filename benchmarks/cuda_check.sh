@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one go (about 3 minutes on an H200):
+# The checks that need a GPU, in one go (steps 1-5: about 3 minutes on an H200; step 6 has
+# not run on a GPU yet):
 #   1. the one-time compilation of the fused CUDA AdaBelief, with Triton's cache empty and warm;
 #   2. the optimizer tests on CUDA (the Triton kernel compiled, the AdaBelief class on CUDA);
 #   3. the fused AdaBelief's launch shapes against Adam(fused=True);
 #   4. the optimizer benchmark on CUDA, ratios to Adam(fused=True);
-#   5. training on CUDA against the same run on CPU (per-sample and micro-batch estimators).
+#   5. training on CUDA against the same run on CPU (per-sample and micro-batch estimators);
+#   6. the cost of the gradient statistics on CUDA (test_overhead.py, every kind and floor;
+#      one run per model, so that a failure on one keeps the other's table).
 # Run from the repository root with torch (CUDA), Triton and the test extra importable;
 # arguments pick steps (default: all), e.g. `bash benchmarks/cuda_check.sh 1 2 4`.
 set -u
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RUNS=/tmp/cuda_check  # run directories of step 5; everything else goes to stdout
-STEPS=" ${*:-1 2 3 4 5} "
+STEPS=" ${*:-1 2 3 4 5 6} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -63,5 +66,13 @@ if want 5; then
 keys = ('device', 'test_accuracy', 'steps', 'final_batch_size', 'stat_warnings', 'wall_time_s')
 print(sys.argv[2], {k: d[k] for k in keys})" "$dir/summary.json" "$run"
     done
+  done
+fi
+
+if want 6; then
+  echo "== 6. statistics overhead on CUDA (ratios to a plain step, distances to the floors)"
+  for model in mlp cnn; do
+    python3 benchmarks/test_overhead.py --device cuda --models "$model" \
+      --sizes 128,1024,8192 --rounds 10 --reps 5 2>&1 | grep -v -i "warn"
   done
 fi

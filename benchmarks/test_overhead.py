@@ -7,6 +7,8 @@ Run (prints a markdown table; about 11 minutes on 2 cores, peak memory included)
     python benchmarks/test_overhead.py --rounds 12 --reps 1 --no-mem --sizes 128 \
         --kinds norm,coord,norm+unfused,micro --baseline /tmp/base   # A/B subset, with
         # /tmp/base a checkout of the revision to compare: git worktree add /tmp/base REV
+    python benchmarks/test_overhead.py --device cuda --sizes 128,1024,8192   # on a GPU
+        # (benchmarks/cuda_check.sh, step 6)
 
 Models: the AdAdaGrad authors' MNIST CNN (timlautk/AdAdaGrad, modules.py: conv 1→16 k5 pad 2,
 ReLU, max-pool 2, conv 16→32 k5 pad 2, ReLU, max-pool 2, linear 32·7·7→10; the issue's
@@ -95,19 +97,26 @@ step; ``--default-malloc`` times with glibc's defaults instead. The page faults 
 configuration, and the per-sample ones most (they allocate more): see
 ``src/adabatch/allocator.py``.
 
-Peak memory: torch's CPU tensors come from malloc, which tracemalloc does not see, so each
-configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (large blocks are
-mmapped and returned on free, so the resident set follows the live tensors); the figure is
-the peak resident set (VmHWM of /proc/self/status; ``ru_maxrss`` would carry the
-parent's peak across exec) during model/data/estimator creation and 3 steps, minus the
-resident set right after ``import torch``: the memory the training itself needs (parameters,
-data, activations, gradients, estimator buffers and temporaries). Ratios are to ``plain``.
+On a GPU (``--device cuda``) the model and the batch live on the device, each timed stretch
+starts and ends with ``torch.cuda.synchronize``, and peak memory is what torch's caching
+allocator reports (``max_memory_allocated`` over creating the configuration and 3 steps,
+minus what was allocated before), measured in the timing process since it is exact.
+
+Peak memory on the CPU: torch's CPU tensors come from malloc, which tracemalloc does not
+see, so each configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536``
+(large blocks are mmapped and returned on free, so the resident set follows the live
+tensors); the figure is the peak resident set (VmHWM of /proc/self/status; ``ru_maxrss``
+would carry the parent's peak across exec) during model/data/estimator creation and 3 steps,
+minus the resident set right after ``import torch``: the memory the training itself needs
+(parameters, data, activations, gradients, estimator buffers and temporaries). Ratios are to
+``plain``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.util
 import math
 import os
@@ -273,12 +282,14 @@ def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return step
 
 
-def make_step(model_name: str, b: int, kind: str, seed: int = 0) -> Callable[[], object]:
-    """A closure running one training step of the configuration; returns its statistics."""
+def make_step(model_name: str, b: int, kind: str, seed: int = 0,
+              device: str = "cpu") -> Callable[[], object]:
+    """A closure running one training step of the configuration on ``device``; returns its
+    statistics. The model and the batch are drawn on the CPU (the same on every device)."""
     torch.manual_seed(seed)
-    model = make_model(model_name)
-    x = torch.randn(b, 1, 28, 28)
-    y = torch.randint(0, 10, (b,))
+    model = make_model(model_name).to(device)
+    x = torch.randn(b, 1, 28, 28).to(device)
+    y = torch.randint(0, 10, (b,)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     kind, _, variant = kind.partition("@")
@@ -610,10 +621,17 @@ def check_ip_floor(model_name: str) -> None:
                                      f"b = {b}: {a} {c}")
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a CPU step is done when
+    it returns)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None,
-             warm: int = 1) -> dict:
+             warm: int = 1, device: str = "cpu") -> dict:
     configs = [(m, b, k) for m in models for b in sizes for k in (kinds or KINDS)]
-    steps = {c: make_step(*c) for c in configs}
+    steps = {c: make_step(*c, device=device) for c in configs}
     for c in configs:  # warm-up
         steps[c]()
         steps[c]()
@@ -625,9 +643,11 @@ def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None,
         for c in order:
             for _ in range(warm):  # untimed: the previous configuration left the caches cold
                 steps[c]()
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
                 steps[c]()
+            sync(device)
             times[c].append((time.perf_counter() - t0) / reps)
     return times
 
@@ -651,12 +671,33 @@ def mem_one(model: str, b: int, kind: str) -> int:
     return _status_kb("VmHWM") - base
 
 
-def mem_all(models, sizes, kinds=None) -> dict:
+def mem_cuda(model: str, b: int, kind: str, device: str) -> int:
+    """Peak CUDA memory (KB) allocated by creating the configuration and running 3 steps, from
+    torch's caching allocator (exact, so measured in this process: what was allocated before
+    is subtracted, and the configuration's tensors are freed afterwards)."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step = make_step(model, b, kind, device=device)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del step
+    gc.collect()
+    return peak // 1024
+
+
+def mem_all(models, sizes, kinds=None, device: str = "cpu") -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = {}
     for m in models:
         for b in sizes:
             for k in (kinds or KINDS):
+                if torch.device(device).type == "cuda":
+                    out[(m, b, k)] = mem_cuda(m, b, k, device)
+                    continue
                 extra = ["--baseline", BASE_DIR[0]] if BASE_DIR else []
                 r = subprocess.run([sys.executable, __file__, "--mem-one", m, str(b), k, *extra],
                                    env=env, capture_output=True, text=True, check=True)
@@ -757,6 +798,9 @@ def main() -> None:
                     help="untimed steps of a configuration before its timed steps in each "
                     "round (0: time the first step after another configuration ran)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="where the steps run: cpu (default) or cuda[:N] (times synchronise "
+                    "the device; peak memory is CUDA memory allocated)")
     ap.add_argument("--no-mem", action="store_true")
     ap.add_argument("--mem-one", nargs=3, metavar=("MODEL", "B", "KIND"))
     ap.add_argument("--models", default="cnn,mlp", help="comma-separated: cnn, mlp")
@@ -772,6 +816,7 @@ def main() -> None:
                     "with the estimators loaded from the adabatch checkout (or src folder) "
                     "in DIR, e.g. git worktree add /tmp/base REV")
     args = ap.parse_args()
+    device = check_device(args.device)
     if args.baseline:
         _load_baseline(args.baseline)
     if args.mem_one:
@@ -796,10 +841,12 @@ def main() -> None:
         print("BackPACK not installed: no backpack column (see the module docstring)",
               flush=True)
     rounds = args.rounds or (5 if args.quick else 20)
-    times = time_all(models, sizes, rounds, args.reps, kinds=kinds, warm=args.warm)
+    times = time_all(models, sizes, rounds, args.reps, kinds=kinds, warm=args.warm,
+                     device=device)
     print(table(times, None, models, sizes, kinds), flush=True)
-    mems = None if args.no_mem else mem_all(models, sizes, kinds)
-    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} rounds × "
+    mems = None if args.no_mem else mem_all(models, sizes, kinds, device)
+    print(f"torch {torch.__version__}, {describe(device)}, {args.threads} threads, "
+          f"{rounds} rounds × "
           f"({args.warm} untimed + {args.reps} timed) steps, malloc: {malloc}; cells: "
           f"median per-round time ratio / "
           f"peak-memory ratio to plain (micro: to plain×4); plain: best round")
@@ -808,6 +855,31 @@ def main() -> None:
     if gaps:
         print("\nAbove the floors (median over rounds of (kind − floor) / plain, paired "
               "within each round):\n" + gaps)
+
+
+def check_device(name: str) -> str:
+    """``--device``: a device torch can run the steps on, else exit with the reason."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {name}: not a torch device ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: the benchmark runs on cpu or cuda, "
+                         f"not {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here (torch "
+                         f"{torch.__version__}, CUDA build: {torch.version.cuda})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
+    return str(device)
+
+
+def describe(device: str) -> str:
+    """The device, in words, for the table's caption."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return "CPU"
 
 
 def _load_baseline(path: str) -> None:

@@ -88,3 +88,23 @@ def test_gap_table_pairs_rounds(bench):
     assert out[0] == "| model | b | norm − floor | micro-hooks − micro-floor |"
     assert out[2] == "| mlp | 32 | +0.20× | +0.10× |"
     assert bench.gap_table(times, ["mlp"], [32], ["plain", "norm"]) == ""
+
+
+def test_device_flag_names_what_is_wrong(bench):
+    """``--device``: cpu passes; a device the benchmark does not run on, or CUDA where there
+    is none, exits with the reason (before any timing)."""
+    import torch
+
+    assert bench.check_device("cpu") == "cpu"
+    with pytest.raises(SystemExit, match="--device mps: the benchmark runs on cpu or cuda"):
+        bench.check_device("mps")
+    with pytest.raises(SystemExit, match="--device gpu: not a torch device"):
+        bench.check_device("gpu")
+    if torch.cuda.is_available():
+        assert bench.check_device("cuda") == "cuda"
+        n = torch.cuda.device_count()
+        with pytest.raises(SystemExit, match=f"this machine has {n} CUDA device"):
+            bench.check_device(f"cuda:{n}")
+    else:
+        with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here"):
+            bench.check_device("cuda")
