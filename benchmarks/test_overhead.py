@@ -789,7 +789,7 @@ def test_overhead_smoke():
                 check_stat_floors(model)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
@@ -815,7 +815,11 @@ def main() -> None:
                     help="also time <kind>@base for the PerSampleStats/MicroBatchStats kinds, "
                     "with the estimators loaded from the adabatch checkout (or src folder) "
                     "in DIR, e.g. git worktree add /tmp/base REV")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = _parser().parse_args()
     device = check_device(args.device)
     if args.baseline:
         _load_baseline(args.baseline)
