@@ -348,6 +348,60 @@ def test_batchnorm_in_training_mode_raises():
     assert est.stats().batch_size == 4
 
 
+class _Recurrent(nn.Module):
+    """A recurrent layer (batch first) and a Linear head on its last output."""
+
+    def __init__(self, cls):
+        super().__init__()
+        self.rnn = cls(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.GRU, nn.LSTM])
+def test_recurrent_layers_are_refused_at_construction(cls):
+    """torch's RNN kernels fail inside torch.func.vmap (or fail to batch): the estimator
+    refuses them when it is built, naming the layer and the ways out, instead of raising a
+    torch error from inside vmap after the backward pass; left out, the rest is measured."""
+    model = _Recurrent(cls).to(DT)
+    with pytest.raises(ValueError, match=rf"'rnn' is a recurrent layer \(nn\.{cls.__name__}\)"
+                                         r".*exclude=\['rnn'\].*MicroBatchStats"):
+        PerSampleStats(model)
+    est, _ = check(model, [batch(5, (6, 3), 2, seed=7)], exclude=["rnn"])
+    assert est.params == list(model.head.parameters())
+
+
+def test_module_that_vmap_cannot_run_is_named():
+    """A module without a rule of its own is recomputed sample by sample by torch.func.vmap;
+    one it cannot run (here a data-dependent branch in the forward, which treats each sample
+    alone) raises a ValueError that names it and the ways out, the torch error kept as its
+    cause."""
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4, dtype=DT))
+
+        def forward(self, x):
+            if bool((x.detach().abs() > 1e6).any()):  # never here: a guard against overflow
+                x = x.clamp(-1e6, 1e6)
+            return x * self.scale
+
+    model = nn.Sequential(nn.Linear(3, 4), DataDependent(), nn.Linear(4, 2)).to(DT)
+    x, y = batch(5, (3,), 2, seed=8)
+    est = PerSampleStats(model, needs={"variance_trace"})
+    with pytest.raises(ValueError, match=r"layer '1' \(DataDependent, measured by recomputing "
+                                         r"it sample by sample\) cannot be run by "
+                                         r"torch\.func\.vmap: .*exclude=\['1'\]") as info:
+        with est.measure():
+            F.cross_entropy(model(x), y).backward()
+    assert isinstance(info.value.__cause__, RuntimeError)
+    est.remove()
+    check(model, [(x, y)], exclude=["1"])
+
+
 def test_parameter_used_outside_a_module_call_raises():
     class Functional(nn.Module):
         def __init__(self):

@@ -242,7 +242,11 @@ class PerSampleStats:
     dimension 1 where it is (see :func:`is_unit`); any other module with its own parameters
     also goes through ``torch.func``, which checks that the module gives each sample alone
     the output it gave in the batch (else it raises naming the module: dropout active in it,
-    samples mixed, batch not along dimension 0). Dropout outside those modules is fine.
+    samples mixed, batch not along dimension 0), and it raises naming the module when
+    ``torch.func.vmap`` cannot run it (a ``.item()`` or data-dependent branch in its forward,
+    an operation without a batching rule). Recurrent layers (nn.RNN, nn.GRU, nn.LSTM) raise
+    at construction: torch's RNN kernels have no per-sample path in ``torch.func``. Dropout
+    outside those modules is fine.
     An Embedding whose indices are shared by the samples (no batch dimension, as
     ``pos(torch.arange(T))``, or a batch dimension of 1, as Hugging Face's position ids)
     returns its output with the batch as an expanded view (the batch dimension added in front,
@@ -439,6 +443,14 @@ class PerSampleStats:
                 raise ValueError(
                     f"PerSampleStats: {mname} uses scale_grad_by_freq, which mixes the samples "
                     f"of a batch; use MicroBatchStats"
+                )
+            if isinstance(module, nn.RNNBase):
+                label = self._module_names[module]
+                raise ValueError(
+                    f"PerSampleStats: {label!r} is a recurrent layer "
+                    f"(nn.{type(module).__name__}), which it cannot measure: torch's RNN "
+                    f"kernels have no per-sample path in torch.func; leave its parameters out "
+                    f"(exclude=[{label!r}]) or use MicroBatchStats"
                 )
             rules[module] = rule_for(module, names, self.tuning)
             rules[module].label = self._module_names[module]

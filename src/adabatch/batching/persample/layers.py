@@ -480,8 +480,17 @@ class FuncRule(LayerRule):
             # attention kernels): slower, still exact
             warnings.filterwarnings("ignore", message="There is a performance drop")
             # random operations draw per sample: check_outputs reports them
-            g, outs = vmap(grad(loss, has_aux=True), in_dims=(None, dims, d_dims),
-                           randomness="different")(params, xs, ds)
+            try:
+                g, outs = vmap(grad(loss, has_aux=True), in_dims=(None, dims, d_dims),
+                               randomness="different")(params, xs, ds)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:
+                raise ValueError(
+                    f"PerSampleStats: layer {self.label!r} ({type(m).__name__}, measured by "
+                    f"recomputing it sample by sample) cannot be run by torch.func.vmap: {e}; "
+                    f"leave its parameters out (exclude=[{self.label!r}]) or use "
+                    f"MicroBatchStats") from e
         self.check_outputs(call, outs, lo, hi)
         return g
 
