@@ -348,6 +348,60 @@ def test_batchnorm_in_training_mode_raises():
     assert est.stats().batch_size == 4
 
 
+def _parametrized(kind):
+    from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
+
+    torch.manual_seed(3)
+    if kind == "weight_norm conv":
+        return nn.Sequential(weight_norm(nn.Conv2d(2, 3, 3)), nn.Tanh(), nn.Flatten(),
+                             nn.Linear(27, 3)).to(DT)
+    wrap = {"weight_norm": weight_norm, "orthogonal": orthogonal,
+            "spectral_norm": spectral_norm}[kind]
+    return nn.Sequential(nn.Linear(4, 5), wrap(nn.Linear(5, 5)), nn.Tanh(),
+                         nn.Linear(5, 3)).to(DT)
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+@pytest.mark.parametrize("kind", ["weight_norm", "weight_norm conv", "orthogonal",
+                                  "spectral_norm"])
+def test_parametrized_layers(kind, needs):
+    """A layer with a parametrized weight (torch.nn.utils.parametrize) is measured as a whole
+    over its original parameters (weight_norm's g and v, ...): exact against the per-sample
+    loop. spectral_norm in eval mode here; in training mode see the next test."""
+    model = _parametrized(kind)
+    if kind == "spectral_norm":
+        model.eval()
+    shape = (2, 5, 5) if kind == "weight_norm conv" else (4,)
+    est, _ = check(model, [batch(6, shape, 3, seed=9)], needs=needs)
+    names = [n for n, p in model.named_parameters() if any(p is q for q in est.params)]
+    assert any("parametrizations.weight.original" in n for n in names)
+
+
+def test_spectral_norm_in_training_mode_is_exact_and_not_advanced():
+    """spectral_norm in training mode takes a power-iteration step on its vectors u, v in
+    every forward and then uses them. The estimator recomputes the layer with its
+    parametrization in eval mode: it uses the u, v the pass's forward used (the statistics
+    equal the per-sample loop in eval mode after the pass), and takes no step of its own (u
+    equals that of the same model trained without the estimator)."""
+    model = _parametrized("spectral_norm")
+    twin = copy.deepcopy(model)
+    x, y = batch(6, (4,), 3, seed=10)
+    est = PerSampleStats(model, needs=ALL)
+    with est.measure():
+        F.cross_entropy(model(x), y).backward()
+    s = est.stats()
+    twin(x)  # the same forward, without the estimator
+    u = model[1].parametrizations.weight[0]._u
+    assert torch.equal(u, twin[1].parametrizations.weight[0]._u)
+    assert model.training and model[1].parametrizations.weight.training
+    model.eval()  # the u, v of the pass, not advanced again: the per-sample loop in eval mode
+    ref = naive(model, [(x, y)], est.params)
+    for name in ("grad_sq_norm", "variance_trace", "ip_variance", "orth_variance"):
+        assert getattr(s, name) == pytest.approx(float(ref[name]), rel=1e-9), name
+    flat = torch.cat([v.reshape(-1) for v in s.coord_variance])
+    assert (flat - ref["coord_variance"]).abs().max() <= 1e-9 * ref["coord_variance"].abs().max()
+
+
 class _Recurrent(nn.Module):
     """A recurrent layer (batch first) and a Linear head on its last output."""
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from adabatch import _dist
@@ -76,8 +77,17 @@ RULES: tuple[tuple[type[nn.Module], type[LayerRule], tuple[str, ...]], ...] = (
 
 
 def is_unit(module: nn.Module) -> bool:
-    """Whether the module is measured as a whole, with the parameters of its submodules
-    (:class:`~adabatch.batching.persample.layers.AttentionRule`): nn.MultiheadAttention (its
+    """Whether the module is measured as a whole, with the parameters of its submodules: an
+    attention unit (:func:`is_attention_unit`), or a module with a parametrized tensor
+    (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ``orthogonal``,
+    ...), whose original parameters live in its ``parametrizations`` submodule and are used
+    only through the module's forward (:class:`FuncRule` over the module)."""
+    return is_attention_unit(module) or parametrize.is_parametrized(module)
+
+
+def is_attention_unit(module: nn.Module) -> bool:
+    """Whether the module is measured as a whole by
+    :class:`~adabatch.batching.persample.layers.AttentionRule`: nn.MultiheadAttention (its
     out_proj weight is used outside out_proj's forward), and the transformer layers, stacks and
     nn.Transformer with ``batch_first=False`` (their Linear and LayerNorm layers see the batch
     along dimension 1)."""
@@ -104,8 +114,10 @@ def module_type(module: nn.Module) -> type:
 
 def rule_for(module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning) -> LayerRule:
     """The layer rule of ``module`` whose trainable parameters are ``names``."""
-    if is_unit(module):
+    if is_attention_unit(module):
         return AttentionRule(module, names, tuning)
+    if parametrize.is_parametrized(module):
+        return FuncRule(module, names, tuning)
     if is_transposed_linear(module) and set(names) <= {"weight", "bias"}:
         return TransposedLinearRule(module, names, tuning)
     kind = module_type(module)
@@ -239,14 +251,17 @@ class PerSampleStats:
     ``Conv1D`` have dedicated rules; nn.MultiheadAttention (its out_proj weight is used
     outside out_proj's forward) and the transformer layers, stacks and nn.Transformer with
     ``batch_first=False`` are measured as a whole by ``torch.func``, with the batch along
-    dimension 1 where it is (see :func:`is_unit`); any other module with its own parameters
-    also goes through ``torch.func``, which checks that the module gives each sample alone
-    the output it gave in the batch (else it raises naming the module: dropout active in it,
-    samples mixed, batch not along dimension 0), and it raises naming the module when
-    ``torch.func.vmap`` cannot run it (a ``.item()`` or data-dependent branch in its forward,
-    an operation without a batching rule). Recurrent layers (nn.RNN, nn.GRU, nn.LSTM) raise
-    at construction: torch's RNN kernels have no per-sample path in ``torch.func``. Dropout
-    outside those modules is fine.
+    dimension 1 where it is (see :func:`is_unit`); so is a layer with a parametrized weight
+    (``weight_norm``, ``spectral_norm``, ``orthogonal``: over its original parameters, the
+    parametrizations recomputed in eval mode, so that ``spectral_norm`` in training mode uses
+    the u, v of the pass and takes no second power-iteration step); any other module with its
+    own parameters also goes through ``torch.func``, which checks that the module gives
+    each sample alone the output it gave in the batch (else it raises naming the module:
+    dropout active in it, samples mixed, batch not along dimension 0), and it raises naming
+    the module when ``torch.func.vmap`` cannot run it (a ``.item()`` or data-dependent branch
+    in its forward, an operation without a batching rule). Recurrent layers (nn.RNN, nn.GRU,
+    nn.LSTM) raise at construction: torch's RNN kernels have no per-sample path in
+    ``torch.func``. Dropout outside those modules is fine.
     An Embedding whose indices are shared by the samples (no batch dimension, as
     ``pos(torch.arange(T))``, or a batch dimension of 1, as Hugging Face's position ids)
     returns its output with the batch as an expanded view (the batch dimension added in front,

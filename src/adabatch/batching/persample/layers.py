@@ -7,14 +7,16 @@ inputs a and output gradients δ) into per-parameter sums (:meth:`LayerRule.proc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from adabatch.batching.persample.records import Chunking, LayerCall, ParamSums, PerSampleTuning
@@ -475,7 +477,7 @@ class FuncRule(LayerRule):
                     total = total + (o * dl.unsqueeze(od)).sum()
             return total, [o.detach().squeeze(od) for o, od in zip(outs, odims)]
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), parametrizations_in_eval(m):
             # torch's vmap falls back to a loop for ops without a batching rule (the CPU
             # attention kernels): slower, still exact
             warnings.filterwarnings("ignore", message="There is a performance drop")
@@ -511,6 +513,28 @@ class FuncRule(LayerRule):
                     f"batch: it is random (dropout), mixes the samples, or does not take the "
                     f"batch along dimension 0; make it deterministic, exclude its parameters "
                     f"(exclude=...), or use MicroBatchStats")
+
+
+@contextlib.contextmanager
+def parametrizations_in_eval(module: nn.Module) -> Iterator[None]:
+    """The parametrizations inside ``module`` (``torch.nn.utils.parametrize``) in eval mode
+    for the duration, then each submodule's mode restored.
+
+    For :class:`FuncRule`'s recomputation of a pass's call: a parametrization that updates a
+    state in training mode (``spectral_norm``'s power iteration on its vectors u, v) updates
+    it in its forward and then uses it, so after the pass the state is the one that forward
+    used. In eval mode the recomputation uses that state as it is: the same tensor as in the
+    pass, and the state not advanced a second time. Parametrizations without such a state
+    (``weight_norm``, ``orthogonal``) compute the same in both modes."""
+    lists = [sub for sub in module.modules() if isinstance(sub, parametrize.ParametrizationList)]
+    modes = [(sub, sub.training) for plist in lists for sub in plist.modules()]
+    for plist in lists:
+        plist.eval()
+    try:
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
 
 
 #: the largest deviation (relative to the output's scale) of a per-sample recomputation
