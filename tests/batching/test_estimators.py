@@ -402,6 +402,38 @@ def test_spectral_norm_in_training_mode_is_exact_and_not_advanced():
     assert (flat - ref["coord_variance"]).abs().max() <= 1e-9 * ref["coord_variance"].abs().max()
 
 
+def test_samples_mixed_outside_the_layers_give_the_hooks_split():
+    """A documented limit (README, Estimators): samples mixed outside any layer the
+    estimator recomputes (here a mean over the batch inside a forward) are invisible to hooks.
+    The statistics are then those of the hooks' split of the batch gradient by sample,
+    b·δ_i a_iᵀ (+ b·δ_i for the bias) from the batch's own output gradients δ, not of the
+    gradients of samples alone, which differ."""
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h - 0.5 * h.mean(0, keepdim=True)
+
+    torch.manual_seed(5)
+    model = Mixing().to(DT)
+    x, y = batch(6, (4,), 3, seed=11)
+    est, s = measured(model, [(x, y)], needs=ALL)
+    # the split: δ of the batch loss at the Linear's output, row by row
+    h = model.lin(x)
+    h.retain_grad()
+    F.cross_entropy(h - 0.5 * h.mean(0, keepdim=True), y).backward()
+    b = len(x)
+    split = torch.cat([b * torch.einsum("io,ij->ioj", h.grad, x).reshape(b, -1), b * h.grad], 1)
+    mean = split.mean(0)
+    assert s.variance_trace == pytest.approx(float(((split - mean) ** 2).sum() / (b - 1)),
+                                             rel=1e-12)
+    alone = naive(model, [(x, y)], est.params)
+    assert abs(s.variance_trace - float(alone["variance_trace"])) > 0.1 * s.variance_trace
+
+
 class _Recurrent(nn.Module):
     """A recurrent layer (batch first) and a Linear head on its last output."""
 
