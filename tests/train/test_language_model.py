@@ -253,6 +253,29 @@ def test_train_loss_goes_down(tmp_path, estimator):
                 "statistics_vs_samples.png"} <= drawn
 
 
+@pytest.mark.parametrize("test", ["norm", "coord"])
+def test_train_bf16_with_per_sample_statistics(tmp_path, test):
+    """``--precision bf16`` (torch.autocast) with the per-sample estimator on the transformer:
+    its Linear layers see [b, T, in] inputs, which the hooks keep in float32 while autocast
+    sends back bfloat16 gradients. This once stopped at the first step with an internal
+    error; the run must finish, with finite statistics (the controller tests no batch once
+    it is at ``--max-batch``)."""
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "pydoc", "--data-option", "context=16",
+                 "--model", "charlm", "--model-option", "d_model=16", "--model-option",
+                 "layers=1", "--precision", "bf16", "--samples", "96", "--initial-batch", "8",
+                 "--max-batch", "32", "--batch-test", test, "--estimator", "per-sample",
+                 "--eval-every", "1000", "--threads", "2", "--out", str(out), "--quiet",
+                 "--no-plots"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r and not r.get("eval")]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    measured = [r["statistic"] for r in steps if r["statistic"] is not None]
+    assert measured and all(math.isfinite(v) and v > 0 for v in measured)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stat_warnings"] == 0
+
+
 def test_train_text_errors_are_one_line(tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_bytes(b"abc")

@@ -233,7 +233,10 @@ class PerSampleStats:
             weight-gradient convolution is skipped (and the bias gradient is a plain sum).
             p.grad still arrives through autograd (accumulation, tied weights and DDP's
             gradient hooks work as usual) and equals a plain backward's up to floating-point
-            summation order (not bitwise; pass False for the backend's own gradients).
+            summation order (not bitwise; pass False for the backend's own gradients). Under
+            autocast the convolution runs in autocast's dtype, as the module's own would,
+            and the weight gradient is the per-sample ones summed in float32 or wider, where
+            the plain backward computes it in the low precision.
             Mechanism: for the duration of :meth:`measure`, each such module gets an instance
             attribute ``forward`` (removed when the block ends; a module whose ``forward``
             is already replaced on the instance is left alone); see

@@ -44,11 +44,15 @@ class FusedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, module: nn.Module,
                 slot: FusedSlot) -> Tensor:
+        # the gradients go back in the dtypes of the tensors given, not of their casts below
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        x, weight, bias = autocast_inputs(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.module = module
         ctx.slot = slot
         ctx.has_bias = bias is not None
-        return conv(module, x, weight, bias, ())  # zero padding (see fusable)
+        with torch.autocast(x.device.type, enabled=False):
+            return conv(module, x, weight, bias, ())  # zero padding (see fusable)
 
     @staticmethod
     def backward(ctx: Any, go: Tensor) -> tuple[Tensor | None, ...]:
@@ -66,13 +70,26 @@ class FusedConv(torch.autograd.Function):
             gi, gw, _ = torch.ops.aten.convolution_backward(
                 go, x, w, None, list(m.stride), list(m.padding), list(m.dilation),
                 False, [0] * dims, m.groups, mask)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
         if need_b and ctx.has_bias:
-            gb = (go.sum((0, *range(2, go.dim()))) if bsum is None
-                  else bsum.to(go.dtype))
+            gb = (go.sum((0, *range(2, go.dim()))) if bsum is None else bsum).to(b_dtype)
         if need_w and wsum is not None:
-            gw = wsum.to(w.dtype)
-        return (gi if need_x else None, gw if need_w else None, gb,
+            gw = wsum
+        return (gi.to(x_dtype) if need_x else None, gw.to(w_dtype) if need_w else None, gb,
                 None, None)
+
+
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor | None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The input, weight and bias as the convolution sees them: under autocast on their
+    device, cast to its dtype, as autocast casts them for the module's own convolution
+    (convolutions run in the lower precision on CPU and CUDA); else themselves. Saved for the
+    backward in these dtypes, so that the backend's input gradient gets matching dtypes."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+    return (x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
 
 
 def fusable(module: nn.Module, rule: LayerRule) -> bool:

@@ -175,11 +175,17 @@ class LinearRule(LayerRule):
     """nn.Linear over [b, in] or [b, T..., in]."""
 
     def sequences(self, call: LayerCall, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        """Inputs [c, L, in] and output gradients [c, L, out] of samples lo:hi."""
+        """Inputs [c, L, in] and output gradients [c, L, out] of samples lo:hi; in one dtype
+        (:func:`common_float`) where they differ, as under autocast, which casts the input
+        inside the layer (the hook keeps it uncast) and sends back a low-precision gradient."""
         a, d = call.inputs[0], call.deltas[0]
         assert d is not None
-        return (a[lo:hi].reshape(hi - lo, -1, a.shape[-1]),
-                d[lo:hi].reshape(hi - lo, -1, d.shape[-1]))
+        A = a[lo:hi].reshape(hi - lo, -1, a.shape[-1])
+        D = d[lo:hi].reshape(hi - lo, -1, d.shape[-1])
+        if A.dtype is not D.dtype:
+            dt = common_float(A, D)
+            A, D = A.to(dt), D.to(dt)
+        return A, D
 
     def grads(self, call: LayerCall, names: tuple[str, ...], lo: int, hi: int
               ) -> dict[str, Tensor]:
