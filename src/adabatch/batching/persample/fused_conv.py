@@ -46,13 +46,18 @@ class FusedConv(torch.autograd.Function):
                 slot: FusedSlot) -> Tensor:
         # the gradients go back in the dtypes of the tensors given, not of their casts below
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        x, weight, bias = autocast_inputs(x, weight, bias)
+        dev = x.device.type
+        cast = torch.is_autocast_enabled(dev)
+        if cast:
+            x, weight, bias = autocast_inputs(x, weight, bias, torch.get_autocast_dtype(dev))
         ctx.save_for_backward(x, weight)
         ctx.module = module
         ctx.slot = slot
         ctx.has_bias = bias is not None
-        with torch.autocast(x.device.type, enabled=False):
+        if not cast:
             return conv(module, x, weight, bias, ())  # zero padding (see fusable)
+        with torch.autocast(dev, enabled=False):
+            return conv(module, x, weight, bias, ())
 
     @staticmethod
     def backward(ctx: Any, go: Tensor) -> tuple[Tensor | None, ...]:
@@ -79,16 +84,12 @@ class FusedConv(torch.autograd.Function):
                 None, None)
 
 
-def autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor | None
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, dt: torch.dtype
                     ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The input, weight and bias as the convolution sees them: under autocast on their
-    device, cast to its dtype, as autocast casts them for the module's own convolution
-    (convolutions run in the lower precision on CPU and CUDA); else themselves. Saved for the
-    backward in these dtypes, so that the backend's input gradient gets matching dtypes."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, weight, bias
-    dt = torch.get_autocast_dtype(dev)
+    """The input, weight and bias as the convolution sees them under autocast with dtype
+    ``dt``: cast to it, as autocast casts them for the module's own convolution
+    (convolutions run in the lower precision on CPU and CUDA). Saved for the backward in
+    these dtypes, so that the backend's input gradient gets matching dtypes."""
     return (x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
 
 
