@@ -31,6 +31,7 @@ def world_size() -> int:
     return dist.get_world_size() if initialized() else 1
 
 
+@torch.no_grad()
 def average_gradients(params: Iterable[Tensor]) -> None:
     """Average p.grad over the processes of the default group with one flat all-reduce (what
     DDP does in buckets); nothing in one process. Parameters without a gradient are skipped
