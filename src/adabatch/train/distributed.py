@@ -271,7 +271,6 @@ class StepReducer:
         return loss_sum / self.dist.world_size, stop > 0
 
 
-@torch.no_grad()
 def average_gradients(params: list[Tensor], d: Dist) -> None:
     """Average p.grad across ranks with one flat all-reduce (what DDP does in buckets)."""
     if d.enabled:
