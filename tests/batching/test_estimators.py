@@ -377,6 +377,80 @@ def test_parametrized_layers(kind, needs):
     assert any("parametrizations.weight.original" in n for n in names)
 
 
+@pytest.mark.parametrize("dim", [0, 1, None])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_weight_norm_pullback_is_the_vector_jacobian_product(layer, dim):
+    """The closed form of weight_norm's per-sample pullback equals torch.func.vjp of the
+    parametrization itself (torch._weight_norm), sample by sample, for every dim."""
+    from torch.func import functional_call, vjp
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from adabatch.batching.persample.parametrized import weight_norm_pullback
+
+    torch.manual_seed(4)
+    base = nn.Linear(5, 4) if layer == "linear" else nn.Conv2d(3, 4, 2)
+    m = weight_norm(base.to(DT), dim=dim)
+    plist = m.parametrizations.weight
+    theta = {k: v.detach() for k, v in plist.named_parameters()}
+    gw = torch.randn(6, *m.weight.shape, dtype=DT)
+    dg, dv = weight_norm_pullback(gw, theta["original1"], theta["original0"], plist[0].dim)
+    _, pullback = vjp(lambda t: functional_call(plist, t, ()), theta)
+    for i in range(len(gw)):
+        want = pullback(gw[i])[0]
+        torch.testing.assert_close(dg[i], want["original0"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(dv[i], want["original1"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("need_norm, need_coord", [(True, False), (False, True), (True, True)])
+def test_flat_weight_norm_sums_match_the_materialised_gradients(need_norm, need_coord):
+    """The closed-form norms and coordinate sums of a weight_norm Linear on [b, in] inputs
+    equal those of the per-sample gradients materialised (δ_i a_iᵀ, then the pullback)."""
+    from adabatch.batching.persample.parametrized import (
+        flat_weight_norm_sums,
+        weight_norm_pullback,
+    )
+
+    gen = torch.Generator().manual_seed(6)
+    a, D = (torch.randn(9, 7, generator=gen, dtype=DT), torch.randn(9, 4, generator=gen,
+                                                                      dtype=DT))
+    v, g = torch.randn(4, 7, generator=gen, dtype=DT), torch.randn(4, 1, generator=gen,
+                                                                     dtype=DT)
+    dg, dv = weight_norm_pullback(torch.einsum("io,ij->ioj", D, a), v, g, 0)
+    got = flat_weight_norm_sums(a, D, v, g, need_norm, need_coord)
+    want = ((dg ** 2).sum(), (dv ** 2).sum(), (dg ** 2).sum(0), (dv ** 2).sum(0))
+    for k, (x, w) in enumerate(zip(got, want)):
+        if (k < 2 and not need_norm) or (k >= 2 and not need_coord):
+            assert x is None
+        else:
+            torch.testing.assert_close(x.to(DT), w, rtol=1e-12, atol=1e-14)
+
+
+def test_parametrized_rules_chosen():
+    """A parametrized Linear or convolution weight goes through the layer's own rule and the
+    parametrization's pullback (ParametrizedRule); any other parametrized tensor (here a
+    bias) through the recomputation of the whole module (FuncRule), also exact."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import orthogonal, weight_norm
+
+    from adabatch.batching.persample.layers import FuncRule
+    from adabatch.batching.persample.parametrized import ParametrizedRule
+
+    class Softplus(nn.Module):
+        def forward(self, x):
+            return F.softplus(x)
+
+    torch.manual_seed(8)
+    biased = nn.Linear(5, 5)
+    parametrize.register_parametrization(biased, "bias", Softplus())
+    model = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), orthogonal(nn.Linear(5, 5)),
+                          nn.Tanh(), biased, nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    est, _ = check(model, [batch(7, (4,), 3, seed=12)])
+    kinds = {name: type(est._rules[model[int(name)]]) for name in ("0", "2", "4")}
+    assert kinds == {"0": ParametrizedRule, "2": ParametrizedRule, "4": FuncRule}
+    assert est._rules[model[0]].weight_norm_dim == 0
+    assert est._rules[model[2]].weight_norm_dim is None  # orthogonal: torch.func.vjp
+
+
 def test_spectral_norm_in_training_mode_is_exact_and_not_advanced():
     """spectral_norm in training mode takes a power-iteration step on its vectors u, v in
     every forward and then uses them. The estimator recomputes the layer with its

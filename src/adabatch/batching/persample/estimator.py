@@ -33,6 +33,7 @@ from adabatch.batching.persample.layers import (
     is_transposed_linear,
     linear_gram,
 )
+from adabatch.batching.persample.parametrized import ParametrizedRule, parametrized_base
 from adabatch.batching.persample.records import (
     CallProducts,
     Chunking,
@@ -81,7 +82,8 @@ def is_unit(module: nn.Module) -> bool:
     attention unit (:func:`is_attention_unit`), or a module with a parametrized tensor
     (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ``orthogonal``,
     ...), whose original parameters live in its ``parametrizations`` submodule and are used
-    only through the module's forward (:class:`FuncRule` over the module)."""
+    only through the module's forward (:class:`ParametrizedRule` for a Linear or convolution
+    weight, else :class:`FuncRule` over the module)."""
     return is_attention_unit(module) or parametrize.is_parametrized(module)
 
 
@@ -117,7 +119,9 @@ def rule_for(module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning)
     if is_attention_unit(module):
         return AttentionRule(module, names, tuning)
     if parametrize.is_parametrized(module):
-        return FuncRule(module, names, tuning)
+        base = parametrized_base(module, names)
+        return (FuncRule(module, names, tuning) if base is None
+                else ParametrizedRule(module, names, tuning, base))
     if is_transposed_linear(module) and set(names) <= {"weight", "bias"}:
         return TransposedLinearRule(module, names, tuning)
     kind = module_type(module)
@@ -254,11 +258,14 @@ class PerSampleStats:
     ``Conv1D`` have dedicated rules; nn.MultiheadAttention (its out_proj weight is used
     outside out_proj's forward) and the transformer layers, stacks and nn.Transformer with
     ``batch_first=False`` are measured as a whole by ``torch.func``, with the batch along
-    dimension 1 where it is (see :func:`is_unit`); so is a layer with a parametrized weight
-    (``weight_norm``, ``spectral_norm``, ``orthogonal``: over its original parameters, the
-    parametrizations recomputed in eval mode, so that ``spectral_norm`` in training mode uses
-    the u, v of the pass and takes no second power-iteration step); any other module with its
-    own parameters also goes through ``torch.func``, which checks that the module gives
+    dimension 1 where it is (see :func:`is_unit`). A Linear or convolution with a
+    parametrized weight (``weight_norm``, ``spectral_norm``, ``orthogonal``, ...) is measured
+    over its original parameters through the parametrization's vector-Jacobian product
+    (``persample/parametrized.py``; ``weight_norm`` on [b, in] inputs in closed form), the
+    parametrization in eval mode, so that ``spectral_norm`` in training mode uses the u, v of
+    the pass and takes no second power-iteration step; another parametrized module is
+    measured as a whole by ``torch.func``. Any other module with its own parameters also
+    goes through ``torch.func``, which checks that the module gives
     each sample alone the output it gave in the batch (else it raises naming the module:
     dropout active in it, samples mixed, batch not along dimension 0), and it raises naming
     the module when ``torch.func.vmap`` cannot run it (a ``.item()`` or data-dependent branch

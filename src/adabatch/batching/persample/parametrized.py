@@ -1,0 +1,224 @@
+"""A Linear or convolution whose weight is parametrized (``torch.nn.utils.parametrize``:
+``weight_norm``, ``spectral_norm``, ``orthogonal``, or a user's own parametrization).
+
+The weight the layer uses is W = f(θ), where θ are the original parameters (``weight_norm``:
+the magnitude g and the direction v) that the optimizer updates. Sample i's gradient with
+respect to θ is the vector-Jacobian product of f at θ with its gradient with respect to W:
+
+    ∂ℓ_i/∂θ = J_f(θ)ᵀ ∂ℓ_i/∂W,
+
+exact, since θ does not depend on the sample. The per-sample ∂ℓ_i/∂W come from the layer's
+own rule (:class:`~adabatch.batching.persample.layers.LinearRule`,
+:class:`~adabatch.batching.persample.conv.ConvRule`: a batched matrix product, no
+recomputation of the layer), and J_f(θ)ᵀ is applied to them with one ``torch.func.vjp`` of f,
+vmapped over the samples. A parametrization is a function of θ alone, so this is far cheaper
+than recomputing the whole layer sample by sample (:class:`FuncRule`, which the estimator
+uses for every other parametrized module).
+
+The parametrization runs in eval mode with the parametrized weight cached
+(:func:`~adabatch.batching.persample.layers.parametrizations_in_eval`,
+``parametrize.cached``): ``spectral_norm`` in training mode takes one power-iteration step
+in each forward and then uses its vectors u, v, so after the pass they are the ones that
+forward used; in eval mode they are used as they are and not advanced again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.nn.utils import parametrize
+
+from adabatch.batching.persample.conv import ConvRule
+from adabatch.batching.persample.layers import (
+    LayerRule,
+    LinearRule,
+    Sums,
+    common_float,
+    parametrizations_in_eval,
+)
+from adabatch.batching.persample.records import Chunking, LayerCall, ParamSums, PerSampleTuning
+
+#: the layer types whose parametrized weight this rule measures, and their own rule
+BASES: tuple[tuple[type[nn.Module], type[LayerRule]], ...] = (
+    (nn.Linear, LinearRule),
+    (nn.Conv1d, ConvRule), (nn.Conv2d, ConvRule), (nn.Conv3d, ConvRule),
+)
+
+_PREFIX = "parametrizations.weight."
+
+
+def parametrized_base(module: nn.Module, names: tuple[str, ...]) -> type[LayerRule] | None:
+    """The rule of the layer under a parametrized weight that :class:`ParametrizedRule`
+    measures through (the weight is the module's only parametrized tensor and ``names`` are
+    its originals and the bias), or None (then :class:`FuncRule` measures the module)."""
+    if set(module.parametrizations.keys()) != {"weight"}:
+        return None
+    if not all(nm == "bias" or nm.startswith(_PREFIX) for nm in names):
+        return None
+    return next((rule for cls, rule in BASES if isinstance(module, cls)), None)
+
+
+class ParametrizedRule(LayerRule):
+    """Per-sample gradients of a parametrized weight's originals by the vector-Jacobian
+    product of its parametrization (see the module docstring); the bias by the layer's rule.
+    """
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...], tuning: PerSampleTuning,
+                 base: type[LayerRule]) -> None:
+        super().__init__(module, names, tuning)
+        self.plist = module.parametrizations["weight"]
+        #: the originals' names in the module and in the ParametrizationList
+        self.originals = tuple(nm for nm in names if nm.startswith(_PREFIX))
+        with self.weight_as_in_pass():  # the base rule may read the weight's shape
+            self.base = base(module, tuple(nm for nm in names if nm == "bias"), tuning)
+        #: the dim of a lone weight_norm (closed-form pullback), else None (torch.func.vjp)
+        self.weight_norm_dim = self._weight_norm_dim()
+
+    @contextlib.contextmanager
+    def weight_as_in_pass(self) -> Iterator[None]:
+        """The parametrized weight as the pass used it, computed once: eval mode, cached."""
+        with parametrizations_in_eval(self.module), parametrize.cached():
+            yield
+
+    def sample_numel(self, call: LayerCall, names: tuple[str, ...]) -> int:
+        base = ("weight",) if any(nm in self.originals for nm in names) else ()
+        base += ("bias",) if "bias" in names else ()
+        weights = sum(self.param(nm).numel() for nm in names if nm in self.originals)
+        with self.weight_as_in_pass():  # the base rule may read the weight's size
+            return self.base.sample_numel(call, base) + 2 * weights
+
+    def max_chunk(self) -> int | None:
+        return self.base.max_chunk()
+
+    def process(self, call: LayerCall, names: tuple[str, ...], chunks: Chunking,
+                need_norm: bool, need_coord: bool, store: set[str]) -> Sums:
+        """The norms and coordinate sums of a ``weight_norm`` Linear on [b, in] inputs in
+        closed form (:func:`flat_weight_norm_sums`: no per-sample gradient materialised);
+        anything else by the generic driver over :meth:`grads`."""
+        a, D = call.inputs[0], call.deltas[0]
+        if not (store or a.dim() != 2 or D is None or self.weight_norm_dim != 0
+                or not isinstance(self.base, LinearRule)
+                or not set(self.originals) <= set(names)):
+            theta = self._theta()
+            sums = flat_weight_norm_sums(a, D, theta["original1"], theta["original0"],
+                                         need_norm, need_coord)
+            out = {_PREFIX + "original0": ParamSums(sums[0], sums[2]),
+                   _PREFIX + "original1": ParamSums(sums[1], sums[3])}
+            if "bias" in names:
+                sq = D.to(common_float(a, D)).square()
+                out["bias"] = ParamSums(sq.sum(dtype=torch.float64) if need_norm else None,
+                                        sq.sum(0) if need_coord else None)
+            return out
+        return super().process(call, names, chunks, need_norm, need_coord, store)
+
+    def grads(self, call: LayerCall, names: tuple[str, ...], lo: int, hi: int
+              ) -> dict[str, Tensor]:
+        wanted = [nm for nm in names if nm in self.originals]
+        base = ("weight",) * bool(wanted) + ("bias",) * ("bias" in names)
+        with self.weight_as_in_pass():
+            g = self.base.grads(call, base, lo, hi)
+            out = {"bias": g["bias"]} if "bias" in names else {}
+            if wanted:
+                out.update(self._originals(g["weight"], wanted))
+        return out
+
+    def _theta(self) -> dict[str, Tensor]:
+        return {nm[len(_PREFIX):]: self.param(nm).detach() for nm in self.originals}
+
+    def _weight_norm_dim(self) -> int | None:
+        """The ``dim`` of a lone ``weight_norm`` parametrization whose weight is
+        :func:`weight_norm_value` of its originals (checked once on the current values), or
+        None: the generic vector-Jacobian product."""
+        plist = self.plist
+        if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm":
+            return None
+        dim = int(plist[0].dim)
+        theta = self._theta()
+        with torch.no_grad():
+            ours = weight_norm_value(theta["original1"], theta["original0"], dim)
+            same = torch.allclose(ours, functional_call(plist, theta, ()), rtol=1e-5, atol=0.0)
+        return dim if same else None
+
+    def _originals(self, gw: Tensor, wanted: list[str]) -> dict[str, Tensor]:
+        """J_f(θ)ᵀ applied to each sample's weight gradient ``gw`` [c, *W.shape]: in closed
+        form for ``weight_norm`` (:func:`weight_norm_pullback`), else by ``torch.func.vjp``
+        of the parametrization, vmapped over the samples."""
+        theta = self._theta()
+        if self.weight_norm_dim is not None:
+            dg, dv = weight_norm_pullback(gw, theta["original1"], theta["original0"],
+                                          self.weight_norm_dim)
+            per = {"original0": dg, "original1": dv}
+        else:
+            w, pullback = vjp(lambda t: functional_call(self.plist, t, ()), theta)
+            per = vmap(pullback)(gw.to(w.dtype))[0]
+        return {nm: per[nm[len(_PREFIX):]] for nm in wanted}
+
+
+def weight_norm_value(v: Tensor, g: Tensor, dim: int) -> Tensor:
+    """W = g · v / ‖v‖ with the norm over every dimension but ``dim`` (−1: over all), as
+    ``torch._weight_norm(v, g, dim)`` computes it, in elementary operations."""
+    if dim == -1:
+        return v * (g / torch.linalg.vector_norm(v))
+    dims = [d for d in range(v.dim()) if d != dim % v.dim()]
+    return v * (g / torch.linalg.vector_norm(v, dim=dims, keepdim=True))
+
+
+def weight_norm_pullback(gw: Tensor, v: Tensor, g: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Per-sample gradients of ``weight_norm``'s originals from those of W = g·v/‖v‖
+    (``gw`` [c, *W.shape]; norms over every dimension but ``dim``, −1: over all), with
+    s_i = ⟨∂ℓ_i/∂W, v⟩ over the same dimensions:
+
+        ∂ℓ_i/∂g = s_i / ‖v‖,    ∂ℓ_i/∂v = (g/‖v‖)·(∂ℓ_i/∂W − (s_i/‖v‖²)·v),
+
+    as [c, *g.shape] and [c, *v.shape], in the dtype of ``gw`` promoted with v's."""
+    dt = torch.promote_types(gw.dtype, v.dtype)
+    gw, v, g = gw.to(dt), v.to(dt), g.to(dt)
+    nd = v.dim()
+    dims = (list(range(nd)) if dim == -1 else [d for d in range(nd) if d != dim % nd])
+    norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+    s = (gw * v).sum([d + 1 for d in dims], keepdim=True)  # [c, ...] like g, batched
+    dg = (s / norm).reshape(gw.shape[0], *g.shape)
+    dv = (g / norm) * (gw - (s / norm.square()) * v)
+    return dg, dv
+
+
+def flat_weight_norm_sums(a: Tensor, D: Tensor, v: Tensor, g: Tensor, need_norm: bool,
+                          need_coord: bool) -> tuple[Tensor | None, ...]:
+    """(Σ_i ‖∂ℓ_i/∂g‖², Σ_i ‖∂ℓ_i/∂v‖², Σ_i (∂ℓ_i/∂g)², Σ_i (∂ℓ_i/∂v)²) of a Linear with
+    ``weight_norm`` over its rows (W_o = g_o v_o/‖v_o‖) on inputs a [b, in] with output
+    gradients δ = D [b, out], without materialising a per-sample gradient (None where not
+    needed). With p_io = a_i·v_o (one product of the forward's size), s_io = δ_io p_io,
+    r_io = s_io/‖v_o‖² and c_o = g_o/‖v_o‖, :func:`weight_norm_pullback` gives
+    ∂ℓ_i/∂g_o = s_io/‖v_o‖ and ∂ℓ_i/∂v_o = c_o (δ_io a_i − r_io v_o), so
+
+        Σ_i (∂ℓ_i/∂v_oj)² = c_o² ((δ²)ᵀ(a²) − 2 v ⊙ (δ ⊙ r)ᵀa + v² ⊙ Σ_i r_i²)_oj,
+        ‖∂ℓ_i/∂v_o‖² = c_o² (δ_io² ‖a_i‖² − s_io²/‖v_o‖²)
+
+    (the cross term is −2 c_o² δ_io r_io p_io = −2 c_o² s_io²/‖v_o‖²). The coordinate sums are
+    sums of squares: clamped at 0 against rounding. Norms are float64 0-dim tensors (the
+    sums of the coordinate sums when those are taken), computed in the inputs' common float
+    type (at least float32), as are the coordinate sums."""
+    dt = common_float(a, D)
+    a_, D_ = a.to(dt), D.to(dt)
+    v_, g_ = v.to(dt), g.reshape(-1).to(dt)
+    norm2 = v_.square().sum(1)  # ‖v_o‖², [out]
+    s = D_ * (a_ @ v_.T)  # s_io, [b, out]
+    t = s.square() / norm2  # s_io²/‖v_o‖² = (∂ℓ_i/∂g_o)²
+    c2 = g_.square() / norm2
+    dg = dv = cg = cv = None
+    if need_coord:
+        r = s / norm2
+        cg = t.sum(0).reshape(g.shape)
+        cv = (D_.square().T @ a_.square()).sub_((D_ * r).T @ a_ * (2 * v_))
+        cv = cv.add_(v_.square() * r.square().sum(0)[:, None]).mul_(c2[:, None]).clamp_min_(0)
+        if need_norm:
+            dg, dv = cg.sum(dtype=torch.float64), cv.sum(dtype=torch.float64)
+    elif need_norm:
+        dg = t.sum(dtype=torch.float64)
+        asq = a_.square().sum(1, keepdim=True)  # ‖a_i‖², [b, 1]
+        dv = ((D_.square() * asq - t) * c2).sum(dtype=torch.float64)
+    return dg, dv, cg, cv
