@@ -108,4 +108,3 @@ def test_device_flag_names_what_is_wrong(bench):
     else:
         with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here"):
             bench.check_device("cuda")
-
