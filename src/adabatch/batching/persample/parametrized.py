@@ -15,6 +15,12 @@ vmapped over the samples. A parametrization is a function of θ alone, so this i
 than recomputing the whole layer sample by sample (:class:`FuncRule`, which the estimator
 uses for every other parametrized module).
 
+``weight_norm`` (W = g·v/‖v‖) has its pullback in closed form (:func:`weight_norm_pullback`;
+torch's fused weight-norm backward has no batching rule, so vmap would loop over the samples),
+and on a Linear over [b, in] inputs its norms and coordinate sums need no per-sample gradient
+at all (:func:`flat_weight_norm_sums`, products of the forward's size). Timed in
+``benchmarks/parametrized_overhead.py``.
+
 The parametrization runs in eval mode with the parametrized weight cached
 (:func:`~adabatch.batching.persample.layers.parametrizations_in_eval`,
 ``parametrize.cached``): ``spectral_norm`` in training mode takes one power-iteration step
@@ -100,9 +106,8 @@ class ParametrizedRule(LayerRule):
         closed form (:func:`flat_weight_norm_sums`: no per-sample gradient materialised);
         anything else by the generic driver over :meth:`grads`."""
         a, D = call.inputs[0], call.deltas[0]
-        if not (store or a.dim() != 2 or D is None or self.weight_norm_dim != 0
-                or not isinstance(self.base, LinearRule)
-                or not set(self.originals) <= set(names)):
+        if self._closed_form(call, names, store) and (need_norm or need_coord):
+            assert D is not None
             theta = self._theta()
             sums = flat_weight_norm_sums(a, D, theta["original1"], theta["original0"],
                                          need_norm, need_coord)
@@ -114,6 +119,14 @@ class ParametrizedRule(LayerRule):
                                         sq.sum(0) if need_coord else None)
             return out
         return super().process(call, names, chunks, need_norm, need_coord, store)
+
+    def _closed_form(self, call: LayerCall, names: tuple[str, ...], store: set[str]) -> bool:
+        """Whether :func:`flat_weight_norm_sums` measures the call: ``weight_norm`` over the
+        rows of a Linear on [b, in] inputs, both originals measured, nothing kept for the
+        inner products."""
+        return (self.weight_norm_dim == 0 and isinstance(self.base, LinearRule)
+                and call.inputs[0].dim() == 2 and call.deltas[0] is not None and not store
+                and set(self.originals) <= set(names))
 
     def grads(self, call: LayerCall, names: tuple[str, ...], lo: int, hi: int
               ) -> dict[str, Tensor]:
