@@ -365,9 +365,11 @@ def _parametrized(kind):
 @pytest.mark.parametrize("kind", ["weight_norm", "weight_norm conv", "orthogonal",
                                   "spectral_norm"])
 def test_parametrized_layers(kind, needs):
-    """A layer with a parametrized weight (torch.nn.utils.parametrize) is measured as a whole
-    over its original parameters (weight_norm's g and v, ...): exact against the per-sample
-    loop. spectral_norm in eval mode here; in training mode see the next test."""
+    """A Linear or convolution with a parametrized weight (torch.nn.utils.parametrize) is
+    measured over its original parameters (weight_norm's g and v, ...): exact against the
+    per-sample loop, through the closed form (weight_norm on a flat Linear, norms or
+    coordinates only) and the materialised pullback alike. spectral_norm in eval mode here;
+    in training mode see test_spectral_norm_in_training_mode_is_exact_and_not_advanced."""
     model = _parametrized(kind)
     if kind == "spectral_norm":
         model.eval()
