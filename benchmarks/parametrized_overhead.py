@@ -28,9 +28,7 @@ drifts); ``plain`` is its best round.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
+from _interleave import interleaved
 from adabatch.batching.estimators import PerSampleStats
 
 NEEDS = {"norm": {"grad_sq_norm", "variance_trace"},
@@ -95,18 +94,7 @@ def time_all(b: int, rounds: int, reps: int, seed: int = 0) -> dict:
     steps = {c: make_step(*c, b) for c in configs}
     for c in configs:
         steps[c]()
-    times: dict = {c: [] for c in configs}
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        order = configs[:]
-        rng.shuffle(order)
-        for c in order:
-            steps[c]()  # untimed: the configuration before left other tensors in the caches
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                steps[c]()
-            times[c].append((time.perf_counter() - t0) / reps)
-    return times
+    return interleaved(steps, rounds, reps, seed=seed)
 
 
 def table(times: dict) -> str:

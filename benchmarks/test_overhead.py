@@ -120,11 +120,9 @@ import gc
 import importlib.util
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -133,6 +131,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _interleave import interleaved
 from adabatch.allocator import keep_freed_memory
 from adabatch.batching.estimators import MicroBatchStats, PerSampleStats
 
@@ -635,21 +634,7 @@ def time_all(models, sizes, rounds: int, reps: int, seed: int = 0, kinds=None,
     for c in configs:  # warm-up
         steps[c]()
         steps[c]()
-    times: dict = {c: [] for c in configs}
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        order = configs[:]
-        rng.shuffle(order)
-        for c in order:
-            for _ in range(warm):  # untimed: the previous configuration left the caches cold
-                steps[c]()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                steps[c]()
-            sync(device)
-            times[c].append((time.perf_counter() - t0) / reps)
-    return times
+    return interleaved(steps, rounds, reps, warm=warm, seed=seed, sync=lambda: sync(device))
 
 
 def _status_kb(field: str) -> int:

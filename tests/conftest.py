@@ -26,6 +26,10 @@ def load_benchmark(path: Path, name: str) -> Iterator[ModuleType]:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(path.parent))  # its sibling modules, as when run as a script
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
     yield mod
     sys.modules.pop(name, None)
