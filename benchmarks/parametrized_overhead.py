@@ -9,10 +9,9 @@ forward, backward, statistics, SGD step):
 
 - ``plain``: no statistics (each network's own; the other cells are ratios to it);
 - ``norm`` / ``coord``: :class:`PerSampleStats` with the needs of the norm and the
-  coordinate-wise test. On a ``weight_norm`` Linear over [b, in] inputs both are in closed
-  form (no per-sample gradient materialised: ``persample/parametrized.py``);
-  ``spectral_norm`` takes the layer's per-sample weight gradients (materialised, in chunks)
-  and the parametrization's vector-Jacobian product, vmapped over the samples;
+  coordinate-wise test. On a ``weight_norm`` or ``spectral_norm`` Linear over [b, in]
+  inputs both are in closed form (no per-sample gradient materialised:
+  ``persample/parametrized.py``);
 - ``vmap``: a plain step plus the per-sample gradients of every parameter by
   ``torch.func.vmap(grad(loss))`` over the model (with ``functional_call``, which runs the
   parametrizations), then V.

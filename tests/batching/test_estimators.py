@@ -403,6 +403,30 @@ def test_weight_norm_pullback_is_the_vector_jacobian_product(layer, dim):
         torch.testing.assert_close(dv[i], want["original1"], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("layer, dim", [("linear", 0), ("linear", 1), ("conv", 0),
+                                        ("conv", 1)])
+def test_spectral_norm_pullback_is_the_vector_jacobian_product(layer, dim):
+    """The closed form of spectral_norm's per-sample pullback (u, v held fixed) equals
+    torch.func.vjp of the parametrization itself in eval mode, sample by sample."""
+    from torch.func import functional_call, vjp
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from adabatch.batching.persample.parametrized import spectral_norm_pullback
+
+    torch.manual_seed(5)
+    base = nn.Linear(5, 4) if layer == "linear" else nn.Conv2d(3, 4, 2)
+    m = spectral_norm(base.to(DT), dim=dim).eval()
+    plist = m.parametrizations.weight
+    theta = {k: v.detach() for k, v in plist.named_parameters()}
+    sn = plist[0]
+    gw = torch.randn(6, *m.weight.shape, dtype=DT)
+    got = spectral_norm_pullback(gw, theta["original"], sn._u, sn._v, dim)
+    _, pullback = vjp(lambda t: functional_call(plist, t, ()), theta)
+    for i in range(len(gw)):
+        torch.testing.assert_close(got[i], pullback(gw[i])[0]["original"], rtol=1e-12,
+                                   atol=1e-14)
+
+
 @pytest.mark.parametrize("need_norm, need_coord", [(True, False), (False, True), (True, True)])
 def test_flat_weight_norm_sums_match_the_materialised_gradients(need_norm, need_coord):
     """The closed-form norms and coordinate sums of a weight_norm Linear on [b, in] inputs
@@ -427,12 +451,38 @@ def test_flat_weight_norm_sums_match_the_materialised_gradients(need_norm, need_
             torch.testing.assert_close(x.to(DT), w, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("need_norm, need_coord", [(True, False), (False, True), (True, True)])
+def test_flat_spectral_norm_sums_match_the_materialised_gradients(need_norm, need_coord, dim):
+    """The closed-form norm and coordinate sums of a spectral_norm Linear on [b, in] inputs
+    equal those of the per-sample gradients materialised (δ_i a_iᵀ, then the pullback)."""
+    from adabatch.batching.persample.parametrized import (
+        flat_spectral_norm_sums,
+        spectral_norm_pullback,
+    )
+
+    gen = torch.Generator().manual_seed(7)
+    a, D = torch.randn(9, 7, generator=gen, dtype=DT), torch.randn(9, 4, generator=gen,
+                                                                     dtype=DT)
+    w = torch.randn(4, 7, generator=gen, dtype=DT)
+    u, v = ((torch.randn(4, generator=gen, dtype=DT), torch.randn(7, generator=gen, dtype=DT))
+            if dim == 0 else
+            (torch.randn(7, generator=gen, dtype=DT), torch.randn(4, generator=gen, dtype=DT)))
+    per = spectral_norm_pullback(torch.einsum("io,ij->ioj", D, a), w, u, v, dim)
+    norm, coord = flat_spectral_norm_sums(a, D, w, u, v, dim, need_norm, need_coord)
+    assert (norm is None) != need_norm and (coord is None) != need_coord
+    if need_norm:
+        torch.testing.assert_close(norm, (per ** 2).sum(), rtol=1e-12, atol=1e-14)
+    if need_coord:
+        torch.testing.assert_close(coord, (per ** 2).sum(0), rtol=1e-12, atol=1e-14)
+
+
 def test_parametrized_rules_chosen():
     """A parametrized Linear or convolution weight goes through the layer's own rule and the
     parametrization's pullback (ParametrizedRule); any other parametrized tensor (here a
     bias) through the recomputation of the whole module (FuncRule), also exact."""
     from torch.nn.utils import parametrize
-    from torch.nn.utils.parametrizations import orthogonal, weight_norm
+    from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
 
     from adabatch.batching.persample.layers import FuncRule
     from adabatch.batching.persample.parametrized import ParametrizedRule
@@ -445,12 +495,15 @@ def test_parametrized_rules_chosen():
     biased = nn.Linear(5, 5)
     parametrize.register_parametrization(biased, "bias", Softplus())
     model = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), orthogonal(nn.Linear(5, 5)),
-                          nn.Tanh(), biased, nn.Tanh(), nn.Linear(5, 3)).to(DT)
+                          nn.Tanh(), biased, nn.Tanh(), spectral_norm(nn.Linear(5, 3))).to(DT)
+    model[6].eval()  # the per-sample loop would advance u in training mode (see below)
     est, _ = check(model, [batch(7, (4,), 3, seed=12)])
-    kinds = {name: type(est._rules[model[int(name)]]) for name in ("0", "2", "4")}
-    assert kinds == {"0": ParametrizedRule, "2": ParametrizedRule, "4": FuncRule}
-    assert est._rules[model[0]].weight_norm_dim == 0
-    assert est._rules[model[2]].weight_norm_dim is None  # orthogonal: torch.func.vjp
+    rules = {name: est._rules[model[int(name)]] for name in ("0", "2", "4", "6")}
+    assert {k: type(r) for k, r in rules.items()} == {
+        "0": ParametrizedRule, "2": ParametrizedRule, "4": FuncRule, "6": ParametrizedRule}
+    assert rules["0"].weight_norm_dim == 0 and rules["0"].spectral is None
+    assert rules["2"].weight_norm_dim is None and rules["2"].spectral is None  # vjp
+    assert rules["6"].spectral is model[6].parametrizations.weight[0]
 
 
 def test_spectral_norm_in_training_mode_is_exact_and_not_advanced():

@@ -261,7 +261,7 @@ class PerSampleStats:
     dimension 1 where it is (see :func:`is_unit`). A Linear or convolution with a
     parametrized weight (``weight_norm``, ``spectral_norm``, ``orthogonal``, ...) is measured
     over its original parameters through the parametrization's vector-Jacobian product
-    (``persample/parametrized.py``; ``weight_norm`` on [b, in] inputs in closed form), the
+    (``persample/parametrized.py``; ``weight_norm`` and ``spectral_norm`` in closed form), the
     parametrization in eval mode, so that ``spectral_norm`` in training mode uses the u, v of
     the pass and takes no second power-iteration step; another parametrized module is
     measured as a whole by ``torch.func``. Any other module with its own parameters also

@@ -15,11 +15,14 @@ vmapped over the samples. A parametrization is a function of θ alone, so this i
 than recomputing the whole layer sample by sample (:class:`FuncRule`, which the estimator
 uses for every other parametrized module).
 
-``weight_norm`` (W = g·v/‖v‖) has its pullback in closed form (:func:`weight_norm_pullback`;
-torch's fused weight-norm backward has no batching rule, so vmap would loop over the samples),
-and on a Linear over [b, in] inputs its norms and coordinate sums need no per-sample gradient
-at all (:func:`flat_weight_norm_sums`, products of the forward's size). Timed in
-``benchmarks/parametrized_overhead.py``.
+``weight_norm`` (W = g·v/‖v‖) and ``spectral_norm`` (W = W_orig/σ, σ = uᵀ W_orig v with u,
+v held fixed) have their pullbacks in closed form (:func:`weight_norm_pullback`,
+:func:`spectral_norm_pullback`: elementwise on the batch, where torch's fused weight-norm
+backward has no batching rule and vmap would loop over the samples), and on a Linear over
+[b, in] inputs their norms and coordinate sums need no per-sample gradient at all
+(:func:`flat_weight_norm_sums`, :func:`flat_spectral_norm_sums`: products of the forward's
+size). Each closed form is used only where it reproduces the layer's weight (checked once).
+Timed in ``benchmarks/parametrized_overhead.py``.
 
 The parametrization runs in eval mode with the parametrized weight cached
 (:func:`~adabatch.batching.persample.layers.parametrizations_in_eval`,
@@ -81,8 +84,10 @@ class ParametrizedRule(LayerRule):
         self.originals = tuple(nm for nm in names if nm.startswith(_PREFIX))
         with self.weight_as_in_pass():  # the base rule may read the weight's shape
             self.base = base(module, tuple(nm for nm in names if nm == "bias"), tuning)
-        #: the dim of a lone weight_norm (closed-form pullback), else None (torch.func.vjp)
+        #: the dim of a lone weight_norm (closed-form pullback), else None
         self.weight_norm_dim = self._weight_norm_dim()
+        #: a lone spectral_norm (closed-form pullback) on a matrix or larger, else None
+        self.spectral = self._spectral_norm()
 
     @contextlib.contextmanager
     def weight_as_in_pass(self) -> Iterator[None]:
@@ -102,29 +107,37 @@ class ParametrizedRule(LayerRule):
 
     def process(self, call: LayerCall, names: tuple[str, ...], chunks: Chunking,
                 need_norm: bool, need_coord: bool, store: set[str]) -> Sums:
-        """The norms and coordinate sums of a ``weight_norm`` Linear on [b, in] inputs in
-        closed form (:func:`flat_weight_norm_sums`: no per-sample gradient materialised);
-        anything else by the generic driver over :meth:`grads`."""
+        """The norms and coordinate sums of a ``weight_norm`` (over rows) or
+        ``spectral_norm`` Linear on [b, in] inputs in closed form
+        (:func:`flat_weight_norm_sums`, :func:`flat_spectral_norm_sums`: no per-sample
+        gradient materialised); anything else by the generic driver over :meth:`grads`."""
         a, D = call.inputs[0], call.deltas[0]
-        if self._closed_form(call, names, store) and (need_norm or need_coord):
-            assert D is not None
-            theta = self._theta()
+        if not (self._closed_form(call, names, store) and (need_norm or need_coord)):
+            return super().process(call, names, chunks, need_norm, need_coord, store)
+        assert D is not None
+        theta = self._theta()
+        if self.spectral is not None:
+            sn = self.spectral
+            norm, coord = flat_spectral_norm_sums(a, D, theta["original"], sn._u, sn._v,
+                                                  int(sn.dim), need_norm, need_coord)
+            out = {_PREFIX + "original": ParamSums(norm, coord)}
+        else:
             sums = flat_weight_norm_sums(a, D, theta["original1"], theta["original0"],
                                          need_norm, need_coord)
             out = {_PREFIX + "original0": ParamSums(sums[0], sums[2]),
                    _PREFIX + "original1": ParamSums(sums[1], sums[3])}
-            if "bias" in names:
-                sq = D.to(common_float(a, D)).square()
-                out["bias"] = ParamSums(sq.sum(dtype=torch.float64) if need_norm else None,
-                                        sq.sum(0) if need_coord else None)
-            return out
-        return super().process(call, names, chunks, need_norm, need_coord, store)
+        if "bias" in names:
+            sq = D.to(common_float(a, D)).square()
+            out["bias"] = ParamSums(sq.sum(dtype=torch.float64) if need_norm else None,
+                                    sq.sum(0) if need_coord else None)
+        return out
 
     def _closed_form(self, call: LayerCall, names: tuple[str, ...], store: set[str]) -> bool:
-        """Whether :func:`flat_weight_norm_sums` measures the call: ``weight_norm`` over the
-        rows of a Linear on [b, in] inputs, both originals measured, nothing kept for the
-        inner products."""
-        return (self.weight_norm_dim == 0 and isinstance(self.base, LinearRule)
+        """Whether the call is measured in closed form (:meth:`process`): ``weight_norm``
+        over the rows, or ``spectral_norm``, of a Linear on [b, in] inputs, every original
+        measured, nothing kept for the inner products."""
+        return ((self.weight_norm_dim == 0 or self.spectral is not None)
+                and isinstance(self.base, LinearRule)
                 and call.inputs[0].dim() == 2 and call.deltas[0] is not None and not store
                 and set(self.originals) <= set(names))
 
@@ -156,15 +169,36 @@ class ParametrizedRule(LayerRule):
             same = torch.allclose(ours, functional_call(plist, theta, ()), rtol=1e-5, atol=0.0)
         return dim if same else None
 
+    def _spectral_norm(self) -> nn.Module | None:
+        """The lone ``spectral_norm`` parametrization of a weight with 2 or more dimensions
+        whose value is W/σ(u, v) as :func:`spectral_norm_value` computes it (checked once,
+        in eval mode), or None."""
+        plist = self.plist
+        if len(plist) != 1 or type(plist[0]).__name__ != "_SpectralNorm":
+            return None
+        sn = plist[0]
+        theta = self._theta()
+        if theta["original"].dim() < 2:
+            return None
+        with torch.no_grad(), parametrizations_in_eval(self.module):
+            ours = spectral_norm_value(theta["original"], sn._u, sn._v, int(sn.dim))
+            same = torch.allclose(ours, functional_call(plist, theta, ()), rtol=1e-5, atol=0.0)
+        return sn if same else None
+
     def _originals(self, gw: Tensor, wanted: list[str]) -> dict[str, Tensor]:
         """J_f(θ)ᵀ applied to each sample's weight gradient ``gw`` [c, *W.shape]: in closed
-        form for ``weight_norm`` (:func:`weight_norm_pullback`), else by ``torch.func.vjp``
-        of the parametrization, vmapped over the samples."""
+        form for ``weight_norm`` (:func:`weight_norm_pullback`) and ``spectral_norm``
+        (:func:`spectral_norm_pullback`), else by ``torch.func.vjp`` of the
+        parametrization, vmapped over the samples."""
         theta = self._theta()
         if self.weight_norm_dim is not None:
             dg, dv = weight_norm_pullback(gw, theta["original1"], theta["original0"],
                                           self.weight_norm_dim)
             per = {"original0": dg, "original1": dv}
+        elif self.spectral is not None:
+            sn = self.spectral
+            per = {"original": spectral_norm_pullback(gw, theta["original"], sn._u, sn._v,
+                                                      int(sn.dim))}
         else:
             w, pullback = vjp(lambda t: functional_call(self.plist, t, ()), theta)
             per = vmap(pullback)(gw.to(w.dtype))[0]
@@ -197,6 +231,75 @@ def weight_norm_pullback(gw: Tensor, v: Tensor, g: Tensor, dim: int) -> tuple[Te
     dg = (s / norm).reshape(gw.shape[0], *g.shape)
     dv = (g / norm) * (gw - (s / norm.square()) * v)
     return dg, dv
+
+
+def _to_matrix(w: Tensor, dim: int) -> Tensor:
+    """W as spectral_norm sees it: dimension ``dim`` first, the others flattened."""
+    if dim != 0:
+        w = w.permute(dim, *(d for d in range(w.dim()) if d != dim))
+    return w.flatten(1)
+
+
+def spectral_norm_value(w: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
+    """W/σ with σ = uᵀ M v, M the matrix of W (:func:`_to_matrix`), as ``spectral_norm``
+    computes it from its vectors u, v."""
+    return w / torch.dot(u, torch.mv(_to_matrix(w, dim), v))
+
+
+def spectral_norm_pullback(gw: Tensor, w: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
+    """Per-sample gradients of ``spectral_norm``'s original weight from those of W/σ
+    (``gw`` [c, *W.shape]), with u, v held fixed as spectral_norm holds them (they are
+    computed without gradient): σ = uᵀ M v has ∂σ/∂W = u vᵀ (in W's layout), so
+
+        ∂ℓ_i/∂W_orig = ∂ℓ_i/∂W / σ − (⟨∂ℓ_i/∂W, W_orig⟩/σ²) · u vᵀ,
+
+    in the dtype of ``gw`` promoted with W's."""
+    dt = torch.promote_types(gw.dtype, w.dtype)
+    gw, w, u, v = gw.to(dt), w.to(dt), u.to(dt), v.to(dt)
+    sigma = torch.dot(u, torch.mv(_to_matrix(w, dim), v))
+    uv = torch.outer(u, v)  # in the matrix layout: back to W's
+    shape = [w.shape[dim]] + [n for d, n in enumerate(w.shape) if d != dim]
+    uv = uv.reshape(shape)
+    if dim != 0:
+        uv = uv.movedim(0, dim)
+    k = (gw * w).sum(list(range(1, gw.dim()))) / sigma.square()  # [c]
+    return gw / sigma - k.reshape(-1, *[1] * w.dim()) * uv
+
+
+def flat_spectral_norm_sums(a: Tensor, D: Tensor, w: Tensor, u: Tensor, v: Tensor, dim: int,
+                            need_norm: bool, need_coord: bool
+                            ) -> tuple[Tensor | None, Tensor | None]:
+    """(Σ_i ‖∂ℓ_i/∂W_orig‖², Σ_i (∂ℓ_i/∂W_orig)²) of a Linear with ``spectral_norm`` on inputs
+    a [b, in] with output gradients δ = D [b, out], without materialising a per-sample
+    gradient (None where not needed). In W's layout ∂σ/∂W = p qᵀ (dim 0: p = u, q = v; dim 1:
+    p = v, q = u), and with k_i = δ_iᵀ W a_i / σ², :func:`spectral_norm_pullback` gives
+    ∂ℓ_i/∂W_orig = δ_i a_iᵀ/σ − k_i p qᵀ, so
+
+        ‖∂ℓ_i/∂W_orig‖² = ‖δ_i‖²‖a_i‖²/σ² − 2 k_i (p·δ_i)(q·a_i)/σ + k_i² ‖p‖²‖q‖²,
+        Σ_i (∂ℓ_i/∂W_orig)² = ((δ²)ᵀ(a²)/σ² − 2 p qᵀ ⊙ (k ⊙ δ)ᵀa/σ + (p qᵀ)² Σ_i k_i²),
+
+    the coordinate sums clamped at 0 against rounding; in the inputs' common float type (at
+    least float32), norms as float64 0-dim tensors (the sums of the coordinate sums when
+    those are taken)."""
+    dt = common_float(a, D)
+    a_, D_, w_ = a.to(dt), D.to(dt), w.to(dt)
+    p, q = (u.to(dt), v.to(dt)) if dim == 0 else (v.to(dt), u.to(dt))
+    sigma = torch.dot(p, torch.mv(w_, q))
+    k = (D_ * (a_ @ w_.T)).sum(1) / sigma.square()  # [b]
+    coord = norm = None
+    if need_coord:
+        pq = torch.outer(p, q)
+        coord = (D_.square().T @ a_.square()).div_(sigma.square())
+        coord.sub_(((D_ * k[:, None]).T @ a_).mul_(pq).mul_(2 / sigma))
+        coord.add_(pq.square().mul_(k.square().sum())).clamp_min_(0)
+        if need_norm:
+            norm = coord.sum(dtype=torch.float64)
+    elif need_norm:
+        da = D_.square().sum(1) * a_.square().sum(1) / sigma.square()
+        cross = 2 * k * (D_ @ p) * (a_ @ q) / sigma
+        norm = (da - cross + k.square() * (p.square().sum() * q.square().sum())).sum(
+            dtype=torch.float64)
+    return norm, coord
 
 
 def flat_weight_norm_sums(a: Tensor, D: Tensor, v: Tensor, g: Tensor, need_norm: bool,
