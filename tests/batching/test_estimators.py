@@ -531,6 +531,34 @@ def test_spectral_norm_in_training_mode_is_exact_and_not_advanced():
     assert (flat - ref["coord_variance"]).abs().max() <= 1e-9 * ref["coord_variance"].abs().max()
 
 
+def test_spectral_norm_layer_called_twice_in_training_mode_raises():
+    """A spectral_norm layer in training mode that runs twice in one pass moves its u, v
+    between the calls, so the first call cannot be recomputed as it ran: refused, naming the
+    layer. In eval mode the same model is exact."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = spectral_norm(nn.Linear(5, 5))
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
+
+    torch.manual_seed(9)
+    model = Twice().to(DT)
+    x, y = batch(6, (5,), 3, seed=13)
+    est = PerSampleStats(model, needs={"variance_trace"})
+    with pytest.raises(ValueError, match=r"layer 'layer' runs 2 times in one pass with "
+                                         r"spectral_norm .* in training mode"):
+        with est.measure():
+            F.cross_entropy(model(x), y).backward()
+    est.remove()
+    model.eval()
+    check(model, [(x, y)])
+
+
 def test_samples_mixed_outside_the_layers_give_the_hooks_split():
     """A documented limit (README, Estimators): samples mixed outside any layer the
     estimator recomputes (here a mean over the batch inside a forward) are invisible to hooks.

@@ -33,7 +33,11 @@ from adabatch.batching.persample.layers import (
     is_transposed_linear,
     linear_gram,
 )
-from adabatch.batching.persample.parametrized import ParametrizedRule, parametrized_base
+from adabatch.batching.persample.parametrized import (
+    ParametrizedRule,
+    parametrized_base,
+    power_iteration_in_training,
+)
 from adabatch.batching.persample.records import (
     CallProducts,
     Chunking,
@@ -263,7 +267,8 @@ class PerSampleStats:
     over its original parameters through the parametrization's vector-Jacobian product
     (``persample/parametrized.py``; ``weight_norm`` and ``spectral_norm`` in closed form), the
     parametrization in eval mode, so that ``spectral_norm`` in training mode uses the u, v of
-    the pass and takes no second power-iteration step; another parametrized module is
+    the pass and takes no second power-iteration step (such a layer that runs twice in one
+    pass raises: its first call no longer has its u, v); another parametrized module is
     measured as a whole by ``torch.func``. Any other module with its own parameters also
     goes through ``torch.func``, which checks that the module gives
     each sample alone the output it gave in the batch (else it raises naming the module:
@@ -922,6 +927,14 @@ class PerSampleStats:
     def _process_shared(self, pid: int, uses: list[tuple[LayerCall, str]]) -> None:
         """A parameter used several times: per-sample gradient = sum of the uses."""
         p = self.params[self._index[pid]]
+        stateful = power_iteration_in_training(uses[0][0].rule.module)
+        if stateful is not None:
+            raise ValueError(
+                f"PerSampleStats: layer {uses[0][0].rule.label!r} runs {len(uses)} times in "
+                f"one pass with {stateful} in training mode, whose power iteration moves its "
+                f"u, v between the calls, so the earlier calls cannot be recomputed as they "
+                f"ran; put the layer in eval mode, exclude it (exclude=...), or use "
+                f"MicroBatchStats")
         self._seen.add(pid)
         n = uses[0][0].n
         per = p.numel() * 2 + max(r.rule.sample_numel(r, (nm,)) for r, nm in uses)

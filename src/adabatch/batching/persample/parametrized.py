@@ -233,6 +233,16 @@ def weight_norm_pullback(gw: Tensor, v: Tensor, g: Tensor, dim: int) -> tuple[Te
     return dg, dv
 
 
+def power_iteration_in_training(module: nn.Module) -> str | None:
+    """The name of a ``spectral_norm`` parametrization in training mode inside ``module``
+    (it advances its u, v in every forward), or None. Recomputing one call of such a layer
+    after the pass is exact only for its last forward (see the module docstring)."""
+    for name, sub in module.named_modules():
+        if type(sub).__name__ == "_SpectralNorm" and sub.training:
+            return f"spectral_norm ({name})"
+    return None
+
+
 def _to_matrix(w: Tensor, dim: int) -> Tensor:
     """W as spectral_norm sees it: dimension ``dim`` first, the others flattened."""
     if dim != 0:
