@@ -379,6 +379,18 @@ def test_parametrized_layers(kind, needs):
     assert any("parametrizations.weight.original" in n for n in names)
 
 
+@pytest.mark.parametrize("needs", NEEDS)
+@pytest.mark.parametrize("frozen", ["original0", "original1"])
+def test_weight_norm_with_a_frozen_original(frozen, needs):
+    """weight_norm with its magnitude g (original0) or its direction v (original1) frozen:
+    the other is measured, exact; the frozen one still enters the pullback."""
+    model = _parametrized("weight_norm")
+    getattr(model[1].parametrizations.weight, frozen).requires_grad_(False)
+    est, _ = check(model, [batch(6, (4,), 3, seed=14)], needs=needs)
+    names = [n for n, p in model.named_parameters() if any(p is q for q in est.params)]
+    assert f"1.parametrizations.weight.{frozen}" not in names
+
+
 @pytest.mark.parametrize("dim", [0, 1, None])
 @pytest.mark.parametrize("layer", ["linear", "conv"])
 def test_weight_norm_pullback_is_the_vector_jacobian_product(layer, dim):

@@ -153,7 +153,9 @@ class ParametrizedRule(LayerRule):
         return out
 
     def _theta(self) -> dict[str, Tensor]:
-        return {nm[len(_PREFIX):]: self.param(nm).detach() for nm in self.originals}
+        """Every tensor the parametrization takes (measured or frozen), detached, by its
+        name in the ParametrizationList."""
+        return {nm: p.detach() for nm, p in self.plist.named_parameters()}
 
     def _weight_norm_dim(self) -> int | None:
         """The ``dim`` of a lone ``weight_norm`` parametrization whose weight is
