@@ -58,6 +58,9 @@ BASES: tuple[tuple[type[nn.Module], type[LayerRule]], ...] = (
 )
 
 _PREFIX = "parametrizations.weight."
+#: the classes of torch's weight_norm and spectral_norm parametrizations, by name (private
+#: to torch.nn.utils.parametrizations; a closed form is also checked against the value)
+_WEIGHT_NORM, _SPECTRAL_NORM = "_WeightNorm", "_SpectralNorm"
 
 
 def parametrized_base(module: nn.Module, names: tuple[str, ...]) -> type[LayerRule] | None:
@@ -162,7 +165,7 @@ class ParametrizedRule(LayerRule):
         :func:`weight_norm_value` of its originals (checked once on the current values), or
         None: the generic vector-Jacobian product."""
         plist = self.plist
-        if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm":
+        if len(plist) != 1 or type(plist[0]).__name__ != _WEIGHT_NORM:
             return None
         dim = int(plist[0].dim)
         theta = self._theta()
@@ -176,7 +179,7 @@ class ParametrizedRule(LayerRule):
         whose value is W/σ(u, v) as :func:`spectral_norm_value` computes it (checked once,
         in eval mode), or None."""
         plist = self.plist
-        if len(plist) != 1 or type(plist[0]).__name__ != "_SpectralNorm":
+        if len(plist) != 1 or type(plist[0]).__name__ != _SPECTRAL_NORM:
             return None
         sn = plist[0]
         theta = self._theta()
@@ -207,13 +210,15 @@ class ParametrizedRule(LayerRule):
         return {nm: per[nm[len(_PREFIX):]] for nm in wanted}
 
 
+def _norm_dims(v: Tensor, dim: int) -> list[int]:
+    """The dimensions ``weight_norm`` takes ‖v‖ over: all but ``dim`` (−1: all of them)."""
+    return [d for d in range(v.dim()) if dim == -1 or d != dim % v.dim()]
+
+
 def weight_norm_value(v: Tensor, g: Tensor, dim: int) -> Tensor:
     """W = g · v / ‖v‖ with the norm over every dimension but ``dim`` (−1: over all), as
     ``torch._weight_norm(v, g, dim)`` computes it, in elementary operations."""
-    if dim == -1:
-        return v * (g / torch.linalg.vector_norm(v))
-    dims = [d for d in range(v.dim()) if d != dim % v.dim()]
-    return v * (g / torch.linalg.vector_norm(v, dim=dims, keepdim=True))
+    return v * (g / torch.linalg.vector_norm(v, dim=_norm_dims(v, dim), keepdim=True))
 
 
 def weight_norm_pullback(gw: Tensor, v: Tensor, g: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -226,8 +231,7 @@ def weight_norm_pullback(gw: Tensor, v: Tensor, g: Tensor, dim: int) -> tuple[Te
     as [c, *g.shape] and [c, *v.shape], in the dtype of ``gw`` promoted with v's."""
     dt = torch.promote_types(gw.dtype, v.dtype)
     gw, v, g = gw.to(dt), v.to(dt), g.to(dt)
-    nd = v.dim()
-    dims = (list(range(nd)) if dim == -1 else [d for d in range(nd) if d != dim % nd])
+    dims = _norm_dims(v, dim)
     norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
     s = (gw * v).sum([d + 1 for d in dims], keepdim=True)  # [c, ...] like g, batched
     dg = (s / norm).reshape(gw.shape[0], *g.shape)
@@ -240,7 +244,7 @@ def power_iteration_in_training(module: nn.Module) -> str | None:
     (it advances its u, v in every forward), or None. Recomputing one call of such a layer
     after the pass is exact only for its last forward (see the module docstring)."""
     for name, sub in module.named_modules():
-        if type(sub).__name__ == "_SpectralNorm" and sub.training:
+        if type(sub).__name__ == _SPECTRAL_NORM and sub.training:
             return f"spectral_norm ({name})"
     return None
 
@@ -252,10 +256,15 @@ def _to_matrix(w: Tensor, dim: int) -> Tensor:
     return w.flatten(1)
 
 
+def spectral_sigma(w: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
+    """σ = uᵀ M v, M the matrix of W (:func:`_to_matrix`), as ``spectral_norm`` computes it
+    from its vectors u, v."""
+    return torch.dot(u, torch.mv(_to_matrix(w, dim), v))
+
+
 def spectral_norm_value(w: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
-    """W/σ with σ = uᵀ M v, M the matrix of W (:func:`_to_matrix`), as ``spectral_norm``
-    computes it from its vectors u, v."""
-    return w / torch.dot(u, torch.mv(_to_matrix(w, dim), v))
+    """W/σ (:func:`spectral_sigma`), the weight ``spectral_norm`` gives the layer."""
+    return w / spectral_sigma(w, u, v, dim)
 
 
 def spectral_norm_pullback(gw: Tensor, w: Tensor, u: Tensor, v: Tensor, dim: int) -> Tensor:
@@ -268,7 +277,7 @@ def spectral_norm_pullback(gw: Tensor, w: Tensor, u: Tensor, v: Tensor, dim: int
     in the dtype of ``gw`` promoted with W's."""
     dt = torch.promote_types(gw.dtype, w.dtype)
     gw, w, u, v = gw.to(dt), w.to(dt), u.to(dt), v.to(dt)
-    sigma = torch.dot(u, torch.mv(_to_matrix(w, dim), v))
+    sigma = spectral_sigma(w, u, v, dim)
     uv = torch.outer(u, v)  # in the matrix layout: back to W's
     shape = [w.shape[dim]] + [n for d, n in enumerate(w.shape) if d != dim]
     uv = uv.reshape(shape)
@@ -295,8 +304,8 @@ def flat_spectral_norm_sums(a: Tensor, D: Tensor, w: Tensor, u: Tensor, v: Tenso
     those are taken)."""
     dt = common_float(a, D)
     a_, D_, w_ = a.to(dt), D.to(dt), w.to(dt)
+    sigma = spectral_sigma(w_, u.to(dt), v.to(dt), dim)
     p, q = (u.to(dt), v.to(dt)) if dim == 0 else (v.to(dt), u.to(dt))
-    sigma = torch.dot(p, torch.mv(w_, q))
     k = (D_ * (a_ @ w_.T)).sum(1) / sigma.square()  # [b]
     coord = norm = None
     if need_coord:
