@@ -927,10 +927,14 @@ class PerSampleStats:
     def _process_shared(self, pid: int, uses: list[tuple[LayerCall, str]]) -> None:
         """A parameter used several times: per-sample gradient = sum of the uses."""
         p = self.params[self._index[pid]]
-        stateful = power_iteration_in_training(uses[0][0].rule.module)
+        rule = uses[0][0].rule
+        # only rules that recompute a parametrization see its state (a tied Embedding, the
+        # common shared parameter, has none to walk)
+        stateful = (power_iteration_in_training(rule.module)
+                    if isinstance(rule, (ParametrizedRule, FuncRule)) else None)
         if stateful is not None:
             raise ValueError(
-                f"PerSampleStats: layer {uses[0][0].rule.label!r} runs {len(uses)} times in "
+                f"PerSampleStats: layer {rule.label!r} runs {len(uses)} times in "
                 f"one pass with {stateful} in training mode, whose power iteration moves its "
                 f"u, v between the calls, so the earlier calls cannot be recomputed as they "
                 f"ran; put the layer in eval mode, exclude it (exclude=...), or use "
